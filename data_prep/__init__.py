@@ -1,0 +1,1 @@
+"""Offline preprocessing: raw BraTS-style cases (NIfTI) to HDF5 shards, and synthetic cases."""
