@@ -1,0 +1,127 @@
+"""BraTS label maps ↔ overlapping region channels (WT, TC, ET), and label conventions.
+
+BraTS 2018–2021 labels (Menze et al. 2015; Bakas et al. 2018): 1 necrotic / non-enhancing tumour
+core, 2 peritumoral edema, 4 enhancing tumour. Regions: WT = 1∪2∪4, TC = 1∪4, ET = 4.
+Other conventions are mapped to the 2021 values:
+
+* BraTS 2023 GLI: 1 NETC, 2 SNFH, 3 ET → 3 becomes 4.
+* MSD Task01_BrainTumour: 1 edema, 2 non-enhancing tumour, 3 enhancing → 1→2, 2→1, 3→4.
+
+Functions accept numpy arrays or torch tensors and return the same kind (on the same device).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar, Union
+
+import numpy as np
+import torch
+
+__all__ = ["CONVENTIONS", "labels_to_channels", "channels_to_labels", "convert_labels"]
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+# Source value → BraTS 2021 value, per label convention. Values not listed are invalid.
+CONVENTIONS: dict[str, dict[int, int]] = {
+    "brats2021": {0: 0, 1: 1, 2: 2, 4: 4},
+    "brats2020": {0: 0, 1: 1, 2: 2, 4: 4},  # 2018-2020 share the 2021 values
+    "brats2023": {0: 0, 1: 1, 2: 2, 3: 4},
+    "msd": {0: 0, 1: 2, 2: 1, 3: 4},
+}
+
+
+def _is_integral(label: ArrayLike) -> bool:
+    """True for integer dtypes and for floats holding whole numbers (bool is not a label map)."""
+    if isinstance(label, torch.Tensor):
+        if label.dtype == torch.bool or label.is_complex():
+            return False
+        return not label.is_floating_point() or bool((label == label.round()).all())
+    if np.issubdtype(label.dtype, np.integer):
+        return True
+    return np.issubdtype(label.dtype, np.floating) and bool((label == np.round(label)).all())
+
+
+def _lookup(label: Array, table: dict[int, int], convention: str) -> Array:
+    """Map values through ``table`` with a 256-entry LUT; ValueError naming unknown values."""
+    if not isinstance(label, torch.Tensor):
+        label = np.asarray(label)
+    if not _is_integral(label):
+        raise ValueError(f"label map must hold integers, got dtype {label.dtype}")
+    lut = np.full(256, 255, np.uint8)  # 255 marks values outside the convention
+    for src, dst in table.items():
+        lut[src] = dst
+    out = None
+    n = label.numel() if isinstance(label, torch.Tensor) else label.size
+    in_range = n == 0 or (0 <= float(label.min()) and float(label.max()) <= 255)
+    if in_range and isinstance(label, torch.Tensor):
+        out = torch.as_tensor(lut, device=label.device)[label.long()]  # same shape, uint8
+    elif in_range:
+        out = lut[label.astype(np.intp)]  # same shape, uint8
+    if out is None or bool((out == 255).any()):
+        if isinstance(label, torch.Tensor):
+            values = torch.unique(label).tolist()
+        else:
+            values = np.unique(label).tolist()
+        bad = [u for u in values if u not in table]
+        raise ValueError(
+            f"label values {bad} are not valid for convention {convention!r} "
+            f"(expected values in {sorted(table)})"
+        )
+    return out
+
+
+def convert_labels(label: Array, convention: str) -> Array:
+    """Map a label map in ``convention`` to BraTS 2021 values {0, 1, 2, 4} (uint8).
+
+    Args:
+        label: integer (or integral float) label map, numpy or torch.
+        convention: one of ``CONVENTIONS`` ("brats2021", "brats2020", "brats2023", "msd").
+
+    Raises:
+        ValueError: unknown convention, or values the convention does not define (named).
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"unknown label convention {convention!r}; expected one of {sorted(CONVENTIONS)}"
+        )
+    return _lookup(label, CONVENTIONS[convention], convention)
+
+
+def labels_to_channels(label: Array) -> Array:
+    """BraTS 2021 label map (...) → bool region channels (3, ...) in the order WT, TC, ET.
+
+    Raises:
+        ValueError: values other than 0, 1, 2, 4 (named).
+    """
+    lab = _lookup(label, CONVENTIONS["brats2021"], "brats2021")  # validates, uint8
+    wt = lab > 0  # 1 ∪ 2 ∪ 4
+    et = lab == 4
+    tc = (lab == 1) | et  # 1 ∪ 4
+    if isinstance(lab, torch.Tensor):
+        return torch.stack([wt, tc, et])  # (3, ...)
+    return np.stack([wt, tc, et])  # (3, ...)
+
+
+def channels_to_labels(channels: Array) -> Array:
+    """Region channels (3, ...) WT, TC, ET → BraTS 2021 label map (...) uint8.
+
+    ET → 4, TC∖ET → 1, WT∖TC → 2 (the nesting ET ⊆ TC ⊆ WT is imposed, so a voxel in ET but not in
+    WT still becomes 4). Non-bool input counts values > 0.5 as inside (0/1 masks, probabilities).
+    """
+    if channels.shape[0] != 3:
+        raise ValueError(
+            f"expected 3 region channels (WT, TC, ET), got shape {tuple(channels.shape)}"
+        )
+    if isinstance(channels, torch.Tensor):
+        ch = channels if channels.dtype == torch.bool else channels > 0.5
+        out = torch.zeros(ch.shape[1:], dtype=torch.uint8, device=ch.device)
+    else:
+        channels = np.asarray(channels)
+        ch = channels if channels.dtype == bool else channels > 0.5
+        out = np.zeros(ch.shape[1:], np.uint8)
+    # later writes win: WT → 2, then TC → 1, then ET → 4
+    out[ch[0]] = 2
+    out[ch[1]] = 1
+    out[ch[2]] = 4
+    return out

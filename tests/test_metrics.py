@@ -1,0 +1,169 @@
+"""Dice / HD95 / exact EDT against brute force, hand-computed cases and MONAI reference values."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dgseg.constants import BRATS_EMPTY_HD95
+from dgseg.metrics import (
+    dice_per_region,
+    dice_score,
+    euclidean_distance_transform,
+    hd95,
+    region_metrics,
+    surface,
+)
+
+DATA = Path(__file__).parent / "data"
+
+
+def _brute_edt(mask: np.ndarray, spacing) -> np.ndarray:
+    """Distance of every voxel to the nearest zero voxel, by checking all pairs."""
+    zeros = np.argwhere(~mask) * np.asarray(spacing, float)  # (Z, ndim) in mm
+    every = np.argwhere(np.ones_like(mask)) * np.asarray(spacing, float)  # (N, ndim)
+    if len(zeros) == 0:
+        return np.full(mask.shape, np.inf)
+    d = np.sqrt(((every[:, None, :] - zeros[None]) ** 2).sum(-1)).min(1)
+    return d.reshape(mask.shape)
+
+
+def _brute_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    sa = np.argwhere(surface(a)) * np.asarray(spacing, float)
+    sb = np.argwhere(surface(b)) * np.asarray(spacing, float)
+    d = np.sqrt(((sa[:, None, :] - sb[None]) ** 2).sum(-1))  # (|Sa|, |Sb|)
+    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+
+def test_edt_matches_brute_force_anisotropic():
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        shape = tuple(rng.integers(1, 10, size=3))
+        spacing = rng.uniform(0.3, 3.0, size=3)
+        mask = rng.random(shape) < rng.uniform(0.6, 0.98)  # sparse zeros: long distances
+        got = euclidean_distance_transform(mask, spacing)
+        want = _brute_edt(mask, spacing)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_edt_other_dims_and_edge_cases():
+    rng = np.random.default_rng(1)
+    mask2d = rng.random((7, 9)) < 0.9
+    np.testing.assert_allclose(
+        euclidean_distance_transform(mask2d, (0.7, 2.0)), _brute_edt(mask2d, (0.7, 2.0))
+    )
+    line = np.array([0, 1, 1, 1, 1, 0, 1, 1], bool)
+    np.testing.assert_allclose(euclidean_distance_transform(line, 2.0), [0, 2, 4, 4, 2, 0, 2, 4])
+    assert np.isinf(euclidean_distance_transform(np.ones((3, 4, 5), bool))).all()
+    assert not euclidean_distance_transform(np.zeros((3, 4, 5), bool)).any()
+    with pytest.raises(ValueError, match="spacing"):
+        euclidean_distance_transform(np.ones((3, 3, 3)), (1.0, 0.0, 1.0))
+
+
+def test_surface_cross_erosion_with_background_border():
+    cube = np.zeros((5, 5, 5), bool)
+    cube[1:4, 1:4, 1:4] = True
+    s = surface(cube)
+    assert s.sum() == 26 and not s[2, 2, 2]  # only the centre survives the erosion
+    full = np.ones((3, 3, 3), bool)  # touches the border: outside counts as background
+    assert surface(full).sum() == 26
+    plus = np.zeros((3, 3, 3), bool)  # a voxel whose 6 neighbours are set but not its diagonals
+    plus[1, 1, :] = plus[1, :, 1] = plus[:, 1, 1] = True
+    assert not surface(plus)[1, 1, 1] and surface(plus).sum() == 6
+
+
+def test_dice_hand_computed_and_empty_rules():
+    a = np.zeros((4, 4, 4), bool)
+    b = np.zeros((4, 4, 4), bool)
+    a[0, 0, :3] = True
+    b[0, 0, 2:4] = True
+    assert dice_score(a, b) == pytest.approx(2 * 1 / (3 + 2))
+    assert dice_score(a, a) == 1.0
+    empty = np.zeros_like(a)
+    assert dice_score(empty, empty) == 1.0
+    assert dice_score(a, empty) == 0.0 and dice_score(empty, a) == 0.0
+    assert dice_score(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(0.4)
+
+
+def test_hd95_hand_computed():
+    spacing = (2.0, 1.0, 2.5)
+    a = np.zeros((6, 6, 6), bool)
+    b = np.zeros((6, 6, 6), bool)
+    a[1, 1, 1] = True
+    b[1, 1, 4] = True
+    assert hd95(a, b, spacing) == pytest.approx(7.5)  # 3 voxels × 2.5 mm
+    # truth = {p, q}, pred = {p}: pred→truth all 0; truth→pred [0, |pq|]; 95th percentile with
+    # linear interpolation = 0.95·|pq|
+    b = a.copy()
+    b[4, 5, 1] = True
+    pq = np.sqrt((3 * 2.0) ** 2 + (4 * 1.0) ** 2)
+    assert hd95(a, b, spacing) == pytest.approx(0.95 * pq)
+    assert hd95(b, a, spacing) == pytest.approx(0.95 * pq)  # symmetric
+    assert hd95(b, b, spacing) == 0.0
+
+
+def test_hd95_empty_rules():
+    a = np.zeros((5, 5, 5), bool)
+    empty = np.zeros_like(a)
+    a[2, 2, 2] = True
+    assert hd95(empty, empty) == 0.0
+    assert hd95(a, empty) == BRATS_EMPTY_HD95 == 373.13
+    assert hd95(empty, a) == BRATS_EMPTY_HD95
+
+
+def test_hd95_matches_brute_force_and_ignores_padding():
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        spacing = rng.uniform(0.5, 2.5, size=3)
+        a = rng.random((9, 8, 10)) < 0.3
+        b = rng.random((9, 8, 10)) < 0.3
+        want = _brute_hd95(a, b, spacing)
+        assert hd95(a, b, spacing) == pytest.approx(want, abs=1e-9)
+        # embedding both masks in a larger volume changes nothing (the crop is exact)
+        pa, pb = np.pad(a, ((3, 5), (0, 7), (2, 2))), np.pad(b, ((3, 5), (0, 7), (2, 2)))
+        assert hd95(pa, pb, spacing) == pytest.approx(want, abs=1e-9)
+
+
+def test_against_monai_reference_values():
+    ref = np.load(DATA / "metrics_reference.npz")
+    for i in range(len(ref["dice"])):
+        pred, truth, spacing = ref["pred"][i], ref["truth"][i], ref["spacing"][i]
+        assert dice_score(pred, truth) == pytest.approx(ref["dice"][i], abs=1e-4), i
+        assert hd95(pred, truth, spacing) == pytest.approx(ref["hd95"][i], abs=1e-4), i
+
+
+def test_region_metrics_and_dice_per_region():
+    rng = np.random.default_rng(3)
+    pred = rng.random((2, 3, 6, 7, 8)) < 0.4
+    truth = rng.random((2, 3, 6, 7, 8)) < 0.4
+    truth[1, 2] = False  # ET absent in truth ...
+    pred[1, 2] = False  # ... and in prediction: Dice 1, HD95 0
+    truth[0, 1] = False  # TC absent in truth only: Dice 0, HD95 373.13
+    got = dice_per_region(torch.from_numpy(pred), torch.from_numpy(truth))
+    assert got.shape == (2, 3) and got.dtype == torch.float32
+    for b in range(2):
+        m = region_metrics(pred[b], truth[b], (1.0, 1.5, 2.0))
+        assert list(m) == ["WT", "TC", "ET"]
+        for c, name in enumerate(m):
+            assert m[name]["dice"] == pytest.approx(dice_score(pred[b, c], truth[b, c]))
+            assert got[b, c].item() == pytest.approx(m[name]["dice"], abs=1e-6)
+            assert m[name]["hd95"] == pytest.approx(hd95(pred[b, c], truth[b, c], (1.0, 1.5, 2.0)))
+    assert got[1, 2].item() == 1.0 and got[0, 1].item() == 0.0
+    assert region_metrics(pred[1], truth[1])["ET"] == {"dice": 1.0, "hd95": 0.0}
+    assert region_metrics(pred[0], truth[0])["TC"] == {"dice": 0.0, "hd95": 373.13}
+    with pytest.raises(ValueError, match="shape"):
+        region_metrics(pred[0, :2], truth[0, :2])
+    with pytest.raises(ValueError, match="shape"):
+        dice_per_region(torch.from_numpy(pred), torch.from_numpy(truth[:1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dice_per_region_cuda():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(2, 3, 8, 9, 10, generator=g) > 0.5
+    truth = torch.rand(2, 3, 8, 9, 10, generator=g) > 0.5
+    truth[0, 2] = pred[0, 2] = False
+    got = dice_per_region(pred.cuda(), truth.cuda())
+    assert got.is_cuda
+    torch.testing.assert_close(got.cpu(), dice_per_region(pred, truth))
