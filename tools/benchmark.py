@@ -1,0 +1,417 @@
+"""Measure dgseg's hot paths against a baseline and against the hardware.
+
+    python tools/benchmark.py [--device cpu|cuda] [--size 64] [--json out.json] [--sections ...]
+
+Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones. Results are
+printed as a table and written as JSON together with the machine (CPU model, cores, GPU, torch).
+Timings are wall-clock, so run on an otherwise idle machine and compare ratios taken in one run.
+
+Sections:
+  train      training step (fwd + bwd + AdamW) of UNet3D, SegResNet F16, SegResNet F16 + VFFC + GRL;
+             fp32 vs bf16 autocast, contiguous vs channels-last-3d; peak memory; FLOPs and FLOP/s
+  vffc       SegResNet+VFFC+GRL step / plain SegResNet step (goal <= 1.10)
+  bezier     LUT Bezier transform vs np.interp over the densely sampled curve (goal >= 5x)
+  data       shard loader vs NIfTI.gz (goal >= 10x); preparation vs bare decompression (<= 1.5x)
+  inference  sliding-window prediction of one 240x240x155 volume
+  scaling    DDP with 1 vs 2 CPU processes (gloo), same global batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dgseg.layers import dann_lambda  # noqa: E402
+from dgseg.losses import SegLoss  # noqa: E402
+from dgseg.models import build_model  # noqa: E402
+
+SECTIONS = ("train", "vffc", "bezier", "data", "inference", "scaling")
+
+# (label, build_model keywords): the three networks of the write-up's tables.
+MODELS = {
+    "unet3d": dict(arch="unet3d"),
+    "segresnet": dict(arch="segresnet", init_filters=16),
+    "segresnet_vffc_grl": dict(arch="segresnet", init_filters=16, vffc=True, grl=True),
+}
+
+
+# ----------------------------------------------------------------------------- machine & timing
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> dict:
+    """Median / min / max seconds of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM).
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------- training step
+def make_step(name: str, device: torch.device, size: int, batch: int, *, amp: bool,
+              channels_last: bool) -> Callable[[], None]:
+    """One optimizer step of the named network on random data (labels from a threshold)."""
+    kwargs = MODELS[name]
+    grl = kwargs.get("grl", False)
+    model = build_model(1, **kwargs).to(device)
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5, fused=fused)
+    loss_fn = SegLoss()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, size, size, size, generator=g).to(device)
+    x = x.contiguous(memory_format=memory_format)
+    y = (torch.randn(batch, 3, size, size, size, generator=g) > 0.5).float().to(device)
+    dom = torch.randint(0, 3, (batch,), generator=g).to(device)
+    lam = dann_lambda(0.5)
+
+    def step() -> None:
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+        with ctx:
+            if grl:
+                seg, dlogits = model(x, grl_lambda=lam)
+            else:
+                seg, dlogits = model(x), None
+        loss = loss_fn(seg, y)
+        if dlogits is not None:
+            loss = loss + torch.nn.functional.cross_entropy(dlogits.float(), dom)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def count_step_flops(name: str, size: int, batch: int) -> int | None:
+    """FLOPs of one forward + backward, counted on CPU in fp32 with FlopCounterMode."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        return None
+    model = build_model(1, **MODELS[name])
+    x = torch.randn(batch, 1, size, size, size)
+    kwargs = {"grl_lambda": 0.5} if MODELS[name].get("grl") else {}
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, **kwargs)
+        seg = out[0] if isinstance(out, tuple) else out
+        loss = seg.float().mean() + (out[1].float().mean() if isinstance(out, tuple) else 0)
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
+def bench_train(args, device: torch.device) -> list[dict]:
+    rows = []
+    size = args.size
+    variants = [(False, False), (True, False), (False, True), (True, True)]
+    for name in MODELS:
+        flops = count_step_flops(name, size, args.batch) if args.flops else None
+        for amp, cl in variants:
+            if args.quick and cl:
+                continue
+            reset_peak_memory(device)
+            step = make_step(name, device, size, args.batch, amp=amp, channels_last=cl)
+            t = time_fn(step, device, warmup=args.warmup, repeats=args.repeats)
+            row = {
+                "section": "train", "model": name, "size": size, "batch": args.batch,
+                "precision": "bf16" if amp else "fp32",
+                "memory_format": "channels_last_3d" if cl else "contiguous",
+                **t,
+                "samples_per_s": args.batch / t["median_s"],
+                "peak_mem_mib": peak_memory_mib(device),
+                "flops_per_step": flops,
+                "achieved_tflops": (flops / t["median_s"] / 1e12) if flops else None,
+            }
+            rows.append(row)
+            print(f"  train {name:20s} {row['precision']:4s} {row['memory_format']:16s} "
+                  f"{t['median_s'] * 1e3:9.1f} ms  {row['samples_per_s']:7.2f} samples/s  "
+                  f"peak {row['peak_mem_mib'] or 0:8.0f} MiB", flush=True)
+            del step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def bench_vffc(train_rows: list[dict]) -> list[dict]:
+    """VFFC+GRL overhead from the training rows, per precision / memory format."""
+    out = []
+    by_key = {(r["model"], r["precision"], r["memory_format"]): r for r in train_rows}
+    for (model, prec, fmt), r in by_key.items():
+        if model != "segresnet_vffc_grl":
+            continue
+        base = by_key.get(("segresnet", prec, fmt))
+        if base:
+            ratio = r["median_s"] / base["median_s"]
+            out.append({"section": "vffc", "precision": prec, "memory_format": fmt,
+                        "overhead_ratio": ratio, "goal": 1.10, "goal_met": ratio <= 1.10})
+            print(f"  vffc overhead {prec} {fmt}: {ratio:.3f} (goal <= 1.10)")
+    return out
+
+
+# ----------------------------------------------------------------------------- Bezier
+def bench_bezier(args, device: torch.device) -> list[dict]:
+    from dgseg.transforms.bezier import apply_lut, bezier_lut
+
+    n = 128
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(n, n, n, generator=g) * 2 - 1)
+    # The original code's way: sample the curve densely, np.interp every voxel through it.
+    t = np.linspace(0.0, 1.0, 100_000)
+    v = 0.3
+    pts = np.array([[-1, -1], [-v, v], [v, -v], [1, 1]], dtype=np.float64)
+    bern = np.stack([(1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t ** 2 * (1 - t), t ** 3])
+    xs, ys = np.sort(bern.T @ pts[:, 0]), np.sort(bern.T @ pts[:, 1])
+    xn = x.numpy()
+    base = time_fn(lambda: np.interp(xn, xs, ys), torch.device("cpu"),
+                   warmup=1, repeats=args.repeats)
+    rows = []
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    for dev in devices:
+        xd = x.to(dev)
+
+        def lut_path() -> torch.Tensor:
+            lut = bezier_lut(v).to(dev)  # curve built once per sample, as in training
+            return apply_lut(xd, lut)
+
+        t_lut = time_fn(lut_path, dev, warmup=2, repeats=args.repeats)
+        speedup = base["median_s"] / t_lut["median_s"]
+        rows.append({"section": "bezier", "device": str(dev), "voxels": n ** 3,
+                     "np_interp_s": base["median_s"], "lut_s": t_lut["median_s"],
+                     "lut_voxels_per_s": n ** 3 / t_lut["median_s"],
+                     "np_interp_voxels_per_s": n ** 3 / base["median_s"],
+                     "speedup": speedup, "goal": 5.0, "goal_met": speedup >= 5.0})
+        print(f"  bezier {dev}: LUT {t_lut['median_s'] * 1e3:.1f} ms vs np.interp "
+              f"{base['median_s'] * 1e3:.1f} ms -> {speedup:.1f}x (goal >= 5x)")
+    return rows
+
+
+# ----------------------------------------------------------------------------- data
+def bench_data(args) -> list[dict]:
+    from data_prep import bench as data_bench
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        r = data_bench.bench_loader(Path(tmp), n_cases=args.data_cases)
+        r["section"] = "data_loader"
+        rows.append(r)
+        print(f"  data loader: {json.dumps(r)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = data_bench.bench_prepare(Path(tmp), n_cases=args.data_cases)
+        r["section"] = "data_prepare"
+        rows.append(r)
+        print(f"  data prepare: {json.dumps(r)}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- inference
+def bench_inference(args, device: torch.device) -> list[dict]:
+    from dgseg.inference import sliding_window_inference
+
+    model = build_model(1, arch="segresnet", init_filters=16).to(device).eval()
+    roi = args.roi
+    x = torch.randn(1, 1, 240, 240, 155, device=device)
+    amp = device.type == "cuda" or args.cpu_bf16
+
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+        with ctx:
+            return sliding_window_inference(model, x, roi, overlap=0.5, sw_batch_size=2)
+
+    t = time_fn(run, device, warmup=1, repeats=max(1, args.repeats // 2))
+    row = {"section": "inference", "volume": [240, 240, 155], "roi": roi, "overlap": 0.5,
+           "precision": "bf16" if amp else "fp32", **t}
+    print(f"  inference 240x240x155 roi {roi}: {t['median_s']:.2f} s")
+    return [row]
+
+
+# ----------------------------------------------------------------------------- scaling
+def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int, port: int,
+                queue) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = DDP(build_model(1, arch="segresnet", init_filters=16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = SegLoss()
+    b = global_batch // world
+    x = torch.randn(b, 1, size, size, size)
+    y = (torch.randn(b, 3, size, size, size) > 0.5).float()
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            seg = model(x)
+        loss = loss_fn(seg, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dist.barrier()
+    if rank == 0:
+        queue.put((time.perf_counter() - t0) / steps)
+    dist.destroy_process_group()
+
+
+def bench_scaling(args) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    size, global_batch, steps = min(args.size, 48), 2, max(2, args.repeats)
+    per_step = {}
+    for world in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        queue = ctx.SimpleQueue()
+        mp.start_processes(_ddp_worker, args=(world, size, global_batch, steps, port, queue),
+                           nprocs=world, start_method="spawn")
+        per_step[world] = queue.get()
+        print(f"  scaling: {world} process(es), global batch {global_batch}, {size}^3: "
+              f"{per_step[world] * 1e3:.0f} ms/step")
+    rows.append({"section": "scaling", "size": size, "global_batch": global_batch,
+                 "step_s_1proc": per_step[1], "step_s_2proc": per_step[2],
+                 "speedup_2proc": per_step[1] / per_step[2]})
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--size", type=int, default=None, help="cube edge for the training step "
+                   "(default 64 on CPU, 128 on CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 2 on CUDA")
+    p.add_argument("--roi", type=int, default=128, help="sliding-window ROI for inference")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--data-cases", type=int, default=4)
+    p.add_argument("--no-flops", dest="flops", action="store_false")
+    p.add_argument("--quick", action="store_true", help="skip channels-last variants")
+    p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast for CPU inference")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
+    device = torch.device(args.device)
+    args.size = args.size or (128 if device.type == "cuda" else 64)
+    args.batch = args.batch or (2 if device.type == "cuda" else 1)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    result = {"machine": machine_info(device), "args": {k: str(v) for k, v in vars(args).items()},
+              "results": []}
+    print(f"dgseg benchmark on {result['machine']}")
+    sections = set(args.sections)
+    train_rows: list[dict] = []
+    if "train" in sections or "vffc" in sections:
+        print("[train]")
+        train_rows = bench_train(args, device)
+        result["results"] += train_rows
+        result["results"] += bench_vffc(train_rows)
+    for name, fn in (("bezier", lambda: bench_bezier(args, device)),
+                     ("data", lambda: bench_data(args)),
+                     ("inference", lambda: bench_inference(args, device)),
+                     ("scaling", lambda: bench_scaling(args))):
+        if name in sections:
+            if name == "scaling" and device.type == "cuda":
+                continue  # the scaling figure is the CPU/gloo one
+            print(f"[{name}]")
+            try:
+                result["results"] += fn()
+            except Exception as exc:  # a failing section must not lose the others' numbers
+                print(f"  {name} failed: {type(exc).__name__}: {exc}")
+                result["results"].append({"section": name, "error": f"{type(exc).__name__}: {exc}"})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
