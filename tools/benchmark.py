@@ -153,14 +153,14 @@ def make_step(name: str, device: torch.device, size: int, batch: int, *, amp: bo
     return step
 
 
-def count_step_flops(name: str, size: int, batch: int) -> int | None:
-    """FLOPs of one forward + backward, counted on CPU in fp32 with FlopCounterMode."""
+def count_step_flops(name: str, size: int, batch: int, device: torch.device) -> int | None:
+    """FLOPs of one forward + backward in fp32, counted with FlopCounterMode."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
     except ImportError:
         return None
-    model = build_model(1, **MODELS[name])
-    x = torch.randn(batch, 1, size, size, size)
+    model = build_model(1, **MODELS[name]).to(device)
+    x = torch.randn(batch, 1, size, size, size, device=device)
     kwargs = {"grl_lambda": 0.5} if MODELS[name].get("grl") else {}
     with FlopCounterMode(display=False) as counter:
         out = model(x, **kwargs)
@@ -175,7 +175,7 @@ def bench_train(args, device: torch.device) -> list[dict]:
     size = args.size
     variants = [(False, False), (True, False), (False, True), (True, True)]
     for name in MODELS:
-        flops = count_step_flops(name, size, args.batch) if args.flops else None
+        flops = count_step_flops(name, size, args.batch, device) if args.flops else None
         for amp, cl in variants:
             if args.quick and cl:
                 continue

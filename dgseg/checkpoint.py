@@ -1,0 +1,107 @@
+"""Atomic training checkpoints that load with ``torch.load(..., weights_only=True)``.
+
+A checkpoint is a plain dict: ``model`` (state dict of the unwrapped module: no ``module.`` from
+DDP, no ``_orig_mod.`` from ``torch.compile``), ``optimizer``, ``scheduler``, ``epoch`` (epochs
+completed), ``step`` (optimizer steps completed), ``best_metric``, ``config`` (plain dict) and
+``rng`` (one entry per rank: torch CPU, CUDA, numpy and Python ``random`` states stored as tensors,
+ints and floats only, so that the safe unpickler accepts them). The file is written to a
+temporary name in the same folder and moved into place with ``os.replace``, so a crash while
+saving never leaves a truncated ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "unwrap_model",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under ``torch.compile`` and/or DDP wrappers (any nesting order)."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not overtake the data on a crash
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    path: PathLike, map_location: Union[str, torch.device] = "cpu"
+) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with the safe unpickler."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """This process's RNG states as tensors / ints / floats (weights_only-loadable)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),  # uint8 tensor
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),  # (624,) MT19937 words
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {
+            "version": int(py_version),
+            "internal": torch.tensor(py_internal, dtype=torch.int64),  # (625,) words + index
+            "gauss_next": py_gauss,  # float or None
+        },
+    }
+    if np_kind != "MT19937":
+        raise ValueError(f"unexpected numpy global RNG kind {np_kind!r}")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # list of uint8 tensors
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    npd = state["numpy"]
+    keys = npd["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, npd["pos"], npd["has_gauss"], npd["cached_gaussian"]))
+    pyd = state["python"]
+    internal = tuple(int(v) for v in pyd["internal"].tolist())
+    random.setstate((pyd["version"], internal, pyd["gauss_next"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:  # different GPU count: restore what matches
+            for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s.cpu(), i)

@@ -1,0 +1,424 @@
+"""Typed, frozen training configuration and one preset per experiment of the write-up.
+
+The write-up ("Cross-modality single-source domain generalization", see SPEC.md) trains a
+SegResNet or a 3D UNet on one source modality with AdamW (lr 1e-4, weight decay 1e-5), cosine
+annealing over 100 epochs and, for the adversarial variant, a gradient-reversal weight that follows
+the DANN schedule λ(p) = λmax·(2 / (1 + exp(−10·p)) − 1) (Ganin & Lempitsky 2015, eq. 14).
+
+A :class:`Config` holds one frozen dataclass per concern. Every field can be overridden from the
+command line as ``--set section.field=value``; the value is parsed according to the field's type
+annotation (bool, int, float, str, tuples, ``None`` for optional fields). The resolved config is
+saved as ``config.json`` in the run folder and, as a plain dict, inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from dgseg.constants import MODALITIES
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "LossConfig",
+    "RunConfig",
+    "Config",
+    "PRESETS",
+    "apply_overrides",
+    "get_preset",
+    "model_kwargs",
+    "valid_keys",
+]
+
+_ARCHS = ("segresnet", "unet3d")
+_BEZIER = ("none", "partition", "pair", "random")
+_AMP = ("bf16", "none")
+_SCHEDULES = ("cosine", "constant")
+_INTERVALS = ("step", "epoch")
+_DEVICES = ("auto", "cpu", "cuda")
+_NORMS = ("group", "batch", "instance")
+
+
+def _check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
+def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which shards, which channels, which augmentation (see dgseg.data.ShardDataset)."""
+
+    root: str = "data/shards"  # output folder of tools/prepare_brats.py (manifest.json inside)
+    modalities: Tuple[str, ...] = ("t2",)  # source modality(ies), one input channel each, in order
+    patch_size: Optional[int] = None  # None: whole stored volume (128³ after prep); int: cube crop
+    flip: bool = False  # random flips on the three axes (write-up: "random flipping")
+    rot90: bool = False  # random 90° rotations in a random plane
+    rotation_degrees: float = 0.0  # random small rotation, max angle (write-up: "random rotation")
+    bezier: str = "none"  # "none" | "partition" (K domains) | "pair" (2 domains) | "random"
+    workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
+    val_split: str = "val"  # manifest split used for validation / best checkpoint
+
+    def __post_init__(self) -> None:
+        if len(self.modalities) == 0:
+            raise ValueError("data.modalities must name at least one modality")
+        for m in self.modalities:
+            _check_choice("data.modalities entry", m, MODALITIES)
+        if self.patch_size is not None:
+            _check_positive("data.patch_size", self.patch_size)
+        _check_positive("data.rotation_degrees", self.rotation_degrees, allow_zero=True)
+        _check_choice("data.bezier", self.bezier, _BEZIER)
+        _check_positive("data.workers", self.workers, allow_zero=True)
+
+    @property
+    def in_channels(self) -> int:
+        """Network input channels: one per listed modality (repeats allowed)."""
+        return len(self.modalities)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Keywords of dgseg.models.build_model (in_channels comes from DataConfig)."""
+
+    arch: str = "segresnet"  # "segresnet" (Myronenko 2018, no VAE) | "unet3d" (Çiçek 2016)
+    out_channels: int = 3  # WT, TC, ET sigmoid channels
+    init_filters: int = 16  # SegResNet width of the first stage (MONAI default)
+    blocks_down: Tuple[int, ...] = (1, 2, 2, 4)  # SegResNet residual blocks per encoder stage
+    blocks_up: Tuple[int, ...] = (1, 1, 1)  # SegResNet residual blocks per decoder stage
+    dropout: Optional[float] = None  # SegResNet dropout probability (None: no dropout layer)
+    unet_features: Tuple[int, ...] = (16, 32, 64, 128, 256)  # 3D UNet channels per level
+    vffc: bool = False  # volumetric fast Fourier convolution in the bottleneck
+    vffc_ratio: float = 0.5  # share of channels in the global (Fourier) branch
+    vffc_blocks: int = 1  # number of VFFC blocks in the bottleneck
+    vffc_lfu: bool = True  # local Fourier unit (FFC paper, Chi et al. 2020)
+    vffc_norm: str = "group"  # "group" (works at batch 1) | "batch" (original code)
+    grl: bool = False  # domain classifier behind a gradient-reversal layer (DANN)
+    num_domains: int = 3  # domain classes; also the number of Bezier partition subsets
+    domain_hidden: int = 128  # hidden width of the domain classifier MLP
+
+    def __post_init__(self) -> None:
+        _check_choice("model.arch", self.arch, _ARCHS)
+        _check_positive("model.out_channels", self.out_channels)
+        _check_positive("model.init_filters", self.init_filters)
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout!r} must be in [0, 1) or None")
+        if not 0.0 <= self.vffc_ratio <= 1.0:
+            raise ValueError(f"model.vffc_ratio={self.vffc_ratio!r} must be in [0, 1]")
+        _check_positive("model.vffc_blocks", self.vffc_blocks)
+        _check_choice("model.vffc_norm", self.vffc_norm, _NORMS)
+        if self.num_domains < 2:
+            raise ValueError(f"model.num_domains={self.num_domains!r} must be >= 2")
+        _check_positive("model.domain_hidden", self.domain_hidden)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + cosine annealing, as in the write-up's experimental setup."""
+
+    lr: float = 1e-4  # AdamW learning rate (write-up)
+    weight_decay: float = 1e-5  # AdamW decoupled weight decay (write-up)
+    betas: Tuple[float, ...] = (0.9, 0.999)  # AdamW betas (PyTorch default)
+    epochs: int = 100  # training epochs (write-up)
+    batch_size: int = 1  # samples per process per step (write-up: 1 per GPU on 4 GPUs)
+    grad_clip: Optional[float] = None  # max global gradient norm (None: no clipping)
+    schedule: str = "cosine"  # "cosine" annealing to min_lr at the end | "constant"
+    schedule_interval: str = "step"  # cosine stepped every "step" or every "epoch"
+    min_lr: float = 0.0  # learning rate reached at the end of the cosine
+
+    def __post_init__(self) -> None:
+        _check_positive("optim.lr", self.lr)
+        _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas={self.betas!r} must be two numbers in [0, 1)")
+        _check_positive("optim.epochs", self.epochs)
+        _check_positive("optim.batch_size", self.batch_size)
+        if self.grad_clip is not None:
+            _check_positive("optim.grad_clip", self.grad_clip)
+        _check_choice("optim.schedule", self.schedule, _SCHEDULES)
+        _check_choice("optim.schedule_interval", self.schedule_interval, _INTERVALS)
+        _check_positive("optim.min_lr", self.min_lr, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Segmentation loss (Dice [+ BCE]) plus the domain cross-entropy through the GRL."""
+
+    bce_weight: float = 0.0  # weight of the BCE term added to the Dice loss (0: Dice only)
+    squared_pred: bool = False  # Dice denominator with squared predictions (V-Net variant)
+    domain_weight: float = 1.0  # weight of the domain cross-entropy (used when model.grl)
+    lambda_max: float = 1.0  # λmax of the DANN schedule; λ reaches it at the last step
+
+    def __post_init__(self) -> None:
+        _check_positive("loss.bce_weight", self.bce_weight, allow_zero=True)
+        _check_positive("loss.domain_weight", self.domain_weight, allow_zero=True)
+        _check_positive("loss.lambda_max", self.lambda_max, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where to write, how to run fast, how often to validate and log."""
+
+    name: str = "run"  # run folder name under `out` (presets set their own name)
+    out: str = "runs"  # parent folder of the run folder
+    seed: int = 0  # sampler / model-init seed (same on every rank); RNG seed is seed + rank
+    device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda"
+    amp: str = "bf16"  # "bf16" autocast (CUDA and CPU) | "none" (float32)
+    channels_last: bool = False  # channels_last_3d memory format for model and inputs
+    compile: bool = False  # torch.compile the model (state dicts are saved unwrapped)
+    deterministic: bool = False  # cuDNN deterministic kernels instead of cudnn.benchmark
+    val_every: int = 1  # validate every N epochs (and always after the last one)
+    val_roi: Optional[int] = None  # sliding-window size; None: data.patch_size or whole volume
+    val_overlap: float = 0.5  # sliding-window overlap
+    log_every: int = 10  # progress line / log.jsonl record every N optimizer steps
+    plot: bool = True  # write curves.png when matplotlib is installed
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"run.name={self.name!r} must be a plain folder name")
+        _check_choice("run.device", self.device, _DEVICES)
+        _check_choice("run.amp", self.amp, _AMP)
+        _check_positive("run.val_every", self.val_every)
+        if self.val_roi is not None:
+            _check_positive("run.val_roi", self.val_roi)
+        if not 0.0 <= self.val_overlap < 1.0:
+            raise ValueError(f"run.val_overlap={self.val_overlap!r} must be in [0, 1)")
+        _check_positive("run.log_every", self.log_every)
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "loss": LossConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of one training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # Cross-section consistency: the domain labels come from the data's Bezier scheme.
+        if self.model.grl and self.data.bezier == "none":
+            raise ValueError(
+                "model.grl=True needs data.bezier != 'none' (every sample would be domain 0)"
+            )
+        if self.data.bezier == "pair" and self.model.num_domains != 2:
+            raise ValueError(
+                f"data.bezier='pair' makes 2 domains but model.num_domains={self.model.num_domains}"
+            )
+        if self.data.bezier == "random" and self.model.grl and self.model.num_domains != 3:
+            raise ValueError(
+                "data.bezier='random' labels samples 0/1/2 (curve kind) but "
+                f"model.num_domains={self.model.num_domains}"
+            )
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        """Plain nested dict (tuples become lists), JSON- and weights_only-safe."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Config":
+        """Inverse of :meth:`to_dict`; unknown sections or fields raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; valid: {sorted(_SECTIONS)}")
+        sections = {}
+        for name, sec_cls in _SECTIONS.items():
+            values = d.get(name, {})
+            hints = _hints(sec_cls)
+            bad = sorted(set(values) - set(hints))
+            if bad:
+                raise ValueError(
+                    f"unknown config keys {[f'{name}.{k}' for k in bad]}; valid: {valid_keys()}"
+                )
+            sections[name] = sec_cls(
+                **{k: _convert(v, hints[k], f"{name}.{k}") for k, v in values.items()}
+            )
+        return cls(**sections)
+
+
+def _hints(sec_cls: type) -> Dict[str, Any]:
+    # Resolve the string annotations (from __future__) into typing objects.
+    return typing.get_type_hints(sec_cls)
+
+
+def valid_keys() -> List[str]:
+    """All overridable dotted keys, e.g. ``["data.bezier", ..., "run.val_every"]``."""
+    return [f"{s}.{f.name}" for s, c in _SECTIONS.items() for f in dataclasses.fields(c)]
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check / convert an already-parsed value (from JSON or Python) to the field type ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _convert(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r} must be a list/tuple")
+        return tuple(_convert(v, args[0], key) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} must be a bool")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}={value!r} must be an int")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}={value!r} must be a string")
+        return value
+    raise ValueError(f"{key}: unsupported field type {tp!r}")
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse(text: str, tp: Any, key: str) -> Any:
+    """Parse command-line text into the field type ``tp`` (the --set coercion)."""
+    text = text.strip()
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]: "none"/"null" means None
+        if text.lower() in ("none", "null"):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _parse(text, inner, key)
+    if origin is tuple:  # "1,2,2,4" or "(1, 2, 2, 4)" or "[t1ce,t2]"
+        body = text.strip("()[] ")
+        items = [t for t in (s.strip().strip("'\"") for s in body.split(",")) if t]
+        return tuple(_parse(t, args[0], key) for t in items)
+    try:
+        if tp is bool:
+            low = text.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+    except ValueError:
+        raise ValueError(f"{key}={text!r} cannot be parsed as {tp.__name__}") from None
+    if tp is str:
+        return text.strip("'\"")
+    raise ValueError(f"{key}: unsupported field type {tp!r}")
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """Return ``cfg`` with ``section.field=value`` overrides applied (validated, typed).
+
+    Raises:
+        ValueError: malformed item, unknown key (the message lists the valid keys), or a value
+            that does not parse as the field's type or fails the field's check.
+    """
+    changes: Dict[str, Dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        section, _, name = key.partition(".")
+        hints = _hints(_SECTIONS[section]) if section in _SECTIONS else {}
+        if name not in hints:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+        changes.setdefault(section, {})[name] = _parse(text, hints[name], key)
+    sections = {s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()}
+    return dataclasses.replace(cfg, **sections)
+
+
+def model_kwargs(cfg: Config) -> Dict[str, Any]:
+    """Keyword arguments for ``dgseg.models.build_model`` (including ``in_channels``)."""
+    kw = dataclasses.asdict(cfg.model)
+    kw["in_channels"] = cfg.data.in_channels
+    return kw
+
+
+def _preset(name: str, **sections: Dict[str, Any]) -> Config:
+    parts = {s: _SECTIONS[s](**sections.get(s, {})) for s in _SECTIONS if s != "run"}
+    return Config(**parts, run=RunConfig(name=name, **sections.get("run", {})))
+
+
+# Spatial augmentation of the write-up ("random flipping and random rotation for all domains").
+_SPATIAL = dict(flip=True, rotation_degrees=10.0)
+
+# One preset per experiment of the write-up's tables, plus the two ablations (GRL only, VFFC only)
+# and a tiny one for tests and the CPU demo. The adversarial presets use the write-up's three
+# Bezier domains: subset 0 untouched, subset 1 increasing curve, subset 2 decreasing curve.
+PRESETS: Dict[str, Config] = {
+    p.run.name: p
+    for p in (
+        _preset("segresnet_t2_noaug"),
+        _preset("segresnet_t2_bezier", data=dict(bezier="random", **_SPATIAL)),
+        _preset(
+            "segresnet_t2_vffc_grl",
+            data=dict(bezier="partition", **_SPATIAL),
+            model=dict(vffc=True, grl=True, num_domains=3),
+        ),
+        _preset(
+            "segresnet_t1ce_t2_bezier",
+            data=dict(modalities=("t1ce", "t2"), bezier="random", **_SPATIAL),
+        ),
+        _preset("unet_t2_noaug", model=dict(arch="unet3d")),
+        _preset("unet_stacked", data=dict(modalities=MODALITIES), model=dict(arch="unet3d")),
+        _preset(
+            "segresnet_t2_grl",
+            data=dict(bezier="partition", **_SPATIAL),
+            model=dict(grl=True, num_domains=3),
+        ),
+        _preset(
+            "segresnet_t2_vffc",
+            data=dict(bezier="partition", **_SPATIAL),
+            model=dict(vffc=True),
+        ),
+        # Seconds to minutes on a CPU (tests, demo): narrow SegResNet for 32³-64³ volumes, higher
+        # lr and BCE (it empties the background much faster than Dice alone on few steps).
+        _preset(
+            "tiny",
+            data=dict(workers=0),
+            model=dict(init_filters=8, blocks_down=(1, 1, 1, 1), blocks_up=(1, 1, 1)),
+            optim=dict(lr=2e-3, epochs=40),
+            loss=dict(bce_weight=1.0),
+            run=dict(log_every=20, val_every=10),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Config:
+    """The named preset; ValueError listing the valid names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]

@@ -1,0 +1,50 @@
+"""Read the ``manifest.json`` that ``tools/prepare_brats.py`` writes next to its HDF5 shards.
+
+Format ``dgseg-shards`` version 1 (written by ``data_prep.pipeline``)::
+
+    {"format": "dgseg-shards", "version": 1, "params": {...}, "modalities": [t1, t1ce, t2, flair],
+     "label_convention": "brats2021", "split_counts": {...},
+     "shards": [{"file": "shards/shard-00000.h5", "cases": [ids]}],
+     "cases": [{"id", "patient", "split", "shard", "layout", "has_label", "shape",
+                "original_shape", "offset", "bbox_start", "bbox_stop", "region_voxels",
+                "source_files", "source_sha256", "stored_crc32", ...}]}
+
+``split`` is "train", "val", "test" (patient level, seeded) or "unlabelled".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "SPLITS", "load_manifest", "split_cases"]
+
+MANIFEST_FORMAT = "dgseg-shards"
+MANIFEST_VERSION = 1
+SPLITS = ("train", "val", "test", "unlabelled", "all")
+
+
+def load_manifest(root: Path | str) -> dict:
+    """The parsed manifest of a prepared folder (``root`` or ``root/manifest.json``).
+
+    Raises:
+        FileNotFoundError: no manifest.
+        ValueError: not a dgseg-shards manifest of a supported version.
+    """
+    path = Path(root)
+    if path.is_dir():
+        path = path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: manifest version {manifest.get('version')!r} is not supported "
+                         f"(expected {MANIFEST_VERSION}); re-run tools/prepare_brats.py")
+    return manifest
+
+
+def split_cases(manifest: dict, split: str) -> list[dict]:
+    """Case records of ``split`` ("train", "val", "test", "unlabelled" or "all"), manifest order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return [c for c in manifest["cases"] if split == "all" or c["split"] == split]

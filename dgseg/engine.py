@@ -1,0 +1,341 @@
+"""One training epoch and one validation pass (the ``engine`` of the ConvNeXt/DeiT layout).
+
+Objective per step (DANN, Ganin & Lempitsky 2015, eqs. 9–14, with a segmentation task loss):
+
+    L = L_seg(y, ŷ) + w_dom · CE(d, D(GRL_λ(E(x)))),     λ(p) = λmax·(2 / (1 + e^(−10p)) − 1),
+
+where L_seg is the soft Dice (+ optional BCE) on the WT/TC/ET channels, E the encoder, D the
+domain classifier and GRL_λ the gradient-reversal layer (identity forward, −λ·grad backward).
+p = step / total_steps is updated every optimizer step. The domain head runs on every step even
+when λ = 0 so that the autograd graph never changes (DDP needs no ``find_unused_parameters``).
+
+The step issues no host synchronisation: losses, Dice and a "first non-finite step" marker are
+accumulated on the device and read with ``.item()`` only every ``run.log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgseg.config import Config
+from dgseg.distributed import DistState, all_reduce_min, all_reduce_sum
+from dgseg.logging_utils import JsonlWriter, format_progress, log
+
+__all__ = [
+    "NonFiniteLossError",
+    "autocast",
+    "grl_lambda",
+    "forward_loss",
+    "train_one_epoch",
+    "validate",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; ``step`` is the 1-based optimizer step where it did."""
+
+    def __init__(self, step: int, epoch: int) -> None:
+        super().__init__(
+            f"non-finite training loss at step {step} (epoch {epoch}); stopping. The last "
+            "good checkpoint (last.pt of the previous epoch) is left untouched."
+        )
+        self.step = step
+        self.epoch = epoch
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager:
+    """bf16 autocast on CUDA or CPU for ``amp == "bf16"``, a disabled context otherwise."""
+    if amp not in ("bf16", "none"):
+        raise ValueError(f"amp={amp!r} is not one of ('bf16', 'none')")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def grl_lambda(step: int, total_steps: int, lambda_max: float) -> float:
+    """DANN λ at 0-based ``step`` of ``total_steps``: λmax·(2/(1+e^(−10p))−1), p = step/total."""
+    from dgseg.layers import dann_lambda
+
+    return dann_lambda(step / max(total_steps, 1), lambda_max)
+
+
+def forward_loss(
+    model: nn.Module,
+    batch: Dict[str, Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    grl: bool,
+    lambd: float,
+    domain_weight: float,
+    device: torch.device,
+    amp: str = "none",
+    channels_last: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """Forward one batch and build the objective (no backward).
+
+    Args:
+        model: segmenter (returns logits) or, with ``grl``, a DomainAdversarialNet (returns
+            ``(seg_logits, domain_logits)``), possibly DDP/compile-wrapped.
+        batch: dict from ShardDataset's collate: "image" (B,C,D,H,W), "label" (B,3,D,H,W),
+            "domain" (B,) int64.
+        lambd: GRL coefficient for this step.
+
+    Returns:
+        dict with scalar float32 "loss", "seg_loss", "domain_loss" and the "logits"/"label".
+    """
+    image = batch["image"].to(device, non_blocking=True)  # (B, C, D, H, W)
+    label = batch["label"].to(device, non_blocking=True)  # (B, 3, D, H, W)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    with autocast(device, amp):
+        out = model(image, grl_lambda=lambd) if grl else model(image)
+    seg_logits, dom_logits = out if grl else (out, None)
+    seg_loss = loss_fn(seg_logits, label)  # float32 (autocast disabled inside the loss)
+    if dom_logits is not None:
+        domain = batch["domain"].to(device, non_blocking=True).view(-1)  # (B,)
+        dom_loss = F.cross_entropy(dom_logits.float(), domain)
+        # Always added, even with weight 0, so that the graph is identical on every step.
+        loss = seg_loss + domain_weight * dom_loss
+    else:
+        dom_loss = torch.zeros((), device=seg_loss.device)
+        loss = seg_loss
+    return {
+        "loss": loss,
+        "seg_loss": seg_loss,
+        "domain_loss": dom_loss,
+        "logits": seg_logits,
+        "label": label,
+    }
+
+
+def _batch_dice(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of the hard Dice averaged over WT/TC/ET (no host sync)."""
+    from dgseg.metrics import dice_per_region
+
+    with torch.no_grad():
+        return dice_per_region(logits.detach() > 0, label > 0.5).mean(1).sum()  # sigmoid > 0.5
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    cfg: Config,
+    dist: DistState,
+    epoch: int,
+    step: int,
+    total_steps: int,
+    writer: Optional[JsonlWriter] = None,
+) -> Tuple[Dict[str, float], int]:
+    """Train over ``loader`` once.
+
+    Args:
+        epoch: 0-based epoch index (the sampler's ``set_epoch`` is the caller's job).
+        step: optimizer steps completed before this epoch (drives λ and the per-step cosine).
+        total_steps: optimizer steps of the whole run.
+        scheduler: stepped after every optimizer step when ``optim.schedule_interval == "step"``.
+
+    Returns:
+        (epoch means over all ranks: loss, seg_loss, domain_loss, dice; the updated step).
+
+    Raises:
+        NonFiniteLossError: a loss was NaN/inf (detected at the next log point or epoch end).
+    """
+    model.train()
+    dev = dist.device
+    per_step_sched = scheduler is not None and cfg.optim.schedule_interval == "step"
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Device-side accumulators: [loss, seg_loss, domain_loss, dice, samples].
+    window = torch.zeros(5, device=dev, dtype=torch.float64)
+    totals = torch.zeros(5, device=dev, dtype=torch.float64)
+    first_bad = torch.full((), math.inf, device=dev, dtype=torch.float64)
+    t_epoch = t_window = time.perf_counter()
+    steps_in_window = steps_in_epoch = 0
+    lambd = 0.0
+    for batch in loader:
+        lambd = grl_lambda(step, total_steps, cfg.loss.lambda_max) if cfg.model.grl else 0.0
+        out = forward_loss(
+            model,
+            batch,
+            loss_fn,
+            grl=cfg.model.grl,
+            lambd=lambd,
+            domain_weight=cfg.loss.domain_weight,
+            device=dev,
+            amp=cfg.run.amp,
+            channels_last=cfg.run.channels_last,
+        )
+        loss = out["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)  # returns a tensor, no sync
+        optimizer.step()
+        if per_step_sched:
+            scheduler.step()
+        step += 1
+        n = out["label"].shape[0]
+        stats = torch.stack(
+            [
+                loss.detach() * n,
+                out["seg_loss"].detach() * n,
+                out["domain_loss"].detach() * n,
+                _batch_dice(out["logits"], out["label"]),
+                torch.ones((), device=loss.device) * n,
+            ]
+        ).to(torch.float64)
+        window += stats
+        # Remember the first step whose loss is not finite, without a host sync.
+        first_bad = torch.minimum(
+            first_bad, torch.where(torch.isfinite(loss.detach()), math.inf, float(step))
+        )
+        steps_in_window += 1
+        steps_in_epoch += 1
+        if step % cfg.run.log_every == 0:
+            _check_finite(first_bad, epoch)
+            totals += window
+            rec = _window_record(window, cfg, dist, epoch, step, total_steps, lambd, optimizer)
+            now = time.perf_counter()
+            dt = now - t_window
+            rec["samples_per_s"] = steps_in_window * n * dist.world_size / max(dt, 1e-9)
+            rec["eta_s"] = (now - t_epoch) / steps_in_epoch * (total_steps - step)
+            log(format_progress(rec), is_main=dist.is_main)
+            if writer is not None:
+                writer.write(rec)
+            window.zero_()
+            t_window, steps_in_window = now, 0
+    _check_finite(first_bad, epoch)
+    totals += window
+    if steps_in_window:  # the tail of the epoch also gets a record
+        rec = _window_record(window, cfg, dist, epoch, step, total_steps, lambd, optimizer)
+        now = time.perf_counter()
+        n_per_step = cfg.optim.batch_size * dist.world_size
+        rec["samples_per_s"] = steps_in_window * n_per_step / max(now - t_window, 1e-9)
+        rec["eta_s"] = (now - t_epoch) / max(steps_in_epoch, 1) * (total_steps - step)
+        log(format_progress(rec), is_main=dist.is_main)
+        if writer is not None:
+            writer.write(rec)
+    totals = all_reduce_sum(totals).tolist()
+    count = max(totals[4], 1.0)
+    summary = {
+        "loss": totals[0] / count,
+        "seg_loss": totals[1] / count,
+        "domain_loss": totals[2] / count,
+        "dice": totals[3] / count,
+        "lambda": lambd,
+        "epoch_time_s": time.perf_counter() - t_epoch,
+    }
+    return summary, step
+
+
+def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
+    bad = all_reduce_min(first_bad).item()  # every rank stops together
+    if math.isfinite(bad):
+        raise NonFiniteLossError(int(bad), epoch + 1)
+
+
+def _window_record(
+    window: torch.Tensor,
+    cfg: Config,
+    dist: DistState,
+    epoch: int,
+    step: int,
+    total_steps: int,
+    lambd: float,
+    optimizer: torch.optim.Optimizer,
+) -> Dict[str, Any]:
+    loss, seg, dom, dice, count = all_reduce_sum(window).tolist()
+    count = max(count, 1.0)
+    return {
+        "kind": "train",
+        "epoch": epoch + 1,
+        "epochs": cfg.optim.epochs,
+        "step": step,
+        "total_steps": total_steps,
+        "loss": loss / count,
+        "seg_loss": seg / count,
+        "domain_loss": dom / count,
+        "dice": dice / count,
+        "lambda": lambd,
+        "lr": optimizer.param_groups[0]["lr"],
+        "time": time.time(),
+    }
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    cfg: Config,
+    dist: DistState,
+    indices: Optional[Sequence[int]] = None,
+) -> Dict[str, float]:
+    """Whole-volume Dice (sigmoid > 0.5) on the validation cases, sharded over ranks.
+
+    Rank r predicts cases ``indices[r::world]`` (uneven counts are fine: no collective runs per
+    case), then per-region Dice sums and the case count are all-reduced.
+
+    Args:
+        model: the *unwrapped* module (not DDP, whose forward may issue collectives).
+        dataset: item i → {"image": (C,D,H,W), "label": (3,D,H,W)}; whole stored volumes.
+        indices: cases to use (default: all).
+
+    Returns:
+        {"dice_WT", "dice_TC", "dice_ET", "dice_mean", "n_cases"}.
+    """
+    from dgseg.inference import sliding_window_inference
+    from dgseg.metrics import dice_per_region
+
+    was_training = model.training
+    model.eval()
+    dev = dist.device
+    roi = cfg.run.val_roi or cfg.data.patch_size
+    if indices is None:
+        indices = range(len(dataset))
+    mine = list(indices)[dist.rank :: dist.world_size]
+    sums = torch.zeros(4, device=dev, dtype=torch.float64)  # WT, TC, ET, cases
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        if cfg.run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(dev, cfg.run.amp):
+            out = model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    for i in mine:
+        item = dataset[i]
+        image = item["image"].unsqueeze(0).to(dev, non_blocking=True)  # (1, C, D, H, W)
+        label = item["label"].unsqueeze(0).to(dev, non_blocking=True)  # (1, 3, D, H, W)
+        if roi is not None:
+            logits = sliding_window_inference(
+                predictor, image, roi, overlap=cfg.run.val_overlap
+            )
+        else:
+            # One window covering the volume, padded to a multiple of 16 (4 downsamplings).
+            whole = tuple(_round_up(s, 16) for s in image.shape[2:])
+            logits = sliding_window_inference(predictor, image, whole, blend="constant")
+        dice = dice_per_region(logits > 0, label > 0.5)[0]  # (3,)
+        sums[:3] += dice.to(torch.float64)
+        sums[3] += 1
+    sums = all_reduce_sum(sums).tolist()
+    model.train(was_training)
+    n = sums[3]
+    if n == 0:
+        return {**{f"dice_{r}": math.nan for r in ("WT", "TC", "ET", "mean")}, "n_cases": 0}
+    res = {f"dice_{r}": sums[k] / n for k, r in enumerate(("WT", "TC", "ET"))}
+    res["dice_mean"] = (res["dice_WT"] + res["dice_TC"] + res["dice_ET"]) / 3
+    res["n_cases"] = int(n)
+    return res

@@ -1,0 +1,539 @@
+"""tools/prepare_brats.py pipeline: layouts, stored content vs the raw files, bad input, resume,
+verification, splits. Truth comes from nibabel reads of the source files and hand-written region
+definitions per source convention, not from the code under test."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from data_prep.layouts import discover_cases, patient_id
+from data_prep.loading import LABEL_MAPS, load_raw_case
+from data_prep.pipeline import assign_splits, prepare, verify_output
+from data_prep.preprocess import crop_window, preprocess_case, restore_to_original
+from data_prep.shards import ShardInvalid, check_shard
+from data_prep.synthetic import write_dataset
+from dgseg.constants import MODALITIES
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (40, 44, 36)  # non-cubic: an axis mix-up changes results
+SIZE = 24  # smaller than the brain box: exercises the crop
+# Regions written in each source convention directly (SPEC.md "Labels"), independent of the code.
+REGIONS_IN_SOURCE = {
+    "brats2021": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},
+    "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
+    "msd": {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
+}
+SEG_NAME = {"brats2021": "{id}/{id}_seg.nii.gz", "brats2023": "{id}/{id}-seg.nii.gz",
+            "msd": "labelsTr/{id}.nii.gz"}
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.load(str(path)).dataobj)
+
+
+@pytest.fixture(scope="module")
+def raw_sets(tmp_path_factory):
+    """The same 3 synthetic cases (same seed) written in the 2021, 2023 and MSD layouts."""
+    root = tmp_path_factory.mktemp("raw")
+    for layout in ("brats2021", "brats2023", "msd"):
+        write_dataset(root / layout, 3, shape=SHAPE, seed=3, layout=layout)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared_sets(raw_sets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    results = {}
+    for layout in ("brats2021", "brats2023", "msd"):
+        results[layout] = prepare(raw_sets / layout, out / layout, size=SIZE, workers=1,
+                                  cases_per_shard=2, progress=False)
+    return out, results
+
+
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023", "msd"])
+def test_region_counts_equal_source_inside_crop(raw_sets, prepared_sets, layout):
+    out, results = prepared_sets
+    res = results[layout]
+    assert res.exit_code == 0 and res.skipped == {} and len(res.prepared) == 3
+    manifest = json.loads((out / layout / "manifest.json").read_text())
+    assert manifest["format"] == "dgseg-shards" and manifest["version"] == 1
+    totals = dict.fromkeys(REGIONS_IN_SOURCE[layout], 0)
+    for rec in manifest["cases"]:
+        assert rec["layout"] == layout and rec["has_label"]
+        src = _read(raw_sets / layout / SEG_NAME[layout].format(id=rec["id"]))
+        o = np.asarray(rec["offset"])
+        lo, hi = np.maximum(o, 0), np.minimum(o + SIZE, src.shape)
+        window = src[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]  # crop in the original grid
+        with h5py.File(out / layout / rec["shard"], "r") as f:
+            g = f[rec["id"]]
+            lab = g["label"][()]
+            assert lab.shape == (SIZE,) * 3 and lab.dtype == np.uint8
+            assert set(np.unique(lab).tolist()) <= {0, 1, 2, 4}
+            assert list(g.attrs["offset"]) == rec["offset"]
+            assert g.attrs["label_convention"] == "brats2021"
+        stored = {"WT": lab > 0, "TC": (lab == 1) | (lab == 4), "ET": lab == 4}
+        for region, values in REGIONS_IN_SOURCE[layout].items():
+            want = int(np.isin(window, values).sum())
+            assert int(stored[region].sum()) == want, (layout, rec["id"], region)
+            assert rec["region_voxels"][region] == want
+            totals[region] += want
+    assert min(totals.values()) > 0  # the checks above are not vacuous
+
+
+def test_layouts_store_identical_arrays(prepared_sets):
+    """Same cases in three layouts -> same stored images (MSD channel order, 2023 names)."""
+    out, _ = prepared_sets
+    m = {lay: json.loads((out / lay / "manifest.json").read_text()) for lay in
+         ("brats2021", "brats2023", "msd")}
+    for k in range(3):
+        arrays = {}
+        for lay in m:
+            rec = m[lay]["cases"][k]
+            with h5py.File(out / lay / rec["shard"], "r") as f:
+                arrays[lay] = {n: f[rec["id"]][n][()] for n in (*MODALITIES, "label")}
+        for lay in ("brats2023", "msd"):
+            for n in (*MODALITIES, "label"):
+                np.testing.assert_array_equal(arrays[lay][n], arrays["brats2021"][n])
+
+
+def test_zscore_and_crop_match_independent_computation(raw_sets, prepared_sets):
+    out, _ = prepared_sets
+    rec = json.loads((out / "brats2021" / "manifest.json").read_text())["cases"][1]
+    cid = rec["id"]
+    vols = {m: _read(raw_sets / "brats2021" / cid / f"{cid}_{m}.nii.gz").astype(np.float64)
+            for m in MODALITIES}
+    nz = np.any([v != 0 for v in vols.values()], axis=0)
+    idx = np.argwhere(nz)
+    start, stop = idx.min(0), idx.max(0) + 1
+    assert rec["bbox_start"] == start.tolist() and rec["bbox_stop"] == stop.tolist()
+    off = start + ((stop - start) - SIZE) // 2  # centred, rounding down
+    assert rec["offset"] == off.tolist()
+    with h5py.File(out / "brats2021" / rec["shard"], "r") as f:
+        for m, v in vols.items():
+            brain = v[v != 0]
+            z = np.where(v != 0, (v - brain.mean()) / brain.std(), 0.0)
+            lo, hi = np.maximum(off, 0), np.minimum(off + SIZE, v.shape)
+            want = np.zeros((SIZE,) * 3)
+            want[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, off))] = \
+                z[tuple(slice(a, b) for a, b in zip(lo, hi))]
+            got = f[cid][m][()]
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_full_size_keeps_box_and_restores(raw_sets, tmp_path):
+    res = prepare(raw_sets / "brats2021", tmp_path / "full", size=None, progress=False)
+    assert res.exit_code == 0
+    rec = json.loads((tmp_path / "full" / "manifest.json").read_text())["cases"][0]
+    assert rec["shape"] == [b - a for a, b in zip(rec["bbox_start"], rec["bbox_stop"])]
+    assert rec["offset"] == rec["bbox_start"]
+    with h5py.File(tmp_path / "full" / rec["shard"], "r") as f:
+        lab = f[rec["id"]]["label"][()]
+        t2 = f[rec["id"]]["t2"][()]
+    brain = t2[t2 != 0]
+    assert abs(brain.mean()) < 1e-4 and abs(brain.std() - 1) < 1e-4  # whole brain stored
+    src = _read(raw_sets / "brats2021" / rec["id"] / f"{rec['id']}_seg.nii.gz")
+    back = restore_to_original(lab, rec["offset"], rec["original_shape"])
+    np.testing.assert_array_equal(back, src)  # the label lies inside the brain box
+
+
+def test_crop_window_and_restore_hand_computed():
+    off, shp = crop_window(np.array([10, 0, 5]), np.array([50, 8, 15]), 16)
+    assert off.tolist() == [22, -4, 2] and shp.tolist() == [16] * 3  # crop, pad, pad
+    off, shp = crop_window(np.array([1, 2, 3]), np.array([4, 6, 8]), None)
+    assert off.tolist() == [1, 2, 3] and shp.tolist() == [3, 4, 5]
+    stored = np.arange(2 * 3 * 2).reshape(2, 3, 2) + 1
+    back = restore_to_original(stored, (-1, 1, 0), (3, 3, 3), fill=0)
+    want = np.zeros((3, 3, 3), int)
+    want[0, 1:3, 0:2] = stored[1, 0:2, :]  # stored index 1 -> original 0; row 2 falls outside
+    np.testing.assert_array_equal(back, want)
+    with pytest.raises(ValueError, match="size"):
+        crop_window(np.zeros(3), np.ones(3), 0)
+
+
+def test_label_maps_match_transforms_conventions():
+    from dgseg.transforms.labels import CONVENTIONS
+
+    for conv, table in LABEL_MAPS.items():
+        assert CONVENTIONS[conv] == table
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _write_nii(path: Path, arr: np.ndarray, affine=None) -> None:
+    img = nib.Nifti1Image(arr, np.eye(4) if affine is None else affine)
+    img.header.set_data_dtype(arr.dtype)
+    nib.save(img, str(path))
+
+
+def _copy_case(src_root: Path, cid: str, dst_root: Path, new_id: str) -> Path:
+    d = dst_root / new_id
+    d.mkdir(parents=True)
+    for p in (src_root / cid).iterdir():
+        shutil.copy(p, d / p.name.replace(cid, new_id))
+    return d
+
+
+def test_bad_inputs_are_skipped_with_reasons(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_dataset(src, 2, shape=(32, 32, 24), seed=1)
+    a = "BraTS2021_00000"
+    raw = tmp_path / "raw"
+    good = [_copy_case(src, a, raw, "good_1").name, _copy_case(src, "BraTS2021_00001", raw,
+                                                                "good_2").name]
+    t1 = _read(src / a / f"{a}_t1.nii.gz")
+    expect = {}
+
+    def bad(name: str, reason: str):
+        expect[name] = reason
+        return _copy_case(src, a, raw, name)
+
+    d = bad("missing_mod", "missing modality")
+    (d / "missing_mod_t1ce.nii.gz").unlink()
+    d = bad("shape_mismatch", "shape mismatch")
+    _write_nii(d / "shape_mismatch_t2.nii.gz", t1[:, :, :-2])
+    d = bad("affine_mismatch", "affine mismatch")
+    aff = np.eye(4)
+    aff[0, 3] = 5.0
+    _write_nii(d / "affine_mismatch_t2.nii.gz", t1, aff)
+    d = bad("nan_voxels", "non-finite")
+    x = t1.astype(np.float32)
+    x[5, 5, 5] = np.nan
+    _write_nii(d / "nan_voxels_t1.nii.gz", x)
+    d = bad("inf_voxels", "non-finite")
+    x = t1.astype(np.float32)
+    x[6, 6, 6] = np.inf
+    _write_nii(d / "inf_voxels_flair.nii.gz", x)
+    d = bad("all_zero", "all zero")
+    _write_nii(d / "all_zero_flair.nii.gz", np.zeros_like(t1))
+    d = bad("bad_labels", "unknown label values [3]")
+    seg = _read(d / "bad_labels_seg.nii.gz").copy()
+    seg[0, 0, 0] = 3  # 3 is not a BraTS 2021 value
+    _write_nii(d / "bad_labels_seg.nii.gz", seg)
+    d = bad("truncated", "truncated")
+    p = d / "truncated_t2.nii.gz"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    d = bad("corrupt", "gzip")
+    p = d / "corrupt_t1.nii.gz"
+    blob = bytearray(p.read_bytes())
+    blob[len(blob) // 2: len(blob) // 2 + 64] = os.urandom(64)
+    p.write_bytes(bytes(blob))
+    d = bad("four_d", "expected a 3D image")
+    _write_nii(d / "four_d_t1.nii.gz", np.stack([t1, t1], axis=-1))
+    d = bad("no_label", "missing label file")
+    (d / "no_label_seg.nii.gz").unlink()
+    (raw / "dup").mkdir()
+    _copy_case(src, a, raw, "dup_case")
+    _copy_case(src, a, raw / "dup", "dup_case")
+    expect["dup_case"] = "duplicate case id"
+    d = bad("locked", "unreadable folder")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # root ignores chmod 000, so simulate EACCES for this one folder
+        if Path(os.fsdecode(path)) == d:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+    res = prepare(raw, tmp_path / "out", size=16, workers=1, cases_per_shard=4, progress=False)
+    assert sorted(res.prepared) == sorted(good)
+    assert set(res.skipped) == set(expect)
+    for name, reason in expect.items():
+        assert reason in res.skipped[name], (name, res.skipped[name])
+        assert "\n" not in res.skipped[name]
+    assert json.loads((tmp_path / "out" / "skipped.json").read_text()) == res.skipped
+    assert res.exit_code == 0
+    for name in expect:
+        assert name in res.summary()
+    # --strict turns any skip into failure; a re-run resumes from the shards (no re-reading)
+    res2 = prepare(raw, tmp_path / "out", size=16, workers=1, cases_per_shard=4, strict=True,
+                   progress=False)
+    assert res2.exit_code == 1 and res2.shards_built == [] and res2.skipped == res.skipped
+
+
+def test_nothing_prepared_exits_nonzero(tmp_path):
+    write_dataset(tmp_path / "raw", 1, shape=(24, 24, 20), seed=0)
+    (tmp_path / "raw" / "BraTS2021_00000" / "BraTS2021_00000_t2.nii.gz").unlink()
+    res = prepare(tmp_path / "raw", tmp_path / "out", size=16, progress=False)
+    assert res.prepared == [] and res.exit_code == 1
+
+
+def test_unlabelled_set(tmp_path):
+    write_dataset(tmp_path / "raw", 2, shape=(24, 24, 20), seed=0, layout="unlabelled")
+    res = prepare(tmp_path / "raw", tmp_path / "out", size=16, progress=False)
+    assert res.exit_code == 0 and len(res.prepared) == 2
+    cases = json.loads((tmp_path / "out" / "manifest.json").read_text())["cases"]
+    assert all(not c["has_label"] and c["split"] == "unlabelled" for c in cases)
+    with h5py.File(tmp_path / "out" / cases[0]["shard"], "r") as f:
+        assert "label" not in f[cases[0]["id"]] and not f[cases[0]["id"]].attrs["has_label"]
+
+
+# --------------------------------------------------------------------------- resume / verify
+
+def _stats(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted((folder / "shards").glob("*.h5"))}
+
+
+def test_rerun_rebuilds_only_deleted_or_stale_shard(raw_sets, tmp_path):
+    out = tmp_path / "out"
+    r1 = prepare(raw_sets / "brats2021", out, size=16, cases_per_shard=1, progress=False)
+    assert len(r1.shards_built) == 3
+    manifest1 = (out / "manifest.json").read_text()
+    before = _stats(out)
+    time.sleep(0.01)
+    r2 = prepare(raw_sets / "brats2021", out, size=16, cases_per_shard=1, progress=False)
+    assert r2.shards_built == [] and _stats(out) == before
+    (out / "shards" / "shard-00001.h5").unlink()
+    r3 = prepare(raw_sets / "brats2021", out, size=16, cases_per_shard=1, progress=False)
+    assert r3.shards_built == ["shards/shard-00001.h5"]
+    after = _stats(out)
+    for name in ("shard-00000.h5", "shard-00002.h5"):
+        assert after[name] == before[name]  # same inode and mtime: not rewritten
+    assert (out / "manifest.json").read_text() == manifest1
+    # a truncated shard (e.g. disk trouble) is unreadable and rebuilt as well
+    p = out / "shards" / "shard-00002.h5"
+    p.write_bytes(p.read_bytes()[:1000])
+    r4 = prepare(raw_sets / "brats2021", out, size=16, cases_per_shard=1, progress=False)
+    assert r4.shards_built == ["shards/shard-00002.h5"]
+    assert verify_output(out) == []
+
+
+def test_changed_source_rebuilds_its_shard(raw_sets, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_sets / "brats2021", raw)
+    out = tmp_path / "out"
+    prepare(raw, out, size=16, cases_per_shard=1, progress=False)
+    cid = "BraTS2021_00002"
+    p = raw / cid / f"{cid}_flair.nii.gz"
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "edited" input
+    r = prepare(raw, out, size=16, cases_per_shard=1, progress=False)
+    assert r.shards_built == ["shards/shard-00002.h5"]
+
+
+def _flip_bytes_in(path: Path, case_id: str, dataset: str) -> None:
+    with h5py.File(path, "r") as f:
+        ds = f[case_id][dataset]
+        assert ds.compression is None  # raw floats on disk
+        if ds.chunks is None:
+            offset, size = ds.id.get_offset(), ds.id.get_storage_size()
+        else:
+            info = ds.id.get_chunk_info(0)
+            offset, size = info.byte_offset, info.size
+    with open(path, "r+b") as fh:
+        fh.seek(offset + size // 2)
+        chunk = bytearray(fh.read(16))
+        fh.seek(offset + size // 2)
+        fh.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def test_verify_detects_corrupted_shard_and_rerun_repairs(raw_sets, tmp_path):
+    out = tmp_path / "out"
+    prepare(raw_sets / "brats2021", out, size=16, cases_per_shard=2, progress=False)
+    assert verify_output(out) == []
+    rec = json.loads((out / "manifest.json").read_text())["cases"][2]
+    _flip_bytes_in(out / rec["shard"], rec["id"], "t2")
+    errors = verify_output(out)
+    assert len(errors) == 1 and rec["id"] in errors[0] and "t2" in errors[0]
+    # the cheap structural re-use check cannot see flipped data bytes; --verify can
+    assert prepare(raw_sets / "brats2021", out, size=16, cases_per_shard=2,
+                   progress=False).shards_built == []
+    cli = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--input",
+                          str(raw_sets / "brats2021"), "--output", str(out), "--size", "16",
+                          "--cases-per-shard", "2", "--workers", "1", "--verify", "--quiet"],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "1 shard(s) built, 1 reused" in cli.stdout
+    assert verify_output(out) == []
+    # a manifest that lists a case its shard does not hold is reported too
+    m = json.loads((out / "manifest.json").read_text())
+    m["cases"][0]["stored_crc32"]["t1"] = "00000000"
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert any(m["cases"][0]["id"] in e for e in verify_output(out))
+    with pytest.raises(ShardInvalid):
+        check_shard(out / "shards" / "missing.h5")
+
+
+def test_parallel_workers_match_serial(raw_sets, tmp_path):
+    r1 = prepare(raw_sets / "brats2021", tmp_path / "a", size=16, workers=1, cases_per_shard=1,
+                 progress=False)
+    r2 = prepare(raw_sets / "brats2021", tmp_path / "b", size=16, workers=2, cases_per_shard=1,
+                 progress=False)
+    assert r1.exit_code == r2.exit_code == 0
+    assert (tmp_path / "a" / "manifest.json").read_text().replace(str(tmp_path / "a"), "") == \
+        (tmp_path / "b" / "manifest.json").read_text().replace(str(tmp_path / "b"), "")
+
+
+def test_kill_9_mid_run_then_resume(tmp_path):
+    """SIGKILL while shards are being written: no partial shard is visible, a re-run finishes
+    and keeps every shard published before the kill."""
+    src = tmp_path / "src"
+    write_dataset(src, 2, shape=(96, 96, 64), seed=2)
+    raw = tmp_path / "raw"
+    for k in range(24):  # many distinct ids, two source cases: cheap to create, slow to prepare
+        _copy_case(src, f"BraTS2021_0000{k % 2}", raw, f"case_{k:02d}")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--input", str(raw),
+           "--output", str(out), "--size", "64", "--cases-per-shard", "2", "--workers", "1",
+           "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    shards = out / "shards"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if shards.is_dir() and len(list(shards.glob("shard-*.h5"))) >= 2:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(shards.glob("shard-*.h5"))
+    assert 2 <= len(done) < 12, "the run must be killed mid-way"
+    assert not (out / "manifest.json").exists()
+    for p in done:
+        check_shard(p)  # every published shard is complete
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in done}
+    res = subprocess.run(cmd + ["--verify"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{len(done)} reused" in res.stdout
+    for name, st in kept.items():
+        p = shards / name
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == st
+    assert len(json.loads((out / "manifest.json").read_text())["cases"]) == 24
+    assert not list(shards.glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- splits
+
+def test_splits_patient_level_deterministic():
+    # 40 patients, some with two time points (BraTS 2023 style)
+    cases = {}
+    for p in range(40):
+        cases[f"BraTS-GLI-{p:05d}-000"] = None
+        if p % 3 == 0:
+            cases[f"BraTS-GLI-{p:05d}-001"] = None
+    patients = {c: patient_id(c, "brats2023") for c in cases}
+    assert patients["BraTS-GLI-00003-001"] == "BraTS-GLI-00003"
+    s1 = assign_splits(patients, (0.7, 0.1, 0.2), seed=0)
+    assert s1 == assign_splits(dict(reversed(list(patients.items()))), (0.7, 0.1, 0.2), seed=0)
+    s2 = assign_splits(patients, (0.7, 0.1, 0.2), seed=1)
+    assert s1 != s2
+    for s in (s1, s2):
+        by_patient = {}
+        for c, split in s.items():
+            by_patient.setdefault(patients[c], set()).add(split)
+        assert all(len(v) == 1 for v in by_patient.values())  # time points stay together
+        counts = {k: sum(next(iter(v)) == k for v in by_patient.values())
+                  for k in ("train", "val", "test")}
+        assert counts == {"train": 28, "val": 4, "test": 8}
+        train = {patients[c] for c, v in s.items() if v == "train"}
+        test = {patients[c] for c, v in s.items() if v == "test"}
+        assert not train & test
+    small = assign_splits({f"c{i}": f"c{i}" for i in range(3)}, (0.7, 0.1, 0.2), seed=0)
+    assert sorted(small.values()) == ["test", "train", "val"]  # no requested split left empty
+    with pytest.raises(ValueError, match="split"):
+        assign_splits(patients, (0.7, 0.2, 0.2), seed=0)
+
+
+def test_time_points_share_split_in_manifest(tmp_path):
+    write_dataset(tmp_path / "raw", 6, shape=(24, 24, 20), seed=0, layout="brats2023")
+    a, b = "BraTS-GLI-00000-000", "BraTS-GLI-00000-001"
+    shutil.copytree(tmp_path / "raw" / a, tmp_path / "raw" / b)
+    for p in (tmp_path / "raw" / b).iterdir():
+        p.rename(p.with_name(p.name.replace(a, b)))
+    for seed in range(4):
+        prepare(tmp_path / "raw", tmp_path / "out", size=16, seed=seed, progress=False)
+        cases = {c["id"]: c for c in
+                 json.loads((tmp_path / "out" / "manifest.json").read_text())["cases"]}
+        assert cases[a]["patient"] == cases[b]["patient"] == "BraTS-GLI-00000"
+        assert cases[a]["split"] == cases[b]["split"]
+
+
+# --------------------------------------------------------------------------- CLI, API, bench
+
+def test_cli_default_synthetic(tmp_path):
+    cmd = [sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--output",
+           str(tmp_path / "syn"), "--synthetic-cases", "3", "--workers", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "prepared 3 case(s)" in res.stdout and "prepare: 3/3 cases" in res.stderr
+    m = json.loads((tmp_path / "syn" / "manifest.json").read_text())
+    assert len(m["cases"]) == 3 and m["params"]["size"] == 64  # the synthetic default
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert "0 shard(s) built" in res.stdout  # the cached synthetic source is re-used as is
+    full = subprocess.run(cmd + ["--size", "full", "--quiet"], capture_output=True, text=True)
+    assert full.returncode == 0 and "1 shard(s) built, 0 reused" in full.stdout  # new size
+    m = json.loads((tmp_path / "syn" / "manifest.json").read_text())
+    assert m["params"]["size"] == "full"
+    assert all(c["shape"] == [b - a for a, b in zip(c["bbox_start"], c["bbox_stop"])]
+               for c in m["cases"])
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--output",
+                          str(tmp_path / "x"), "--size", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--size" in bad.stderr
+
+
+def test_load_raw_case_contract(raw_sets):
+    cases, problems = discover_cases(raw_sets / "msd")
+    assert problems == [] and [c.layout for c in cases] == ["msd"] * 3
+    loaded = load_raw_case(cases[0])
+    assert loaded.images.shape == (4, *SHAPE) and loaded.images.dtype == np.float32
+    four = _read(raw_sets / "msd" / "imagesTr" / f"{cases[0].case_id}.nii.gz")
+    np.testing.assert_array_equal(loaded.images[MODALITIES.index("t1ce")], four[..., 2])  # T1gd
+    assert len(loaded.source_sha256["4d"]) == 64
+    prep = preprocess_case(loaded, 20)
+    assert prep.images.shape == (4, 20, 20, 20) and prep.label.shape == (20, 20, 20)
+
+
+def test_bench_functions_smoke(tmp_path):
+    from data_prep.bench import bench_loader, bench_prepare, bench_storage
+
+    r = bench_prepare(tmp_path, n_cases=1, shape=(32, 32, 24), size=16)
+    assert r["prepare_s_per_case"] > 0 and r["decompress_s_per_case"] > 0 and r["ratio"] > 0
+    r = bench_loader(tmp_path, n_cases=2, shape=(32, 32, 24), size=16, epochs=1)
+    assert {"io", "aug", "aug_rot"} <= set(r) and r["io"]["speedup"] > 0
+    r = bench_storage(tmp_path, n_cases=1, shape=(32, 32, 24), size=16, patch=8, repeats=1,
+                      variants=(("none/volume", "none", "volume"), ("lzf/8", "lzf", 8)))
+    assert set(r["variants"]) == {"none/volume", "lzf/8"}
+    assert not list(tmp_path.iterdir())  # temporary files removed
+
+
+def test_gzip_multi_member_reads_whole_file(tmp_path):
+    from data_prep.loading import read_nifti
+
+    arr = np.arange(24 * 20 * 16, dtype=np.int16).reshape(24, 20, 16)
+    blob = nib.Nifti1Image(arr, np.eye(4)).to_bytes()
+    p = tmp_path / "x.nii.gz"
+    p.write_bytes(gzip.compress(blob[:1000]) + gzip.compress(blob[1000:]))  # two members
+    got, _, _ = read_nifti(p)
+    np.testing.assert_array_equal(got, arr)
+
+
+def test_storage_options_store_the_same_arrays(raw_sets, tmp_path):
+    crcs = []
+    for kw in ({}, {"compression": "lzf"}, {"compression": "gzip", "chunks": 8,
+                                             "label_compression": "gzip"}):
+        out = tmp_path / str(len(crcs))
+        assert prepare(raw_sets / "brats2021", out, size=16, progress=False, **kw).exit_code == 0
+        assert verify_output(out) == []
+        cases = json.loads((out / "manifest.json").read_text())["cases"]
+        crcs.append([c["stored_crc32"] for c in cases])
+        with h5py.File(out / cases[0]["shard"], "r") as f:
+            ds = f[cases[0]["id"]]["t1"]
+            assert (ds.compression, ds.chunks) == {0: (None, None), 1: ("lzf", (16, 16, 16)),
+                                                   2: ("gzip", (8, 8, 8))}[len(crcs) - 1]
+    assert crcs[0] == crcs[1] == crcs[2]
+    with pytest.raises(ValueError, match="contiguous"):
+        prepare(raw_sets / "brats2021", tmp_path / "x", compression="lzf", chunks="contiguous")

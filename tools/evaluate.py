@@ -1,0 +1,360 @@
+"""Cross-modality evaluation of trained checkpoints: the write-up's results table.
+
+Each checkpoint is tested on the test split of prepared shards once per test modality (T1, T1CE,
+T2, FLAIR) and once with its own training inputs. Whole stored volume, sliding-window inference
+with overlap (Gaussian blending), sigmoid > 0.5 per region, optional flip TTA (flip the input,
+predict, flip the prediction back, average). Per case and region: Dice and HD95 (mm, voxel
+spacing from the case metadata) with the BraTS empty-mask rules.
+
+Input rule (also printed under every table): a model with k input channels tested on modality m
+gets m in every channel (m repeated k times), whether or not m was one of its training
+modalities, because at test time only m exists: a T2 model on T1 sees (T1); a T1CE+T2 model on
+FLAIR sees (FLAIR, FLAIR) and on T2 sees (T2, T2). Models trained on all four modalities stacked
+are not single-modality models: they are tested with their own inputs only, and their
+single-modality cells read 'x' (as in the write-up). "Own inputs" = the training modalities in
+training order.
+
+Several checkpoints with the same label (by default the run name stored in the checkpoint's
+config; ``--labels`` to set them) are seeds of one model: their cells read mean±sd over
+checkpoints. Bootstrap 95% CIs over cases (seeded) go to summary.json and table.md.
+
+Usage::
+
+    python tools/evaluate.py --checkpoint runs/segresnet_t2_noaug/best.pt --data data/shards
+    torchrun --nproc_per_node=4 tools/evaluate.py --checkpoint runs/*/best.pt --data data/shards \\
+        --tta --out runs/eval
+    # NIfTI predictions from tools/predict.py against the raw segmentations, in original space:
+    python tools/evaluate.py --predictions preds/ --data raw/BraTS2021/ --out runs/eval_nifti
+
+With torchrun the cases are split as ``cases[rank::world]`` and the per-case results gathered on
+rank 0, which alone prints and writes. Outputs in ``--out``: per_case.csv, summary.json,
+table.md, overlays/*.png (with matplotlib, ``--overlays N`` cases per test modality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from data_prep.layouts import discover_cases
+from dgseg.checkpoint import load_checkpoint
+from dgseg.config import Config
+from dgseg.constants import MODALITIES
+from dgseg.data import ShardDataset
+from dgseg.distributed import all_gather_objects, cleanup, init_distributed
+from dgseg.evaluation import (
+    COLUMN_TITLES,
+    atomic_write_text,
+    case_record,
+    format_table,
+    input_channels,
+    score_label_files,
+    summarize,
+    summary_columns,
+    table_footer,
+    write_csv,
+    write_json,
+)
+from dgseg.inference import covering_roi, predict_volume
+from dgseg.models import build_model
+from dgseg.transforms.labels import channels_to_labels
+from dgseg.viz import overlay_slices, save_overlay_grid
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Evaluate checkpoints on each test modality (cross-modality table).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", nargs="+", type=Path, help="checkpoint file(s) (.pt)")
+    src.add_argument(
+        "--predictions", type=Path, help="folder of <case_id>.nii.gz label maps to score "
+        "against the raw segmentations in --data (original image space)"
+    )
+    p.add_argument("--data", type=Path, required=True,
+                   help="prepared shard folder (manifest.json); raw data folder with --predictions")
+    p.add_argument("--split", default="test", help="manifest split to evaluate")
+    p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES,
+                   help="test modalities (columns)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="row label per checkpoint (equal labels = seeds, aggregated); default: "
+                   "the run name in each checkpoint's config")
+    p.add_argument("--roi", type=int, default=None,
+                   help="sliding-window size; default: config run.val_roi, else data.patch_size, "
+                   "else one window over the whole volume (sides rounded up to multiples of 16)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
+    p.add_argument("--tta", action="store_true", help="8-fold flip test-time augmentation")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
+    p.add_argument("--max-cases", type=int, default=None, help="only the first N test cases")
+    p.add_argument("--overlays", type=int, default=0,
+                   help="overlay PNG per test modality with this many cases (needs matplotlib)")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none",
+                   help="run the network under bf16 autocast (blending stays float32)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = p.parse_args(argv)
+    if not 0.0 <= args.overlap < 1.0:
+        p.error(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.max_cases is not None and args.max_cases < 1:
+        p.error(f"--max-cases must be >= 1, got {args.max_cases}")
+    if args.labels is not None and args.checkpoint and len(args.labels) != len(args.checkpoint):
+        p.error(f"--labels has {len(args.labels)} names for {len(args.checkpoint)} checkpoints")
+    if args.roi is not None and args.roi < 1:
+        p.error(f"--roi must be >= 1, got {args.roi}")
+    return args
+
+
+class Progress:
+    """Rank-0 progress line with throughput and ETA, at most one line every ``every`` seconds."""
+
+    def __init__(self, total: int, *, enabled: bool, every: float = 2.0) -> None:
+        self.total, self.enabled, self.every = max(total, 1), enabled, every
+        self.done, self.start, self.last = 0, time.monotonic(), 0.0
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < self.every and self.done < self.total):
+            return
+        self.last = now
+        rate = (now - self.start) / self.done
+        eta = rate * (self.total - self.done)
+        print(f"[eval] {self.done}/{self.total} {what}  {rate:.2f} s/case  "
+              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
+
+
+def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """Model and Config from a checkpoint (safe unpickler, config rebuilt from its dict)."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+        raise ValueError(f"{path} has no 'config' dict or no 'model' state: not a dgseg checkpoint")
+    cfg = Config.from_dict(ckpt["config"])
+    model = build_model(len(cfg.data.modalities), **dataclasses.asdict(cfg.model))
+    model.load_state_dict(ckpt["model"])
+    # A domain-adversarial wrapper predicts with its segmenter; the domain head is not needed.
+    model = getattr(model, "segmenter", model)
+    return model.to(device).eval(), cfg
+
+
+def configured_roi(cfg: Any) -> Optional[int]:
+    """Window size the model was validated with: run.val_roi, else data.patch_size, else None
+    (one window covering the whole volume, as validation during training does)."""
+    return cfg.run.val_roi or cfg.data.patch_size
+
+
+def evaluate_checkpoint(
+    model: torch.nn.Module,
+    train_modalities: tuple[str, ...],
+    *,
+    args: argparse.Namespace,
+    label: str,
+    ckpt_name: str,
+    roi: Optional[int],
+    rank: int,
+    world: int,
+    device: torch.device,
+    progress: Progress,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-case records (and overlay slices) for this rank's share of the test cases."""
+    # Distinct input tuples -> the table columns they fill (a T2 model's "own" = its T2 column).
+    specs: dict[tuple[str, ...], list[str]] = {}
+    for column in [*args.modalities, "own"]:
+        inputs = input_channels(train_modalities, column)
+        if inputs is not None:
+            specs.setdefault(inputs, []).append(column)
+    autocast = torch.bfloat16 if args.amp == "bf16" else None
+
+    records: list[dict[str, Any]] = []
+    overlays: list[dict[str, Any]] = []
+    for inputs, columns in specs.items():
+        ds = ShardDataset(args.data, split=args.split, modalities=inputs)
+        n = len(ds) if args.max_cases is None else min(len(ds), args.max_cases)
+        for i in range(rank, n, world):  # nnU-Net-style sharding: keys[rank::world]
+            meta = ds.case_meta(i)
+            if not bool(meta.get("has_label", True)):  # nothing to score against
+                progress.step(f"{label} skip unlabelled case {i}")
+                continue
+            sample = ds[i]
+            image = sample["image"].unsqueeze(0).to(device)  # (1, C, D, H, W)
+            window = roi or covering_roi(image.shape[2:])
+            prob = predict_volume(model, image, roi_size=window, overlap=args.overlap, tta=args.tta,
+                                  sw_batch_size=args.sw_batch_size, blend=args.blend,
+                                  autocast_dtype=autocast)
+            pred3 = (prob[0] > args.threshold).cpu().numpy()  # (3, D, H, W) bool
+            truth3 = (sample["label"] > 0.5).numpy()
+            spacing = tuple(float(s) for s in np.asarray(meta["spacing"]).ravel())
+            base = case_record(pred3, truth3, spacing, model=label, checkpoint=ckpt_name,
+                               column="", inputs="+".join(inputs), case_id=sample["case_id"])
+            for column in columns:
+                records.append({**base, "column": column})
+            if i < args.overlays:
+                sl = overlay_slices(sample["image"][0].numpy(), channels_to_labels(truth3),
+                                    channels_to_labels(pred3))  # test modality, best slice
+                for column in columns:
+                    overlays.append({"model": label, "checkpoint": ckpt_name, "column": column,
+                                     "case_id": sample["case_id"], **sl})
+            progress.step(f"{label} {'+'.join(inputs)} {sample['case_id']}")
+    return records, overlays
+
+
+def count_work(args: argparse.Namespace, train_modalities: tuple[str, ...], rank: int,
+               world: int, n_cases: int) -> int:
+    specs = {input_channels(train_modalities, c) for c in [*args.modalities, "own"]}
+    n = n_cases if args.max_cases is None else min(n_cases, args.max_cases)
+    return len(specs - {None}) * len(range(rank, n, world))
+
+
+def write_outputs(records: list[dict[str, Any]], overlays: list[dict[str, Any]],
+                  args: argparse.Namespace, extra_footer: Sequence[str]) -> str:
+    """Summary, tables and files on rank 0; returns the printed text."""
+    summary = summarize(records, n_boot=args.bootstrap, seed=args.seed)
+    summary["split"] = args.split
+    summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                           if k not in ("quiet",)}
+    summary["settings"]["checkpoint"] = [str(c) for c in (args.checkpoint or [])]
+    split = args.split if args.checkpoint else "raw files"
+    footer = table_footer(summary, split=split, extra=extra_footer)
+    text = format_table(summary, metric="dice", style="text")
+    text += "\n" + format_table(summary, metric="hd95", style="text", footer=footer)
+    md = ["# Cross-modality evaluation", ""]
+    md.append(format_table(summary, metric="dice", style="markdown"))
+    md.append(format_table(summary, metric="hd95", style="markdown"))
+    md.append(format_ci_table(summary))
+    md += [f"{f}  " for f in footer]
+    out = args.out
+    write_csv(out / "per_case.csv", records)
+    write_json(out / "summary.json", summary)
+    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
+    if overlays:
+        print(write_overlays(overlays, out / "overlays"), file=sys.stderr)
+    return text
+
+
+def format_ci_table(summary: dict[str, Any]) -> str:
+    """Markdown: mean Dice of the three regions with its bootstrap CI, per model and column."""
+    cols = summary_columns(summary)
+    pct = f"{100 * (1 - summary['alpha']):.0f}%"
+    lines = [f"**Mean Dice with {pct} bootstrap CI over cases**", "",
+             "| Model | " + " | ".join(COLUMN_TITLES.get(c, c) for c in cols) + " |",
+             "|" + "|".join("---" for _ in range(len(cols) + 1)) + "|"]
+    for m in summary["models"]:
+        cells = []
+        for c in cols:
+            col = m["columns"].get(c)
+            if col is None:
+                cells.append("x")
+            else:
+                d = col["dice_mean"]
+                cells.append(f"{d['mean']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]")
+        lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_overlays(overlays: list[dict[str, Any]], folder: Path) -> str:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    first_ckpt: dict[str, str] = {}
+    for o in overlays:
+        first_ckpt.setdefault(o["model"], o["checkpoint"])
+        if o["checkpoint"] == first_ckpt[o["model"]]:  # one seed per model is enough to look at
+            groups.setdefault((o["model"], o["column"]), []).append(o)
+    try:
+        for (model, column), rows in groups.items():
+            rows = sorted(rows, key=lambda r: r["case_id"])
+            save_overlay_grid(folder / f"{model}_{column}.png", rows,
+                              title=f"{model} tested on {COLUMN_TITLES.get(column, column)}")
+    except ImportError as e:
+        return f"overlays skipped: {e}"
+    return f"overlays: {len(groups)} PNG(s) in {folder}"
+
+
+def evaluate_predictions(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Records for NIfTI predictions (tools/predict.py output) vs the raw segmentations."""
+    cases, problems = discover_cases(args.data)
+    for cid, why in problems:
+        print(f"skipped {cid}: {why}", file=sys.stderr)
+    labelled = [c for c in cases if c.has_label]
+    if args.max_cases is not None:
+        labelled = labelled[: args.max_cases]
+    records = []
+    name = args.predictions.name or str(args.predictions)
+    for c in labelled:
+        pred = args.predictions / f"{c.case_id}.nii.gz"
+        if not pred.is_file():
+            print(f"skipped {c.case_id}: no prediction {pred}", file=sys.stderr)
+            continue
+        records.append(score_label_files(
+            pred, c.label_file, convention=c.label_convention, model=name,
+            checkpoint=str(args.predictions), column="nifti", inputs="nifti", case_id=c.case_id,
+        ))
+    return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.predictions is not None:
+        records = evaluate_predictions(args)
+        if not records:
+            print("no prediction could be scored", file=sys.stderr)
+            return 1
+        print(write_outputs(records, [], args, ["Column 'nifti': label maps in original image "
+                                                 "space vs the raw segmentation files."]), end="")
+        return 0
+
+    dist = init_distributed(args.device)
+    try:
+        n_cases = len(ShardDataset(args.data, split=args.split, modalities=("t2",)))
+        if n_cases == 0:
+            raise ValueError(f"split {args.split!r} of {args.data} has no cases")
+        loaded = []
+        for k, path in enumerate(args.checkpoint):
+            model, cfg = load_model(path, dist.device)
+            label = args.labels[k] if args.labels else cfg.run.name
+            loaded.append((path, model, cfg, label))
+        total = sum(count_work(args, tuple(cfg.data.modalities), dist.rank, dist.world_size,
+                               n_cases) for _, _, cfg, _ in loaded)
+        progress = Progress(total, enabled=dist.is_main and not args.quiet)
+        records: list[dict[str, Any]] = []
+        overlays: list[dict[str, Any]] = []
+        rois: dict[str, Any] = {}
+        for path, model, cfg, label in loaded:
+            roi = args.roi or configured_roi(cfg)
+            rois.setdefault(label, roi or "whole volume")
+            r, o = evaluate_checkpoint(
+                model, tuple(cfg.data.modalities), args=args, label=label, ckpt_name=str(path),
+                roi=roi, rank=dist.rank, world=dist.world_size, device=dist.device,
+                progress=progress)
+            records += r
+            overlays += o
+        gathered = all_gather_objects((records, overlays))
+        if dist.is_main:
+            records = [r for rec, _ in gathered for r in rec]
+            overlays = [o for _, ov in gathered for o in ov]
+            # Gathered by rank: put the rows back into a deterministic order.
+            order = {str(p): k for k, p in enumerate(args.checkpoint)}
+            records.sort(key=lambda r: (order[r["checkpoint"]], r["column"], r["case_id"]))
+            roi_text = ", ".join(f"{k} {v}" for k, v in rois.items())
+            extra = [f"Sliding window: roi ({roi_text}), overlap {args.overlap}, "
+                     f"{args.blend} blending, threshold {args.threshold}, TTA "
+                     f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es)."]
+            print(write_outputs(records, overlays, args, extra), end="")
+            print(f"wrote {args.out}/per_case.csv, summary.json, table.md", file=sys.stderr)
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Train a segmentation network on one source modality (one preset per experiment of the write-up).
+
+    torchrun --nproc_per_node=N tools/train.py --preset NAME [--data DIR] [--out DIR]
+                                               [--set section.field=value ...] [--resume]
+    python tools/train.py --preset NAME ...          # one process, no process group
+
+Objective and schedules (write-up, DANN: Ganin & Lempitsky 2015, eq. 14): soft Dice (+ BCE) on
+WT/TC/ET plus, for the adversarial presets, the domain cross-entropy through a gradient-reversal
+layer with λ(p) = λmax·(2/(1+e^(−10p))−1) updated every step; AdamW (lr 1e-4, wd 1e-5) with
+cosine annealing to the last epoch. gloo on CPU, NCCL on CUDA; only rank 0 prints and writes.
+Run folder ``<out>/<run.name>/``: config.json, last.pt (every epoch), best.pt (best validation
+mean Dice), log.jsonl and, with matplotlib, curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from dgseg.checkpoint import (  # noqa: E402
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap_model,
+)
+from dgseg.config import PRESETS, Config, apply_overrides, get_preset, model_kwargs  # noqa: E402
+from dgseg.distributed import (  # noqa: E402
+    DistState,
+    all_gather_objects,
+    cleanup,
+    init_distributed,
+    wrap_ddp,
+)
+from dgseg.engine import NonFiniteLossError, train_one_epoch, validate  # noqa: E402
+from dgseg.logging_utils import JsonlWriter, log, plot_curves, read_jsonl  # noqa: E402
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="experiment preset")
+    p.add_argument("--data", help="shard folder from tools/prepare_brats.py (= data.root)")
+    p.add_argument("--out", help="parent of the run folder (= run.out)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optim.epochs=50 --set model.vffc=true "
+        "(repeatable; tuples as 1,2,2,4; None as none)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from <run>/last.pt if present")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start afresh even if <run>/last.pt exists"
+    )
+    p.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N epochs of this invocation (time-limited jobs; continue with --resume)",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    args = p.parse_args(argv)
+    if args.data is not None:
+        args.overrides = [f"data.root={args.data}"] + args.overrides
+    if args.out is not None:
+        args.overrides = [f"run.out={args.out}"] + args.overrides
+    try:
+        args.config = apply_overrides(get_preset(args.preset), args.overrides)
+    except ValueError as e:
+        p.error(str(e))
+    if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
+        p.error(f"--stop-after-epochs={args.stop_after_epochs} must be >= 1")
+    return args
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_model(cfg: Config, dist: DistState) -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """(unwrapped network on the device, the module the step calls: DDP and/or compiled)."""
+    from dgseg.models import build_model as build_network
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    net = build_network(**model_kwargs(cfg)).to(dist.device)
+    if cfg.run.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    model = wrap_ddp(net, dist)
+    if cfg.run.compile:
+        model = torch.compile(model)  # checkpoints still save `net` (no _orig_mod./module.)
+    return net, model
+
+
+def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler, DataLoader, Any]:
+    """Training dataset, its DistributedSampler and DataLoader, and the validation dataset."""
+    from dgseg.data import ShardDataset
+
+    d = cfg.data
+    train_ds = ShardDataset(
+        d.root,
+        split="train",
+        modalities=d.modalities,
+        patch_size=d.patch_size,
+        flip=d.flip,
+        rot90=d.rot90,
+        rotation_degrees=d.rotation_degrees,
+        bezier=d.bezier,
+        num_domains=cfg.model.num_domains,
+        seed=cfg.run.seed,
+        rank=dist.rank,
+    )
+    from dgseg.data import load_manifest, split_cases
+
+    val_ds = None  # no validation cases: no validation, no best.pt
+    if split_cases(load_manifest(d.root), d.val_split):
+        val_ds = ShardDataset(d.root, split=d.val_split, modalities=d.modalities, seed=cfg.run.seed)
+    # Same sampler seed on every rank: the ranks split one shared permutation per epoch.
+    sampler = DistributedSampler(
+        train_ds,
+        num_replicas=dist.world_size,
+        rank=dist.rank,
+        shuffle=True,
+        seed=cfg.run.seed,
+        drop_last=True,
+    )
+    cuda = dist.device.type == "cuda"
+    loader = DataLoader(
+        train_ds,
+        batch_size=cfg.optim.batch_size,
+        sampler=sampler,
+        num_workers=d.workers,
+        pin_memory=cuda,  # page-locked batches make the non_blocking copies asynchronous
+        drop_last=True,
+        # Kept alive across epochs (HDF5 files stay open); set_epoch reaches them through the
+        # dataset's shared-memory epoch counter.
+        persistent_workers=d.workers > 0,
+        prefetch_factor=4 if d.workers > 0 else None,
+        # The loader draws its workers' base seed from this generator, not from the global RNG,
+        # so that starting the workers at a resumed epoch leaves the dropout stream unchanged.
+        generator=torch.Generator().manual_seed(cfg.run.seed + dist.rank),
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"{len(train_ds)} training cases cannot fill one step of batch "
+            f"{cfg.optim.batch_size} on {dist.world_size} process(es)"
+        )
+    return train_ds, sampler, loader, val_ds
+
+
+def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[int]) -> None:
+    """Refuse CPU bf16 training where a feature map is 2 voxels deep.
+
+    oneDNN 3.12 (torch 2.13 CPU) computes the bf16 Conv3d (3³) weight gradient wrongly when the
+    input depth is 2: NaN or run-to-run different values (seen on AVX512-BF16 CPUs, e.g. a 16³
+    patch whose deepest SegResNet level is 2³). Inference is unaffected.
+    """
+    if cfg.run.amp != "bf16" or dist.device.type != "cpu":
+        return
+    levels = len(cfg.model.blocks_down) if cfg.model.arch == "segresnet" else len(
+        cfg.model.unet_features
+    )
+    depth = int(input_shape[0])
+    for level in range(levels):
+        if depth == 2:
+            raise ValueError(
+                f"input depth {input_shape[0]} gives a 2-voxel-deep feature map at level {level}; "
+                "CPU bf16 Conv3d weight gradients are wrong for that shape (oneDNN). Use another "
+                "data.patch_size or --set run.amp=none"
+            )
+        depth = (depth + 1) // 2  # stride-2 conv, kernel 3, padding 1
+
+
+def build_optimizer(
+    cfg: Config, net: torch.nn.Module, dist: DistState, steps_per_epoch: int
+) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        net.parameters(),
+        lr=o.lr,
+        betas=tuple(o.betas),
+        weight_decay=o.weight_decay,
+        fused=dist.device.type == "cuda",  # one kernel for all parameters on GPU
+    )
+    if o.schedule == "cosine":
+        t_max = o.epochs * steps_per_epoch if o.schedule_interval == "step" else o.epochs
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=t_max, eta_min=o.min_lr
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return optimizer, scheduler
+
+
+def make_state(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: Config,
+    *,
+    epoch: int,
+    step: int,
+    best_metric: float,
+    rng: List[Dict[str, Any]],
+) -> Dict[str, Any]:
+    """Checkpoint dict (see dgseg.checkpoint); ``rng`` holds one entry per rank."""
+    return {
+        "model": unwrap_model(net).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "best_metric": best_metric,
+        "config": cfg.to_dict(),
+        "rng": rng,
+        "world_size": len(rng),
+    }
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from (the interrupted epoch)."""
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _config_diff(a: Config, b: Config) -> List[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return [
+        f"{s}.{k}: {da[s][k]!r} -> {db[s][k]!r}" for s in da for k in da[s] if da[s][k] != db[s][k]
+    ]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    cfg: Config = args.config
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    run_dir = Path(cfg.run.out) / cfg.run.name
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    ckpt, diff = None, []
+    if args.resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        # The run continues with its saved config; this command's --set items apply on top.
+        saved = apply_overrides(Config.from_dict(ckpt["config"]), args.overrides)
+        diff = _config_diff(saved, cfg)
+        cfg = saved
+    elif last_path.exists() and not args.overwrite:
+        raise SystemExit(
+            f"error: {last_path} exists; pass --resume to continue it or --overwrite to restart"
+        )
+
+    dist = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, dist, args, run_dir, ckpt, diff)
+    finally:
+        cleanup()
+
+
+def _train(
+    cfg: Config,
+    dist: DistState,
+    args: argparse.Namespace,
+    run_dir: Path,
+    ckpt: Optional[Dict[str, Any]],
+    diff: List[str],
+) -> int:
+    is_main = dist.is_main
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.run.deterministic  # autotune fixed-size convs
+        torch.backends.cudnn.deterministic = cfg.run.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 paths (FFT unit, heads) on TF32
+        torch.backends.cudnn.allow_tf32 = True
+    net, model = build_model(cfg, dist)
+    seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
+    train_ds, sampler, loader, val_ds = build_loaders(cfg, dist)
+    shape = (cfg.data.patch_size,) * 3 if cfg.data.patch_size else train_ds[0]["image"].shape[1:]
+    check_cpu_bf16_depths(cfg, dist, shape)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    optimizer, scheduler = build_optimizer(cfg, net, dist, steps_per_epoch)
+    from dgseg.losses import SegLoss
+
+    loss_fn = SegLoss(bce_weight=cfg.loss.bce_weight, squared_pred=cfg.loss.squared_pred)
+
+    start_epoch, step, best = 0, 0, -1.0
+    log_path = run_dir / "log.jsonl"
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_metric"]
+        rng = ckpt["rng"]
+        if len(rng) == dist.world_size:
+            restore_rng_state(rng[dist.rank])
+        else:  # a different process count cannot replay the same random streams
+            seed_everything(cfg.run.seed + dist.rank + 1000 * start_epoch)
+            log(
+                f"note: checkpoint written by {len(rng)} process(es), resuming on "
+                f"{dist.world_size}: data order and augmentation differ from an uninterrupted run",
+                is_main=is_main,
+            )
+        if is_main:
+            _trim_log(log_path, step)
+        log(f"resumed {run_dir / 'last.pt'} at epoch {start_epoch}, step {step}", is_main=is_main)
+        if diff:
+            log(f"  using the checkpoint's config; it differs from preset + --set in: "
+                f"{'; '.join(diff)}", is_main=is_main)
+    elif args.resume:
+        log(f"--resume: no {run_dir / 'last.pt'} yet, starting a new run", is_main=is_main)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
+        if ckpt is None and log_path.exists():
+            log_path.unlink()  # --overwrite: a fresh log
+    writer = JsonlWriter(log_path, enabled=is_main)
+
+    n_params = sum(p.numel() for p in net.parameters())
+    log(
+        f"run {run_dir} | {cfg.model.arch} ({n_params / 1e6:.2f} M params) | "
+        f"{len(train_ds)} train / {len(val_ds or [])} {cfg.data.val_split} cases | "
+        f"{dist.world_size} process(es) on {dist.device} | batch {cfg.optim.batch_size}/process | "
+        f"{steps_per_epoch} steps/epoch | amp {cfg.run.amp}",
+        is_main=is_main,
+    )
+    epochs_this_run = 0
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        sampler.set_epoch(epoch)  # new shared permutation every epoch
+        train_ds.set_epoch(epoch)  # per-sample augmentation RNG (seed, epoch, index, rank)
+        summary, step = train_one_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            loss_fn,
+            cfg=cfg,
+            dist=dist,
+            epoch=epoch,
+            step=step,
+            total_steps=total_steps,
+            writer=writer,
+        )
+        if cfg.optim.schedule_interval == "epoch":
+            scheduler.step()
+        done = epoch + 1
+        epoch_rec: Dict[str, Any] = {"kind": "epoch", "epoch": done, "step": step, **summary}
+        val = None
+        if val_ds is not None and (done % cfg.run.val_every == 0 or done == cfg.optim.epochs):
+            val = validate(net, val_ds, cfg=cfg, dist=dist)
+        is_best = val is not None and val["n_cases"] > 0 and val["dice_mean"] > best
+        if is_best:
+            best = val["dice_mean"]
+        # Every rank's RNG streams, so that a resumed run replays them exactly.
+        rng = all_gather_objects(capture_rng_state())
+        if is_main:
+            state = make_state(
+                net, optimizer, scheduler, cfg, epoch=done, step=step, best_metric=best, rng=rng
+            )
+            save_checkpoint(run_dir / "last.pt", state)
+            if is_best:
+                save_checkpoint(run_dir / "best.pt", state)
+            writer.write(epoch_rec)
+            msg = (
+                f"epoch {done}/{cfg.optim.epochs} done in {summary['epoch_time_s']:.1f}s: "
+                f"loss {summary['loss']:.4f} train dice {summary['dice']:.3f}"
+            )
+            if val is not None:
+                writer.write({"kind": "val", "epoch": done, "step": step, "best": best, **val})
+                msg += (
+                    f" | val WT {val['dice_WT']:.3f} TC {val['dice_TC']:.3f} "
+                    f"ET {val['dice_ET']:.3f} mean {val['dice_mean']:.3f} "
+                    f"(best {best:.3f}{', saved best.pt' if is_best else ''})"
+                )
+            log(msg)
+            if cfg.run.plot and (val is not None or done == cfg.optim.epochs):
+                plot_curves(log_path, run_dir / "curves.png")
+        epochs_this_run += 1
+        if args.stop_after_epochs is not None and epochs_this_run >= args.stop_after_epochs:
+            log(f"stopped after {epochs_this_run} epoch(s); --resume continues", is_main=is_main)
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except NonFiniteLossError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
