@@ -320,9 +320,7 @@ def validate(
         image = item["image"].unsqueeze(0).to(dev, non_blocking=True)  # (1, C, D, H, W)
         label = item["label"].unsqueeze(0).to(dev, non_blocking=True)  # (1, 3, D, H, W)
         if roi is not None:
-            logits = sliding_window_inference(
-                predictor, image, roi, overlap=cfg.run.val_overlap
-            )
+            logits = sliding_window_inference(predictor, image, roi, overlap=cfg.run.val_overlap)
         else:
             # One window covering the volume, padded to a multiple of 16 (4 downsamplings).
             whole = tuple(_round_up(s, 16) for s in image.shape[2:])

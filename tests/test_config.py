@@ -182,8 +182,18 @@ def test_dict_round_trip_through_json():
 def test_cli_resolves_preset_data_out_and_sets(capsys):
     train = _load_train()
     args = train.parse_args(
-        ["--preset", "segresnet_t2_vffc_grl", "--data", "shards", "--out", "o",
-         "--set", "optim.epochs=3", "--set", "model.vffc_ratio=0.25"]
+        [
+            "--preset",
+            "segresnet_t2_vffc_grl",
+            "--data",
+            "shards",
+            "--out",
+            "o",
+            "--set",
+            "optim.epochs=3",
+            "--set",
+            "model.vffc_ratio=0.25",
+        ]
     )
     cfg = args.config
     assert cfg.data.root == "shards" and cfg.run.out == "o"

@@ -23,8 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 
 MODEL_KW = dict(
-    in_channels=1, init_filters=4, blocks_down=(1, 1, 1), blocks_up=(1, 1), grl=True,
-    num_domains=3, domain_hidden=8,
+    in_channels=1,
+    init_filters=4,
+    blocks_down=(1, 1, 1),
+    blocks_up=(1, 1),
+    grl=True,
+    num_domains=3,
+    domain_hidden=8,
 )
 
 
@@ -55,8 +60,11 @@ def _val_cases():
 
 def _worker(rank: int, world: int, port: int) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     import torch.distributed as tdist
@@ -80,8 +88,11 @@ def _worker(rank: int, world: int, port: int) -> None:
         ddp = wrap_ddp(net, dist)
         loss_fn = SegLoss(bce_weight=0.5)
         kw = dict(grl=True, lambd=0.7, domain_weight=1.0, device=dist.device, amp="none")
-        mine = {"image": image[rank : rank + 1], "label": label[rank : rank + 1],
-                "domain": domain[rank : rank + 1]}
+        mine = {
+            "image": image[rank : rank + 1],
+            "label": label[rank : rank + 1],
+            "domain": domain[rank : rank + 1],
+        }
         forward_loss(ddp, mine, loss_fn, **kw)["loss"].backward()
         ddp_grads = [p.grad.clone() for p in net.parameters()]
         if rank == 0:
@@ -124,9 +135,7 @@ def _worker(rank: int, world: int, port: int) -> None:
 @pytest.mark.slow
 def test_two_rank_gradients_and_validation_match_one_process():
     port = _free_port()
-    ctx = mp.start_processes(
-        _worker, args=(2, port), nprocs=2, join=False, start_method="spawn"
-    )
+    ctx = mp.start_processes(_worker, args=(2, port), nprocs=2, join=False, start_method="spawn")
     import time
 
     deadline = time.monotonic() + TIMEOUT_S
@@ -149,10 +158,24 @@ def test_single_process_state_without_torchrun(monkeypatch):
 @pytest.mark.slow
 def test_torchrun_two_processes_train_a_tiny_preset(tiny_shards, tmp_path):
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(ROOT / "tools" / "train.py"), "--preset", "tiny", "--data", str(tiny_shards),
-        "--out", str(tmp_path), "--set", "optim.epochs=2", "--set", "run.val_every=1",
-        "--set", "run.plot=false",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tools" / "train.py"),
+        "--preset",
+        "tiny",
+        "--data",
+        str(tiny_shards),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "optim.epochs=2",
+        "--set",
+        "run.val_every=1",
+        "--set",
+        "run.plot=false",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     try:

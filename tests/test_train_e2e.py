@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dgseg.checkpoint import load_checkpoint
-from dgseg.config import PRESETS, apply_overrides
+from dgseg.config import PRESETS, apply_overrides, model_kwargs
 from dgseg.engine import forward_loss, grl_lambda
 from dgseg.losses import SegLoss
 from dgseg.models import build_model
@@ -42,7 +42,9 @@ def test_dann_lambda_schedule():
     assert grl_lambda(0, 100, lmax) == 0.0
     for step in (1, 25, 50, 99):
         p = step / 100
-        assert grl_lambda(step, 100, lmax) == pytest.approx(lmax * (2 / (1 + math.exp(-10 * p)) - 1))
+        assert grl_lambda(step, 100, lmax) == pytest.approx(
+            lmax * (2 / (1 + math.exp(-10 * p)) - 1)
+        )
     assert grl_lambda(100, 100, lmax) == pytest.approx(lmax * 0.99990920, abs=1e-7)
     values = [grl_lambda(s, 50, 1.0) for s in range(51)]
     assert all(b > a for a, b in zip(values, values[1:]))  # strictly rising
@@ -51,7 +53,12 @@ def test_dann_lambda_schedule():
 def _grl_setup():
     torch.manual_seed(0)
     model = build_model(
-        1, init_filters=4, blocks_down=(1, 1, 1), blocks_up=(1, 1), grl=True, num_domains=3,
+        1,
+        init_filters=4,
+        blocks_down=(1, 1, 1),
+        blocks_up=(1, 1),
+        grl=True,
+        num_domains=3,
         domain_hidden=8,
     )
     g = torch.Generator().manual_seed(1)
@@ -69,9 +76,7 @@ def _domain_grads(model, batch, lambd):
     )
     seg_params = list(model.segmenter.parameters())
     head_params = list(model.domain_classifier.parameters())
-    grads = torch.autograd.grad(
-        out["domain_loss"], seg_params + head_params, allow_unused=True
-    )
+    grads = torch.autograd.grad(out["domain_loss"], seg_params + head_params, allow_unused=True)
     zero = [torch.zeros_like(p) for p in seg_params + head_params]
     grads = [z if g is None else g for g, z in zip(grads, zero)]
     return out, grads[: len(seg_params)], grads[len(seg_params) :]
@@ -122,6 +127,70 @@ def test_cpu_bf16_guard_refuses_two_voxel_deep_feature_maps():
     for ok_shape in ((24, 16, 16), (32, 32, 32), (128, 128, 128)):
         train.check_cpu_bf16_depths(cfg, cpu, ok_shape)
     train.check_cpu_bf16_depths(apply_overrides(cfg, ["run.amp=none"]), cpu, (16, 16, 16))
+
+
+def test_progress_line_jsonl_and_curves(tmp_path):
+    from dgseg.logging_utils import (
+        JsonlWriter,
+        format_eta,
+        format_progress,
+        plot_curves,
+        read_jsonl,
+    )
+
+    assert format_eta(3725) == "1:02:05" and format_eta(float("nan")) == "?"
+    rec = {
+        "kind": "train",
+        "epoch": 2,
+        "epochs": 10,
+        "step": 40,
+        "total_steps": 200,
+        "loss": 0.51234,
+        "dice": 0.4567,
+        "lambda": 0.25,
+        "lr": 1e-4,
+        "samples_per_s": 3.21,
+        "eta_s": 125.0,
+    }
+    line = format_progress(rec)
+    for part in (
+        "epoch   2/10",
+        "step      40/200",
+        "loss 0.5123",
+        "dice 0.457",
+        "λ 0.250",
+        "lr 1.00e-04",
+        "3.2 samples/s",
+        "eta 0:02:05",
+    ):
+        assert part in line, part
+    log = tmp_path / "log.jsonl"
+    writer = JsonlWriter(log)
+    writer.write(rec)
+    writer.write({**rec, "step": 80})
+    writer.write(
+        {
+            "kind": "val",
+            "epoch": 2,
+            "step": 80,
+            "dice_WT": 0.5,
+            "dice_TC": 0.4,
+            "dice_ET": 0.3,
+            "dice_mean": 0.4,
+        }
+    )
+    with open(log, "a") as f:
+        f.write('{"kind": "train", "ste')  # a crash mid-line
+    assert [r["step"] for r in read_jsonl(log)] == [40, 80, 80]
+    JsonlWriter(tmp_path / "other.jsonl", enabled=False).write(rec)  # non-main ranks write nothing
+    assert not (tmp_path / "other.jsonl").exists()
+    png = plot_curves(log, tmp_path / "curves.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert png is None
+    else:
+        assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------- end-to-end runs
@@ -196,16 +265,23 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tiny_shar
     ds = ShardDataset(shards, split="train")
     victim = 5
     case_id = ds.case_ids[victim]
-    shard_file = next(
-        c["shard"] for c in load_manifest(shards)["cases"] if c["id"] == case_id
-    )
+    shard_file = next(c["shard"] for c in load_manifest(shards)["cases"] if c["id"] == case_id)
     with h5py.File(shards / shard_file, "r+") as f:
         f[case_id]["t2"][0, 0, 0] = np.nan
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0 + 1)).tolist()
     expected_step = len(ds) + perm.index(victim) + 1  # 1-based, after one epoch of len(ds)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, str(ROOT / "tools" / "train.py"), "--preset", "tiny", "--data",
-           str(shards), "--out", str(tmp_path), "--resume"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "train.py"),
+        "--preset",
+        "tiny",
+        "--data",
+        str(shards),
+        "--out",
+        str(tmp_path),
+        "--resume",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"non-finite training loss at step {expected_step} (epoch 2)" in proc.stderr
@@ -229,14 +305,14 @@ def test_tiny_segresnet_learns_t2_in_domain(tiny_shards, tmp_path):
     cfg = apply_overrides(PRESETS["tiny"], [f"data.root={tiny_shards}"])
     dist = DistState(0, 0, 1, CPU, True)
     torch.manual_seed(cfg.run.seed)
-    untrained = build_model(1, **{k: v for k, v in train.model_kwargs(cfg).items() if k != "in_channels"})
+    untrained = build_model(**model_kwargs(cfg))
     val = ShardDataset(tiny_shards, split="val")
     before = validate(untrained, val, cfg=cfg, dist=dist)["dice_WT"]
     t0 = time.perf_counter()
     _run(train, tiny_shards, tmp_path, "run.val_every=40")
     seconds = time.perf_counter() - t0
     ckpt = load_checkpoint(tmp_path / "tiny" / "best.pt")
-    net = build_model(1, **{k: v for k, v in train.model_kwargs(Config.from_dict(ckpt["config"])).items() if k != "in_channels"})
+    net = build_model(**model_kwargs(Config.from_dict(ckpt["config"])))
     net.load_state_dict(ckpt["model"])
     after = validate(net, val, cfg=cfg, dist=dist)
     print(f"WT Dice untrained {before:.3f} -> trained {after['dice_WT']:.3f} in {seconds:.0f} s")

@@ -174,8 +174,10 @@ def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[in
     """
     if cfg.run.amp != "bf16" or dist.device.type != "cpu":
         return
-    levels = len(cfg.model.blocks_down) if cfg.model.arch == "segresnet" else len(
-        cfg.model.unet_features
+    levels = (
+        len(cfg.model.blocks_down)
+        if cfg.model.arch == "segresnet"
+        else len(cfg.model.unet_features)
     )
     depth = int(input_shape[0])
     for level in range(levels):
@@ -262,7 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(cfg.to_json())
         return 0
     run_dir = Path(cfg.run.out) / cfg.run.name
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    last_path = run_dir / "last.pt"
     ckpt, diff = None, []
     if args.resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
@@ -329,15 +331,19 @@ def _train(
             _trim_log(log_path, step)
         log(f"resumed {run_dir / 'last.pt'} at epoch {start_epoch}, step {step}", is_main=is_main)
         if diff:
-            log(f"  using the checkpoint's config; it differs from preset + --set in: "
-                f"{'; '.join(diff)}", is_main=is_main)
+            log(
+                f"  using the checkpoint's config; it differs from preset + --set in: "
+                f"{'; '.join(diff)}",
+                is_main=is_main,
+            )
     elif args.resume:
         log(f"--resume: no {run_dir / 'last.pt'} yet, starting a new run", is_main=is_main)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
-        if ckpt is None and log_path.exists():
-            log_path.unlink()  # --overwrite: a fresh log
+        if ckpt is None:  # --overwrite: nothing of the old run may pass for this one
+            for stale in ("log.jsonl", "best.pt", "curves.png"):
+                (run_dir / stale).unlink(missing_ok=True)
     writer = JsonlWriter(log_path, enabled=is_main)
 
     n_params = sum(p.numel() for p in net.parameters())
@@ -348,6 +354,8 @@ def _train(
         f"{steps_per_epoch} steps/epoch | amp {cfg.run.amp}",
         is_main=is_main,
     )
+    if start_epoch >= cfg.optim.epochs:
+        log(f"nothing to do: {cfg.optim.epochs} epochs already done", is_main=is_main)
     epochs_this_run = 0
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)  # new shared permutation every epoch
@@ -398,7 +406,10 @@ def _train(
                 )
             log(msg)
             if cfg.run.plot and (val is not None or done == cfg.optim.epochs):
-                plot_curves(log_path, run_dir / "curves.png")
+                try:
+                    plot_curves(log_path, run_dir / "curves.png")
+                except Exception as e:  # a figure is never worth a training run
+                    log(f"warning: curves.png not written: {e}")
         epochs_this_run += 1
         if args.stop_after_epochs is not None and epochs_this_run >= args.stop_after_epochs:
             log(f"stopped after {epochs_this_run} epoch(s); --resume continues", is_main=is_main)
