@@ -68,11 +68,25 @@ def test_grad_reverse_rejects_non_finite_lambda():
 def test_domain_classifier_pools_globally_and_counts_parameters():
     torch.manual_seed(0)
     head = DomainClassifier(16, 3, hidden=32)
-    assert sum(p.numel() for p in head.parameters()) == 16 * 32 + 32 + 32 * 3 + 3
+    # LayerNorm (weight + bias) + Linear + Linear
+    assert sum(p.numel() for p in head.parameters()) == 2 * 16 + 16 * 32 + 32 + 32 * 3 + 3
+    plain = DomainClassifier(16, 3, hidden=32, input_norm=False)
+    assert sum(p.numel() for p in plain.parameters()) == 16 * 32 + 32 + 32 * 3 + 3
     x = torch.randn(2, 16, 3, 4, 5)
     logits = head(x)
     assert logits.shape == (2, 3)
     torch.testing.assert_close(logits, head(x.mean(dim=(2, 3, 4))), rtol=1e-6, atol=1e-6)
+
+
+def test_domain_classifier_logits_do_not_grow_with_the_feature_scale():
+    # The encoder behind a GRL ascends the domain loss; with the input norm it cannot do so by
+    # inflating its features, because the logits are invariant to the feature scale.
+    torch.manual_seed(0)
+    head = DomainClassifier(16, 3, hidden=32)
+    x = torch.randn(4, 16, 3, 4, 5)
+    torch.testing.assert_close(head(1000.0 * x), head(x), rtol=1e-4, atol=1e-4)
+    plain = DomainClassifier(16, 3, hidden=32, input_norm=False)
+    assert plain(1000.0 * x).abs().max() > 100 * plain(x).abs().max()
 
 
 def test_domain_classifier_rejects_bad_arguments():
