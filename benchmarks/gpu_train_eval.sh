@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A short real experiment on one GPU: synthetic cases -> 128^3 shards -> train the no-aug and the
+# VFFC+GRL SegResNet presets (same shortened schedule) -> evaluate both on all four modalities.
+#   OUT=out EPOCHS=40 bash benchmarks/gpu_train_eval.sh
+set -u
+OUT=${OUT:-gpu_out}
+EPOCHS=${EPOCHS:-40}
+LR=${LR:-5e-4}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import nibabel" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+work=${WORK:-/tmp/dgseg_gpu}
+mkdir -p "$work"
+nvidia-smi -L | tee "$OUT/gpu.txt"
+
+timeout 60 python3 tools/make_synthetic_brats.py --output "$work/raw" --n-cases 60 \
+  --shape 176 176 140 --workers 14 --seed 0 2>&1 | tail -1
+timeout 60 python3 tools/prepare_brats.py --input "$work/raw" --output "$work/shards" --size 128 \
+  --workers 14 2>&1 | tail -1
+
+for preset in segresnet_t2_noaug segresnet_t2_vffc_grl; do
+  echo "== train $preset ($EPOCHS epochs, lr $LR)"
+  timeout ${TRAIN_TIMEOUT:-150} python3 tools/train.py --preset "$preset" --data "$work/shards" \
+    --out "$work/runs" --set optim.epochs="$EPOCHS" --set optim.lr="$LR" --set data.workers=7 \
+    --set run.log_every=50 --set run.val_every=10 2>&1 | tee "$OUT/train_$preset.log" | grep -E "done|error|Error" | tail -6
+  cp "$work/runs/$preset/log.jsonl" "$OUT/log_$preset.jsonl" 2>/dev/null
+done
+
+echo "== evaluate on all four modalities"
+timeout ${EVAL_TIMEOUT:-120} python3 tools/evaluate.py --device cuda --data "$work/shards" --out "$work/eval" \
+  --checkpoint "$work/runs/segresnet_t2_noaug/best.pt" "$work/runs/segresnet_t2_vffc_grl/best.pt" \
+  2>&1 | tee "$OUT/eval.log" | grep -v "^\[eval\]" | tail -30
+cp "$work/eval/summary.json" "$OUT/eval_summary.json" 2>/dev/null
+cp "$work/eval/table.md" "$OUT/eval_table.md" 2>/dev/null
