@@ -18,13 +18,18 @@ import torch
 from dgseg.constants import BRATS_EMPTY_HD95, MODALITIES
 from dgseg.evaluation import (
     EVAL_RULE,
+    CaseJob,
+    OrderedPool,
     bootstrap_ci,
     case_record,
     format_cell,
     format_table,
     input_channels,
+    pack_mask,
+    score_job,
     score_label_files,
     summarize,
+    unpack_mask,
     write_csv,
     write_json,
 )
@@ -73,6 +78,52 @@ def test_case_record_hand_computed():
     # the 95th percentile of [0, 0, 1, 1] is 1 (linear interpolation), truth->pred all 0.
     assert row["hd95_WT"] == pytest.approx(1.0)
     assert row["hd95_mean"] == pytest.approx((1.0 + 0.0 + BRATS_EMPTY_HD95) / 3)
+
+
+# ----------------------------------------------------------------------------- metric jobs
+def _case_job(case_id, seed, n_preds=3, shape=(3, 13, 11, 9)):
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(shape, bool)
+    truth[:, 3:9, 2:8, 2:7] = True
+    truth[1, 3:5] = False
+    truth[2, :, :, :4] = False
+    preds = [({"model": "m", "case_id": case_id, "k": k}, rng.random(shape) < 0.2 * (k + 1))
+             for k in range(n_preds)]
+    return CaseJob.build(case_id, truth, (1.0, 1.5, 0.8), preds), truth, preds
+
+
+def test_pack_roundtrip_and_score_job_is_case_record():
+    m = np.random.default_rng(0).random((3, 5, 7, 3)) < 0.5  # 315 voxels: not a multiple of 8
+    assert pack_mask(m).nbytes == 40
+    np.testing.assert_array_equal(unpack_mask(pack_mask(m), m.shape), m)
+    job, truth, preds = _case_job("c7", 1)
+    rows = score_job(job)
+    assert rows == [case_record(p, truth, (1.0, 1.5, 0.8), **keys) for keys, p in preds]
+    assert [r["k"] for r in rows] == [0, 1, 2] and list(rows[0])[:3] == ["model", "case_id", "k"]
+    with pytest.raises(ValueError, match="c8"):
+        CaseJob.build("c8", truth, (1.0, 1.0, 1.0), [({}, truth[:, :-1])])
+
+
+def test_ordered_pool_matches_inline_and_names_the_failing_case():
+    """Worker processes give the inline results, in submission order, whatever finishes first;
+    a failure in a worker is raised with the case it belongs to."""
+    jobs = [_case_job(f"c{i}", i, n_preds=1 + i % 3)[0] for i in range(6)]
+    with OrderedPool(0) as inline:
+        want = [r for job in jobs for r in inline.submit(f"case {job.case_id}", score_job, job)]
+    assert [tag for tag, _ in want] == [f"case c{i}" for i in range(6)]
+    with OrderedPool(2, max_pending=3) as pool:
+        got = []
+        for job in jobs:
+            got += pool.submit(f"case {job.case_id}", score_job, job)
+            assert pool.pending <= 3
+        got += pool.drain()
+        assert got == want
+        bad = dataclasses.replace(jobs[0], case_id="c_bad", spacing=(1.0, -1.0, 1.0))
+        pool.submit("case c_bad", score_job, bad)
+        with pytest.raises(RuntimeError, match="case c_bad.*spacing"):
+            pool.drain()
+    with pytest.raises(ValueError, match="workers"):
+        OrderedPool(-1)
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -284,7 +335,8 @@ def _run_evaluate(args, *, torchrun=0, timeout=240):
 @pytest.mark.slow
 def test_evaluate_tool_smoke_and_distributed(tiny_shards, tmp_path):
     """Three checkpoints (two seeds of one T2 model, one stacked model) over the tiny shards,
-    once in one process and once with 2 gloo ranks: identical per-case results."""
+    once in one process with 2 metric worker processes and once with 2 gloo ranks scoring
+    inline: identical per-case results."""
     ck = [
         _tiny_checkpoint(tmp_path / "s0" / "best.pt", ("t2",), seed=0, name="tiny_t2"),
         _tiny_checkpoint(tmp_path / "s1" / "best.pt", ("t2",), seed=1, name="tiny_t2"),
@@ -294,7 +346,7 @@ def test_evaluate_tool_smoke_and_distributed(tiny_shards, tmp_path):
     ]
     common = ["--checkpoint", *map(str, ck), "--data", str(tiny_shards), "--overlap", "0.25",
               "--bootstrap", "200", "--overlays", "2", "--device", "cpu"]
-    one = _run_evaluate([*common, "--out", str(tmp_path / "e1")])
+    one = _run_evaluate([*common, "--out", str(tmp_path / "e1"), "--metric-workers", "2"])
     assert one.returncode == 0, one.stderr[-3000:]
     out = one.stdout
     assert "Mean - WT | TC | ET" in out and "Input rule" in out
@@ -323,7 +375,9 @@ def test_evaluate_tool_smoke_and_distributed(tiny_shards, tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "e1" / "overlays").glob("*.png"))
     assert "tiny_t2_flair.png" in pngs and "stacked_own.png" in pngs
 
-    two = _run_evaluate([*common, "--out", str(tmp_path / "e2")], torchrun=2)
+    # 2 ranks with metrics inline vs 1 process with 2 metric workers: identical rows.
+    two = _run_evaluate([*common, "--out", str(tmp_path / "e2"), "--metric-workers", "0"],
+                        torchrun=2)
     assert two.returncode == 0, two.stderr[-3000:]
     with open(tmp_path / "e2" / "per_case.csv") as f:
         rows2 = list(csv.DictReader(f))

@@ -8,6 +8,8 @@ import torch
 
 from dgseg.constants import BRATS_EMPTY_HD95
 from dgseg.metrics import (
+    RegionReference,
+    SurfaceReference,
     dice_per_region,
     dice_score,
     euclidean_distance_transform,
@@ -167,3 +169,74 @@ def test_dice_per_region_cuda():
     got = dice_per_region(pred.cuda(), truth.cuda())
     assert got.is_cuda
     torch.testing.assert_close(got.cpu(), dice_per_region(pred, truth))
+
+
+def _noisy_and_blob(shape, seed):
+    """A noisy prediction (dense scattered surface) and a blob truth: both transform regimes."""
+    rng = np.random.default_rng(seed)
+    pred = rng.random(shape) < 0.05
+    idx = np.indices(shape)
+    centre = np.array(shape)[:, None, None, None] * rng.uniform(0.35, 0.65, size=(3, 1, 1, 1))
+    truth = (((idx - centre) / (np.array(shape)[:, None, None, None] / 4)) ** 2).sum(0) < 1
+    return pred, truth
+
+
+def test_hd95_noisy_prediction_matches_brute_force():
+    # Large enough for the banded rounds, the hand-over to the lower envelope and the
+    # restriction to the lines through the reference surface to all take part.
+    for seed, spacing in ((0, (1.0, 1.0, 1.0)), (1, (1.3, 0.7, 2.2))):
+        pred, truth = _noisy_and_blob((36, 30, 40), seed)
+        want = _brute_hd95(pred, truth, spacing)
+        assert hd95(pred, truth, spacing) == pytest.approx(want, rel=1e-12, abs=1e-12)
+        assert hd95(truth, pred, spacing) == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_surface_reference_distances_match_brute_force():
+    rng = np.random.default_rng(4)
+    spacing = (0.9, 1.4, 1.1)
+    _, truth = _noisy_and_blob((30, 26, 34), 2)
+    ref = SurfaceReference(truth, spacing)
+    np.testing.assert_array_equal(ref.surface, surface(truth))
+    pts = np.argwhere(rng.random(truth.shape) < 0.1)  # (N, 3) anywhere in the volume
+    sp = np.argwhere(surface(truth)) * np.asarray(spacing)
+    want = (((pts * np.asarray(spacing))[:, None, :] - sp[None]) ** 2).sum(-1).min(1)
+    np.testing.assert_allclose(ref.squared_distances(pts), want, rtol=1e-12, atol=1e-12)
+    assert np.isinf(SurfaceReference(np.zeros((4, 5, 6)), spacing).squared_distances(pts[:3])).all()
+    with pytest.raises(ValueError, match="outside"):
+        ref.squared_distances(np.array([[0, 0, truth.shape[2]]]))
+
+
+def test_prepared_reference_reused_equals_fresh():
+    """One RegionReference scoring several predictions (its distance maps computed once and
+    grown as needed, in any order) gives what a fresh computation per prediction gives."""
+    rng = np.random.default_rng(5)
+    noisy, blob = _noisy_and_blob((32, 28, 36), 3)
+    truth = np.stack([blob, np.roll(blob, 2, axis=0) & blob, np.zeros_like(blob)])  # ET empty
+    truth[2, 14:17, 12:15, 16:19] = True
+    preds = [
+        np.stack([noisy, noisy, noisy]),
+        np.roll(truth, 3, axis=1),  # shifted: the map has to grow along another axis
+        np.stack([blob, np.zeros_like(blob), rng.random(blob.shape) < 0.001]),
+        truth.copy(),
+    ]
+    preds[1][:, 0, 0, 0] = True  # a far corner voxel: the box has to reach the border
+    for spacing in ((1.0, 1.0, 1.0), (1.2, 0.8, 2.5)):
+        for order in (preds, preds[::-1]):
+            ref = RegionReference(truth, spacing)
+            for p in order:
+                got, fresh = region_metrics(p, ref), region_metrics(p, truth, spacing)
+                if spacing == (1.0, 1.0, 1.0):  # integer arithmetic: bit-identical
+                    assert got == fresh
+                else:
+                    for name in got:
+                        assert got[name]["dice"] == fresh[name]["dice"]
+                        assert got[name]["hd95"] == pytest.approx(fresh[name]["hd95"], rel=1e-12)
+        assert region_metrics(truth, RegionReference(truth, spacing))["WT"]["hd95"] == 0.0
+    ref = RegionReference(truth, (1.0, 1.0, 1.0))
+    assert hd95(preds[1][0], ref.regions[0]) == region_metrics(preds[1], truth)["WT"]["hd95"]
+    with pytest.raises(ValueError, match="spacing"):
+        region_metrics(preds[0], ref, (1.0, 2.0, 1.0))
+    with pytest.raises(ValueError, match="shape"):
+        region_metrics(preds[0][:, :-1], ref)
+    with pytest.raises(ValueError, match="shape"):
+        RegionReference(truth[:2])

@@ -27,18 +27,23 @@ Usage::
     python tools/evaluate.py --predictions preds/ --data raw/BraTS2021/ --out runs/eval_nifti
 
 With torchrun the cases are split as ``cases[rank::world]`` and the per-case results gathered on
-rank 0, which alone prints and writes. Outputs in ``--out``: per_case.csv, summary.json,
-table.md, overlays/*.png (with matplotlib, ``--overlays N`` cases per test modality).
+rank 0, which alone prints and writes. Metrics (Dice, HD95) run in ``--metric-workers`` worker
+processes per rank while the network predicts the next cases: one job per case with all its
+predictions (every checkpoint, every test input), scored against the case's ground truth prepared
+once; results come back in submission order, so outputs do not depend on the worker count.
+Outputs in ``--out``: per_case.csv, summary.json, table.md, overlays/*.png (with matplotlib,
+``--overlays N`` cases per test modality).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +56,13 @@ from dgseg.data import ShardDataset
 from dgseg.distributed import all_gather_objects, cleanup, init_distributed
 from dgseg.evaluation import (
     COLUMN_TITLES,
+    CaseJob,
+    OrderedPool,
     atomic_write_text,
-    case_record,
+    default_metric_workers,
     format_table,
     input_channels,
+    score_job,
     score_label_files,
     summarize,
     summary_columns,
@@ -104,8 +112,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="run the network under bf16 autocast (blending stays float32)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--metric-workers", type=int, default=None,
+                   help="worker processes per rank computing Dice/HD95 while the network "
+                   "predicts; 0 = inline; default: CPUs per rank - 1, at most 8")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
+    if args.metric_workers is None:
+        args.metric_workers = default_metric_workers()
+    if args.metric_workers < 0:
+        p.error(f"--metric-workers must be >= 0, got {args.metric_workers}")
     if not 0.0 <= args.overlap < 1.0:
         p.error(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.max_cases is not None and args.max_cases < 1:
@@ -118,21 +133,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 class Progress:
-    """Rank-0 progress line with throughput and ETA, at most one line every ``every`` seconds."""
+    """Rank-0 progress line with throughput and ETA, at most one line every ``every`` seconds.
 
-    def __init__(self, total: int, *, enabled: bool, every: float = 2.0) -> None:
-        self.total, self.enabled, self.every = max(total, 1), enabled, every
+    Counts predictions whose metrics are back: with metric workers the network runs ahead, and
+    the scored count is what the remaining time depends on. ``queued`` = metric jobs in flight.
+    With several ranks the counts are rank 0's share (the others run in step).
+    """
+
+    def __init__(self, total: int, *, enabled: bool, every: float = 2.0, scope: str = "") -> None:
+        self.total, self.enabled, self.every, self.scope = max(total, 1), enabled, every, scope
         self.done, self.start, self.last = 0, time.monotonic(), 0.0
 
-    def step(self, what: str) -> None:
-        self.done += 1
+    def step(self, what: str, n: int = 1, *, queued: int = 0) -> None:
+        self.done += n
         now = time.monotonic()
         if not self.enabled or (now - self.last < self.every and self.done < self.total):
             return
         self.last = now
-        rate = (now - self.start) / self.done
-        eta = rate * (self.total - self.done)
-        print(f"[eval] {self.done}/{self.total} {what}  {rate:.2f} s/case  "
+        rate = (now - self.start) / max(self.done, 1)
+        eta = rate * max(self.total - self.done, 0)
+        print(f"[eval{self.scope}] {self.done}/{self.total} predictions scored, {what}  "
+              f"{rate:.2f} s each  {queued} metric job(s) queued  "
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
 
 
@@ -155,66 +176,108 @@ def configured_roi(cfg: Any) -> Optional[int]:
     return cfg.run.val_roi or cfg.data.patch_size
 
 
-def evaluate_checkpoint(
-    model: torch.nn.Module,
-    train_modalities: tuple[str, ...],
+class Plan(NamedTuple):
+    """One checkpoint to evaluate: its model, row label, window, and the input tuples it is
+    tested on mapped to the table columns each fills (a T2 model's "own" is its T2 column)."""
+
+    path: Path
+    label: str
+    model: torch.nn.Module
+    roi: Optional[int]
+    specs: dict[tuple[str, ...], list[str]]
+
+
+def input_specs(train_modalities: tuple[str, ...],
+                modalities: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
+    """Distinct input tuples -> the table columns they fill, under the input rule."""
+    specs: dict[tuple[str, ...], list[str]] = {}
+    for column in [*modalities, "own"]:
+        inputs = input_channels(train_modalities, column)
+        if inputs is not None:
+            specs.setdefault(inputs, []).append(column)
+    return specs
+
+
+def evaluate_cases(
+    plans: list[Plan],
     *,
     args: argparse.Namespace,
-    label: str,
-    ckpt_name: str,
-    roi: Optional[int],
     rank: int,
     world: int,
     device: torch.device,
     progress: Progress,
+    pool: OrderedPool,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-case records (and overlay slices) for this rank's share of the test cases."""
-    # Distinct input tuples -> the table columns they fill (a T2 model's "own" = its T2 column).
-    specs: dict[tuple[str, ...], list[str]] = {}
-    for column in [*args.modalities, "own"]:
-        inputs = input_channels(train_modalities, column)
-        if inputs is not None:
-            specs.setdefault(inputs, []).append(column)
+    """Per-case records (and overlay slices) for this rank's share of the test cases.
+
+    Case by case, every checkpoint predicts every input tuple it is tested on; the case's
+    predictions go to ``pool`` as one :class:`CaseJob`, so the ground truth's side of HD95 is
+    prepared once per case, and the next case is predicted while workers score this one.
+    """
     autocast = torch.bfloat16 if args.amp == "bf16" else None
+    all_inputs = list(dict.fromkeys(inputs for plan in plans for inputs in plan.specs))
+    datasets = {inputs: ShardDataset(args.data, split=args.split, modalities=inputs)
+                for inputs in all_inputs}
+    first = datasets[all_inputs[0]]
+    n = len(first) if args.max_cases is None else min(len(first), args.max_cases)
+    per_case = sum(len(plan.specs) for plan in plans)
 
     records: list[dict[str, Any]] = []
     overlays: list[dict[str, Any]] = []
-    for inputs, columns in specs.items():
-        ds = ShardDataset(args.data, split=args.split, modalities=inputs)
-        n = len(ds) if args.max_cases is None else min(len(ds), args.max_cases)
-        for i in range(rank, n, world):  # nnU-Net-style sharding: keys[rank::world]
-            meta = ds.case_meta(i)
-            if not bool(meta.get("has_label", True)):  # nothing to score against
-                progress.step(f"{label} skip unlabelled case {i}")
-                continue
-            sample = ds[i]
+    columns_of: dict[str, list[list[str]]] = {}  # job tag -> table columns of each prediction
+
+    def collect(done: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        for tag, rows in done:  # in submission order: deterministic record order
+            for row, columns in zip(rows, columns_of.pop(tag)):
+                records.extend({**row, "column": column} for column in columns)
+            progress.step(tag, len(rows), queued=pool.pending)
+
+    for i in range(rank, n, world):  # nnU-Net-style sharding: keys[rank::world]
+        meta = first.case_meta(i)
+        if not bool(meta.get("has_label", True)):  # nothing to score against
+            progress.step(f"skipped unlabelled case {i}", per_case, queued=pool.pending)
+            continue
+        preds: list[tuple[dict[str, Any], np.ndarray]] = []
+        columns: list[list[str]] = []
+        truth3: Optional[np.ndarray] = None
+        case_id = ""
+        for inputs in all_inputs:
+            sample = datasets[inputs][i]  # read once, predicted by every checkpoint using it
             image = sample["image"].unsqueeze(0).to(device)  # (1, C, D, H, W)
-            window = roi or covering_roi(image.shape[2:])
-            prob = predict_volume(model, image, roi_size=window, overlap=args.overlap, tta=args.tta,
-                                  sw_batch_size=args.sw_batch_size, blend=args.blend,
-                                  autocast_dtype=autocast)
-            pred3 = (prob[0] > args.threshold).cpu().numpy()  # (3, D, H, W) bool
-            truth3 = (sample["label"] > 0.5).numpy()
-            spacing = tuple(float(s) for s in np.asarray(meta["spacing"]).ravel())
-            base = case_record(pred3, truth3, spacing, model=label, checkpoint=ckpt_name,
-                               column="", inputs="+".join(inputs), case_id=sample["case_id"])
-            for column in columns:
-                records.append({**base, "column": column})
-            if i < args.overlays:
-                sl = overlay_slices(sample["image"][0].numpy(), channels_to_labels(truth3),
-                                    channels_to_labels(pred3))  # test modality, best slice
-                for column in columns:
-                    overlays.append({"model": label, "checkpoint": ckpt_name, "column": column,
-                                     "case_id": sample["case_id"], **sl})
-            progress.step(f"{label} {'+'.join(inputs)} {sample['case_id']}")
+            if truth3 is None:
+                truth3 = (sample["label"] > 0.5).numpy()  # (3, D, H, W) bool
+                case_id = sample["case_id"]
+            for plan in plans:
+                if inputs not in plan.specs:
+                    continue
+                window = plan.roi or covering_roi(image.shape[2:])
+                prob = predict_volume(plan.model, image, roi_size=window, overlap=args.overlap,
+                                      tta=args.tta, sw_batch_size=args.sw_batch_size,
+                                      blend=args.blend, autocast_dtype=autocast)
+                pred3 = (prob[0] > args.threshold).cpu().numpy()  # (3, D, H, W) bool
+                keys = {"model": plan.label, "checkpoint": str(plan.path), "column": "",
+                        "inputs": "+".join(inputs), "case_id": case_id}
+                preds.append((keys, pred3))
+                columns.append(plan.specs[inputs])
+                if i < args.overlays:
+                    sl = overlay_slices(sample["image"][0].numpy(), channels_to_labels(truth3),
+                                        channels_to_labels(pred3))  # test modality, best slice
+                    for column in plan.specs[inputs]:
+                        overlays.append({"model": plan.label, "checkpoint": str(plan.path),
+                                         "column": column, "case_id": case_id, **sl})
+        spacing = tuple(float(s) for s in np.asarray(meta["spacing"]).ravel())
+        tag = f"case {case_id}"
+        columns_of[tag] = columns
+        collect(pool.submit(tag, score_job, CaseJob.build(case_id, truth3, spacing, preds)))
+    collect(pool.drain())
     return records, overlays
 
 
-def count_work(args: argparse.Namespace, train_modalities: tuple[str, ...], rank: int,
-               world: int, n_cases: int) -> int:
-    specs = {input_channels(train_modalities, c) for c in [*args.modalities, "own"]}
+def count_work(args: argparse.Namespace, plans: list[Plan], rank: int, world: int,
+               n_cases: int) -> int:
+    """Predictions this rank makes (the progress total)."""
     n = n_cases if args.max_cases is None else min(n_cases, args.max_cases)
-    return len(specs - {None}) * len(range(rank, n, world))
+    return sum(len(plan.specs) for plan in plans) * len(range(rank, n, world))
 
 
 def write_outputs(records: list[dict[str, Any]], overlays: list[dict[str, Any]],
@@ -288,17 +351,22 @@ def evaluate_predictions(args: argparse.Namespace) -> list[dict[str, Any]]:
     labelled = [c for c in cases if c.has_label]
     if args.max_cases is not None:
         labelled = labelled[: args.max_cases]
-    records = []
+    records: list[dict[str, Any]] = []
     name = args.predictions.name or str(args.predictions)
-    for c in labelled:
-        pred = args.predictions / f"{c.case_id}.nii.gz"
-        if not pred.is_file():
-            print(f"skipped {c.case_id}: no prediction {pred}", file=sys.stderr)
-            continue
-        records.append(score_label_files(
-            pred, c.label_file, convention=c.label_convention, model=name,
-            checkpoint=str(args.predictions), column="nifti", inputs="nifti", case_id=c.case_id,
-        ))
+    with OrderedPool(args.metric_workers) as pool:
+        for c in labelled:
+            pred = args.predictions / f"{c.case_id}.nii.gz"
+            if not pred.is_file():
+                print(f"skipped {c.case_id}: no prediction {pred}", file=sys.stderr)
+                continue
+            score = functools.partial(
+                score_label_files, convention=c.label_convention, model=name,
+                checkpoint=str(args.predictions), column="nifti", inputs="nifti",
+                case_id=c.case_id,
+            )
+            done = pool.submit(f"case {c.case_id}", score, pred, c.label_file)
+            records += [row for _, row in done]
+        records += [row for _, row in pool.drain()]
     return records
 
 
@@ -318,26 +386,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         n_cases = len(ShardDataset(args.data, split=args.split, modalities=("t2",)))
         if n_cases == 0:
             raise ValueError(f"split {args.split!r} of {args.data} has no cases")
-        loaded = []
+        plans: list[Plan] = []
+        rois: dict[str, Any] = {}
         for k, path in enumerate(args.checkpoint):
             model, cfg = load_model(path, dist.device)
             label = args.labels[k] if args.labels else cfg.run.name
-            loaded.append((path, model, cfg, label))
-        total = sum(count_work(args, tuple(cfg.data.modalities), dist.rank, dist.world_size,
-                               n_cases) for _, _, cfg, _ in loaded)
-        progress = Progress(total, enabled=dist.is_main and not args.quiet)
-        records: list[dict[str, Any]] = []
-        overlays: list[dict[str, Any]] = []
-        rois: dict[str, Any] = {}
-        for path, model, cfg, label in loaded:
             roi = args.roi or configured_roi(cfg)
             rois.setdefault(label, roi or "whole volume")
-            r, o = evaluate_checkpoint(
-                model, tuple(cfg.data.modalities), args=args, label=label, ckpt_name=str(path),
-                roi=roi, rank=dist.rank, world=dist.world_size, device=dist.device,
-                progress=progress)
-            records += r
-            overlays += o
+            plans.append(Plan(path, label, model, roi,
+                              input_specs(tuple(cfg.data.modalities), args.modalities)))
+        total = count_work(args, plans, dist.rank, dist.world_size, n_cases)
+        scope = f" rank 0 of {dist.world_size}" if dist.world_size > 1 else ""
+        progress = Progress(total, enabled=dist.is_main and not args.quiet, scope=scope)
+        if dist.is_main and not args.quiet:
+            print(f"[eval] metrics in {args.metric_workers or 'no'} worker process(es) per rank",
+                  file=sys.stderr, flush=True)
+        with OrderedPool(args.metric_workers) as pool:
+            records, overlays = evaluate_cases(
+                plans, args=args, rank=dist.rank, world=dist.world_size, device=dist.device,
+                progress=progress, pool=pool)
         gathered = all_gather_objects((records, overlays))
         if dist.is_main:
             records = [r for rec, _ in gathered for r in rec]
