@@ -53,7 +53,7 @@ from dgseg.checkpoint import load_checkpoint
 from dgseg.config import Config
 from dgseg.constants import MODALITIES
 from dgseg.data import ShardDataset
-from dgseg.distributed import all_gather_objects, cleanup, init_distributed
+from dgseg.distributed import all_gather_objects, barrier, cleanup, init_distributed
 from dgseg.evaluation import (
     COLUMN_TITLES,
     CaseJob,
@@ -418,6 +418,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es)."]
             print(write_outputs(records, overlays, args, extra), end="")
             print(f"wrote {args.out}/per_case.csv, summary.json, table.md", file=sys.stderr)
+        # Nobody tears the process group down while rank 0 still writes: a gloo peer that
+        # disappears mid-way can abort the writing process.
+        barrier()
     finally:
         cleanup()
     return 0

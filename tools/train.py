@@ -39,6 +39,7 @@ from dgseg.config import PRESETS, Config, apply_overrides, get_preset, model_kwa
 from dgseg.distributed import (  # noqa: E402
     DistState,
     all_gather_objects,
+    barrier,
     cleanup,
     init_distributed,
     wrap_ddp,
@@ -279,7 +280,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     dist = init_distributed(cfg.run.device)
     try:
-        return _train(cfg, dist, args, run_dir, ckpt, diff)
+        code = _train(cfg, dist, args, run_dir, ckpt, diff)
+        # Nobody tears the process group down while rank 0 still writes its checkpoint: a gloo
+        # peer that exits mid-way can abort the writing process (seen once, during fsync).
+        barrier()
+        return code
     finally:
         cleanup()
 
