@@ -3,17 +3,7 @@
 # and a short real training + evaluation run on synthetic 128^3 shards. Writes JSON/logs under $OUT.
 #   OUT=out bash benchmarks/gpu_checks.sh
 set -u
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import nibabel" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-work=${WORK:-/tmp/dgseg_gpu}
-mkdir -p "$work"
-nvidia-smi -L | tee "$OUT/gpu.txt"
+. "$(dirname "$0")/gpu_env.sh"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 echo "== CUDA tests"

@@ -3,19 +3,9 @@
 # VFFC+GRL SegResNet presets (same shortened schedule) -> evaluate both on all four modalities.
 #   OUT=out EPOCHS=40 bash benchmarks/gpu_train_eval.sh
 set -u
-OUT=${OUT:-gpu_out}
 EPOCHS=${EPOCHS:-40}
 LR=${LR:-5e-4}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ! python3 -c "import nibabel" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-work=${WORK:-/tmp/dgseg_gpu}
-mkdir -p "$work"
-nvidia-smi -L | tee "$OUT/gpu.txt"
+. "$(dirname "$0")/gpu_env.sh"
 
 timeout 60 python3 tools/make_synthetic_brats.py --output "$work/raw" --n-cases 60 \
   --shape 176 176 140 --workers 14 --seed 0 2>&1 | tail -1

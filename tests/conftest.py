@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import torch
 
-# 16 synthetic BraTS-2021-layout cases of 40x40x30 voxels (brain box < 32 on every axis),
+# 16 synthetic BraTS-2021-layout cases of 40x40x30 voxels (brain box <= 32 on every axis),
 # prepared at 32^3: 8 train / 4 val / 4 test.
 TINY_CASES = 16
 TINY_SHAPE = (40, 40, 30)
@@ -24,3 +25,12 @@ def tiny_shards(tmp_path_factory) -> Path:
     )
     assert result.exit_code == 0
     return root / "shards"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on tiny tensors more threads only add contention on a small machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

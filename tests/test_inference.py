@@ -13,13 +13,7 @@ from dgseg.inference import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: more threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pointwise(x: torch.Tensor) -> torch.Tensor:

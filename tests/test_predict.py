@@ -17,13 +17,7 @@ from dgseg.transforms.labels import labels_to_channels
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: more threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (30, 26, 22)  # raw (X, Y, Z), not a cube, so axis mix-ups show
 
 
