@@ -1,6 +1,6 @@
 """Find the cases of a raw BraTS-style data folder and recognise its layout.
 
-Layouts (SPEC.md, "Labels"):
+Layouts (docs/SPEC.md, "Labels"):
 
 * ``brats2021`` / ``brats2020`` -- one folder per case,
   ``<id>/<id>_{t1,t1ce,t2,flair,seg}.nii.gz``; labels 0, 1, 2, 4.

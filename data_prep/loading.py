@@ -4,7 +4,7 @@ Checks, each failing with a one-line :class:`CaseError` that names the file and 
 readable and complete (``.nii.gz`` decompressed in one go, so truncation is caught here), 3D where
 3D is expected (MSD: 4D with 4 channels), equal shapes and affines (``AFFINE_ATOL`` mm) over the
 modalities and the label, finite voxels, no all-zero modality, integer labels with values the
-layout's convention defines (SPEC.md, "Labels"; BraTS 2023 3->4, MSD 1->2, 2->1, 3->4).
+layout's convention defines (docs/SPEC.md, "Labels"; BraTS 2023 3->4, MSD 1->2, 2->1, 3->4).
 
 Each file is read once: its bytes feed both the SHA-256 recorded in the manifest and the
 decompression, so checksumming costs no extra I/O.

@@ -1,4 +1,4 @@
-"""Offline intensity and geometry preprocessing of one case (SPEC.md, "Intensity pipeline" step 1).
+"""Offline intensity and geometry preprocessing of one case (docs/SPEC.md, intensity step 1).
 
 1. Joint brain box: the smallest box holding every voxel that is nonzero in *any* modality.
 2. Per-modality z-score over that modality's own nonzero voxels (float32); background stays 0.

@@ -8,7 +8,7 @@ T1, T1CE, T2 and FLAIR with MRI-like tissue contrast, a smooth multiplicative bi
 noise |I + sigma (n1 + i n2)| and a different intensity scale per case. The geometry lives in
 ``synthetic_anatomy``; this module holds the contrast model, the file writers and a montage.
 
-Label conventions written (SPEC.md "Labels"): BraTS 2020/2021 {1 necrotic/non-enhancing core,
+Label conventions written (docs/SPEC.md "Labels"): BraTS 2020/2021 {1 necrotic/non-enhancing core,
 2 edema, 4 enhancing}; BraTS 2023 GLI 4 -> 3; MSD Task01 {1 edema, 2 non-enhancing, 3 enhancing}.
 """
 

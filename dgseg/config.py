@@ -1,6 +1,6 @@
 """Typed, frozen training configuration and one preset per experiment of the write-up.
 
-The write-up ("Cross-modality single-source domain generalization", see SPEC.md) trains a
+The write-up ("Cross-modality single-source domain generalization", see docs/SPEC.md) trains a
 SegResNet or a 3D UNet on one source modality with AdamW (lr 1e-4, weight decay 1e-5), cosine
 annealing over 100 epochs and, for the adversarial variant, a gradient-reversal weight that follows
 the DANN schedule λ(p) = λmax·(2 / (1 + exp(−10·p)) − 1) (Ganin & Lempitsky 2015, eq. 14).

@@ -1,4 +1,4 @@
-"""Names and numbers shared across dgseg (BraTS 2021 conventions, see SPEC.md)."""
+"""Names and numbers shared across dgseg (BraTS 2021 conventions, see docs/SPEC.md)."""
 
 __all__ = ["MODALITIES", "REGIONS", "BRATS_LABELS", "BRATS_EMPTY_HD95"]
 

@@ -1,8 +1,8 @@
 """Cross-modality evaluation bookkeeping: per-case metrics, bootstrap CIs, seeds, tables.
 
-The write-up (SPEC.md, "Experiments") trains on one source modality and tests on each of the four
-BraTS modalities, reporting per modality ``Mean - WT | TC | ET`` Dice. This module holds the parts
-of that evaluation that do not run a network:
+The write-up (docs/SPEC.md "Experiments") trains on one source modality and tests on each of the
+four BraTS modalities, reporting per modality ``Mean - WT | TC | ET`` Dice. This module holds
+the parts of that evaluation that do not run a network:
 
 * the rule that turns a test modality into the input channels of a model (:func:`input_channels`,
   documented in :data:`EVAL_RULE`);

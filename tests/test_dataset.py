@@ -22,7 +22,7 @@ def _stored(root, case, name):
 
 
 def _channels(lab: np.ndarray) -> np.ndarray:
-    """WT, TC, ET written out by hand (SPEC.md "Labels")."""
+    """WT, TC, ET written out by hand (docs/SPEC.md "Labels")."""
     return np.stack([lab > 0, (lab == 1) | (lab == 4), lab == 4]).astype(np.float32)
 
 

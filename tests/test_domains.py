@@ -1,4 +1,4 @@
-"""Domain partition and per-sample seeds (SPEC.md "Domains")."""
+"""Domain partition and per-sample seeds (docs/SPEC.md "Domains")."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from dgseg.constants import MODALITIES
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (40, 44, 36)  # non-cubic: an axis mix-up changes results
 SIZE = 24  # smaller than the brain box: exercises the crop
-# Regions written in each source convention directly (SPEC.md "Labels"), independent of the code.
+# Regions written in each source convention (docs/SPEC.md "Labels"), independent of the code.
 REGIONS_IN_SOURCE = {
     "brats2021": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},
     "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},

@@ -3,7 +3,7 @@
     python tools/demo.py [--out demo_out] [--quick] [--nproc 2] [--cases N] [--epochs E] [--fresh]
 
 On a machine with no data it runs the whole pipeline of the write-up ("Cross-modality single-source
-domain generalization", see SPEC.md) at a size a 2-core CPU finishes in a few minutes:
+domain generalization", see docs/SPEC.md) at a size a 2-core CPU finishes in a few minutes:
 
 1. ``data``   – N synthetic BraTS-2021-layout cases (``data_prep.synthetic.write_dataset``, seeded);
 2. ``shards`` – ``tools/prepare_brats.py`` at a small cube size (train / val / test split);

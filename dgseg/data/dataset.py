@@ -1,6 +1,6 @@
 """``ShardDataset``: prepared HDF5 shards -> training / evaluation samples.
 
-Training sample, in the order of SPEC.md's intensity pipeline:
+Training sample, in the order of docs/SPEC.md's intensity pipeline:
 
 1. read only the requested modality datasets (a random patch when ``patch_size`` is smaller than
    the stored volume; zero padding when larger);

@@ -1,4 +1,4 @@
-"""Synthetic intensity domains for single-source domain generalisation (SPEC.md, "Domains").
+"""Synthetic intensity domains for single-source domain generalisation (docs/SPEC.md, "Domains").
 
 The training patients of the source modality are partitioned into K disjoint subsets
 (deterministic from the case ids and the seed). With K = 3 (the write-up's setting): domain 0 keeps

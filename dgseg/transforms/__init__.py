@@ -1,4 +1,4 @@
-"""Label conversion, Bezier intensity domains and spatial augmentation (see SPEC.md)."""
+"""Label conversion, Bezier intensity domains and spatial augmentation (see docs/SPEC.md)."""
 
 from dgseg.transforms.bezier import apply_lut, bezier_curve, bezier_domain_transform, bezier_lut
 from dgseg.transforms.labels import (

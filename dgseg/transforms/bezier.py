@@ -8,7 +8,7 @@ transformation") as used for single-source domain generalization by Dual-Normali
 
 with P0 = (−1, −1), P1 = (−v, v), P2 = (v, −v), P3 = (1, 1) is sampled densely; the x and y samples
 are each sorted, which gives a monotone increasing map f: [−1, 1] → [−1, 1] even where the sampled
-curve is not a function of x. Domains (SPEC.md, "Domains"):
+curve is not a function of x. Domains (docs/SPEC.md, "Domains"):
 
 * 0: identity (no curve);
 * 1: y = f_v(x), increasing, v ~ U(−1, 1);

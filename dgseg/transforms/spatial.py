@@ -1,4 +1,4 @@
-"""Random spatial augmentation applied to image and label together (SPEC.md pipeline step 3).
+"""Random spatial augmentation applied to image and label together (docs/SPEC.md pipeline step 3).
 
 Random flips per axis, random 90° rotations in a random axis plane, and an optional small-angle
 rotation about the volume centre (trilinear for the image, nearest neighbour for the label, so
