@@ -887,8 +887,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = json.loads((demo.eval_dir / "summary.json").read_text())
     for line in headline(summary):
         print(line.replace("**", ""))
-    c.say(f"finished in {format_clock(c.elapsed())}; report in {args.out / 'report'} "
-          "(README.md, table.md, summary.json, per_case.csv, PNGs)")
+    report = args.out / "report"
+    pngs = "PNGs" if any(report.rglob("*.png")) else "no PNGs: pip install matplotlib for figures"
+    c.say(f"finished in {format_clock(c.elapsed())}; report in {report} "
+          f"(README.md, table.md, summary.json, per_case.csv, {pngs})")
     return 0
 
 
