@@ -174,7 +174,7 @@ def bench_train(args, device: torch.device) -> list[dict]:
     rows = []
     size = args.size
     variants = [(False, False), (True, False), (False, True), (True, True)]
-    for name in MODELS:
+    for name in args.models:
         flops = count_step_flops(name, size, args.batch, device) if args.flops else None
         for amp, cl in variants:
             if args.quick and cl:
@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="networks for the training-step section")
     p.add_argument("--data-cases", type=int, default=4)
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--quick", action="store_true", help="skip channels-last variants")
