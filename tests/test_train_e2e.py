@@ -230,6 +230,11 @@ def test_interrupted_and_resumed_run_ends_with_bit_identical_weights(tiny_shards
     assert half["epoch"] == 1
     with pytest.raises(SystemExit, match="--resume"):  # never silently overwrite a run
         _run(train, tiny_shards, tmp_path / "resumed", *RANDOM_EVERYTHING)
+    # A resume that would bend the LR / λ schedules is refused, naming what changed.
+    with pytest.raises(SystemExit, match="optim.epochs 2 -> 4"):
+        _run(train, tiny_shards, tmp_path / "resumed", "optim.epochs=4", resume=True)
+    with pytest.raises(SystemExit, match="steps per epoch"):  # 4 steps/epoch instead of 8
+        _run(train, tiny_shards, tmp_path / "resumed", "optim.batch_size=2", resume=True)
     _run(train, tiny_shards, tmp_path / "resumed", resume=True)  # config comes from last.pt
     a = load_checkpoint(tmp_path / "straight" / "tiny" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "tiny" / "last.pt")

@@ -212,6 +212,33 @@ def build_optimizer(
     return optimizer, scheduler
 
 
+# Fields the saved optimizer / scheduler state already encodes: changing them on --resume would
+# be silently ignored (lr) or bend the cosine and λ schedules (its length would no longer match).
+_FIXED_ON_RESUME = ("epochs", "lr", "min_lr", "schedule", "schedule_interval")
+
+
+def check_resume_schedule(ckpt: Dict[str, Any], cfg: Config, steps_per_epoch: int) -> None:
+    """Refuse a resume whose LR / λ schedule would differ from the one the checkpoint follows."""
+    saved = Config.from_dict(ckpt["config"]).optim
+    changed = [
+        f"optim.{k} {getattr(saved, k)} -> {getattr(cfg.optim, k)}"
+        for k in _FIXED_ON_RESUME
+        if getattr(saved, k) != getattr(cfg.optim, k)
+    ]
+    if changed:
+        raise SystemExit(
+            f"error: --resume cannot change {', '.join(changed)}: the optimizer and schedules "
+            "were built for the saved values; start a new run (--overwrite) instead"
+        )
+    epoch, step = ckpt["epoch"], ckpt["step"]
+    if epoch > 0 and step != epoch * steps_per_epoch:
+        raise SystemExit(
+            f"error: the checkpoint took {step // epoch} steps per epoch, this launch takes "
+            f"{steps_per_epoch} (another process count x batch size, or other data): λ and the "
+            "learning rate would jump; resume with the same global batch and data"
+        )
+
+
 def make_state(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -318,6 +345,7 @@ def _train(
     start_epoch, step, best = 0, 0, -1.0
     log_path = run_dir / "log.jsonl"
     if ckpt is not None:
+        check_resume_schedule(ckpt, cfg, steps_per_epoch)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
