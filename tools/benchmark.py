@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    result = {"machine": machine_info(device), "args": {k: str(v) for k, v in vars(args).items()},
+    recorded = {k: (v.name if isinstance(v, Path) else str(v)) for k, v in vars(args).items()}
+    result = {"machine": machine_info(device), "args": recorded,
               "results": []}
     print(f"dgseg benchmark on {result['machine']}")
     sections = set(args.sections)
