@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dgseg import __version__
+from dgseg.atomic import atomic_write_json, atomic_write_text, remove_stale_temps
 from dgseg.constants import MODALITIES
 
-from .atomic import atomic_write_json, atomic_write_text, remove_stale_temps
 from .layouts import RawCase, discover_cases
 from .loading import CaseError, load_raw_case
 from .preprocess import preprocess_case

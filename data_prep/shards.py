@@ -33,9 +33,9 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
+from dgseg.atomic import atomic_path
 from dgseg.constants import MODALITIES, REGIONS
 
-from .atomic import atomic_path
 from .preprocess import PreparedCase
 
 __all__ = [

@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 import nibabel as nib
 import numpy as np
 
-from data_prep.atomic import atomic_write_bytes, atomic_write_text
 from data_prep.synthetic_anatomy import TISSUES, TUMOUR, build_anatomy, build_tumour, smooth_noise
+from dgseg.atomic import atomic_write_bytes, atomic_write_text
 from dgseg.constants import MODALITIES
 
 __all__ = [

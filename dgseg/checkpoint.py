@@ -11,18 +11,22 @@ saving never leaves a truncated ``last.pt``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from dgseg.atomic import atomic_path
+
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
+    "load_segmenter",
     "unwrap_model",
     "capture_rng_state",
     "restore_rng_state",
@@ -44,14 +48,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # fsync + os.replace on success
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # the rename must not overtake the data on a crash
-    os.replace(tmp, path)
 
 
 def load_checkpoint(
@@ -62,6 +60,27 @@ def load_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_segmenter(
+    path: PathLike, device: Union[str, torch.device] = "cpu"
+) -> Tuple[nn.Module, Any]:
+    """The segmentation network of a training checkpoint (eval mode) and its ``Config``.
+
+    The network is rebuilt from the checkpoint's own config. A domain-adversarial model predicts
+    with its segmenter; the domain head plays no part in prediction and is dropped.
+    """
+    from dgseg.config import Config  # here, so that saving / loading state needs neither
+    from dgseg.models import build_model
+
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+        raise ValueError(f"{path} has no 'config' dict or no 'model' state: not a dgseg checkpoint")
+    cfg = Config.from_dict(ckpt["config"])
+    model = build_model(len(cfg.data.modalities), **dataclasses.asdict(cfg.model))
+    model.load_state_dict(ckpt["model"])
+    model = getattr(model, "segmenter", model)
+    return model.to(device).eval(), cfg
 
 
 def capture_rng_state() -> Dict[str, Any]:

@@ -270,10 +270,6 @@ def _window_record(
     }
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 @torch.no_grad()
 def validate(
     model: nn.Module,
@@ -296,7 +292,7 @@ def validate(
     Returns:
         {"dice_WT", "dice_TC", "dice_ET", "dice_mean", "n_cases"}.
     """
-    from dgseg.inference import sliding_window_inference
+    from dgseg.inference import covering_roi, sliding_window_inference
     from dgseg.metrics import dice_per_region
 
     was_training = model.training
@@ -323,7 +319,7 @@ def validate(
             logits = sliding_window_inference(predictor, image, roi, overlap=cfg.run.val_overlap)
         else:
             # One window covering the volume, padded to a multiple of 16 (4 downsamplings).
-            whole = tuple(_round_up(s, 16) for s in image.shape[2:])
+            whole = covering_roi(image.shape[2:])
             logits = sliding_window_inference(predictor, image, whole, blend="constant")
         dice = dice_per_region(logits > 0, label > 0.5)[0]  # (3,)
         sums[:3] += dice.to(torch.float64)

@@ -39,6 +39,7 @@ from typing import Any, Optional, Union
 import nibabel as nib
 import numpy as np
 
+from dgseg.atomic import atomic_write_text
 from dgseg.constants import MODALITIES, REGIONS
 from dgseg.metrics import RegionReference, region_metrics
 from dgseg.transforms.labels import convert_labels, labels_to_channels
@@ -63,8 +64,6 @@ __all__ = [
     "summary_columns",
     "table_footer",
     "score_label_files",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "write_json",
     "write_csv",
 ]
@@ -523,24 +522,6 @@ def score_label_files(
     truth = convert_labels(np.asanyarray(truth_img.dataobj), convention)
     spacing = tuple(float(z) for z in truth_img.header.get_zooms()[:3])
     return case_record(labels_to_channels(pred), labels_to_channels(truth), spacing, **keys)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temp file in the same folder, then ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    """UTF-8 text, written atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: PathLike, obj: Any) -> Path:

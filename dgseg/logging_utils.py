@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from dgseg.atomic import atomic_path
+
 __all__ = ["log", "format_eta", "format_progress", "JsonlWriter", "read_jsonl", "plot_curves"]
 
 
@@ -109,8 +111,7 @@ def plot_curves(
     axes[2].set_title("λ (blue) and lr (red, right axis)")
     fig.tight_layout()
     png = Path(png)
-    tmp = png.with_suffix(png.suffix + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    with atomic_path(png, fsync=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png)
     return png

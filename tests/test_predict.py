@@ -2,7 +2,6 @@
 
 import dataclasses
 import importlib.util
-import sys
 from pathlib import Path
 
 import nibabel as nib

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dgseg.atomic import atomic_write_text  # noqa: E402
 from dgseg.layers import dann_lambda  # noqa: E402
 from dgseg.losses import SegLoss  # noqa: E402
 from dgseg.models import build_model  # noqa: E402
@@ -408,10 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name} failed: {type(exc).__name__}: {exc}")
                 result["results"].append({"section": name, "error": f"{type(exc).__name__}: {exc}"})
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 sys.path.insert(0, str(REPO))  # run from a source checkout
 
-from data_prep.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from dgseg.atomic import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 from dgseg.constants import MODALITIES  # noqa: E402
 
 __all__ = ["DemoSettings", "FULL", "QUICK", "StageError", "Eta", "main"]
@@ -658,10 +658,9 @@ def plot_seg_and_domain_losses(runs: Sequence[Tuple[str, Path]], png: Path) -> O
         axes[1].axhline(math.log(3), color="grey", lw=0.8, ls=":", label="ln 3 (chance, 3 domains)")
         axes[1].legend(fontsize=7)
     fig.tight_layout()
-    tmp = png.with_suffix(png.suffix + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    with atomic_path(png, fsync=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png)
     return png
 
 

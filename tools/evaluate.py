@@ -38,7 +38,6 @@ Outputs in ``--out``: per_case.csv, summary.json, table.md, overlays/*.png (with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 import time
@@ -49,8 +48,8 @@ import numpy as np
 import torch
 
 from data_prep.layouts import discover_cases
-from dgseg.checkpoint import load_checkpoint
-from dgseg.config import Config
+from dgseg.atomic import atomic_write_text
+from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
 from dgseg.data import ShardDataset
 from dgseg.distributed import all_gather_objects, barrier, cleanup, init_distributed
@@ -58,7 +57,6 @@ from dgseg.evaluation import (
     COLUMN_TITLES,
     CaseJob,
     OrderedPool,
-    atomic_write_text,
     default_metric_workers,
     format_table,
     input_channels,
@@ -71,7 +69,6 @@ from dgseg.evaluation import (
     write_json,
 )
 from dgseg.inference import covering_roi, predict_volume
-from dgseg.models import build_model
 from dgseg.transforms.labels import channels_to_labels
 from dgseg.viz import overlay_slices, save_overlay_grid
 
@@ -155,19 +152,6 @@ class Progress:
         print(f"[eval{self.scope}] {self.done}/{self.total} predictions scored, {what}  "
               f"{rate:.2f} s each  {queued} metric job(s) queued  "
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
-
-
-def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """Model and Config from a checkpoint (safe unpickler, config rebuilt from its dict)."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
-        raise ValueError(f"{path} has no 'config' dict or no 'model' state: not a dgseg checkpoint")
-    cfg = Config.from_dict(ckpt["config"])
-    model = build_model(len(cfg.data.modalities), **dataclasses.asdict(cfg.model))
-    model.load_state_dict(ckpt["model"])
-    # A domain-adversarial wrapper predicts with its segmenter; the domain head is not needed.
-    model = getattr(model, "segmenter", model)
-    return model.to(device).eval(), cfg
 
 
 def configured_roi(cfg: Any) -> Optional[int]:
@@ -389,7 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plans: list[Plan] = []
         rois: dict[str, Any] = {}
         for k, path in enumerate(args.checkpoint):
-            model, cfg = load_model(path, dist.device)
+            model, cfg = load_segmenter(path, dist.device)
             label = args.labels[k] if args.labels else cfg.run.name
             roi = args.roi or configured_roi(cfg)
             rois.setdefault(label, roi or "whole volume")

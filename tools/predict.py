@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import sys
 import time
@@ -40,12 +39,11 @@ import torch
 from data_prep.layouts import discover_cases
 from data_prep.loading import load_raw_case
 from data_prep.preprocess import preprocess_case, restore_to_original
-from dgseg.checkpoint import load_checkpoint
-from dgseg.config import Config
+from dgseg.atomic import atomic_write_bytes
+from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
-from dgseg.evaluation import atomic_write_bytes, input_channels
+from dgseg.evaluation import input_channels
 from dgseg.inference import covering_roi, predict_volume
-from dgseg.models import build_model
 from dgseg.transforms.labels import channels_to_labels
 
 # (1, C, D, H, W) float32 image -> (1, 3, D, H, W) WT/TC/ET probabilities
@@ -140,23 +138,17 @@ def predict_case(raw: Any, prob_fn: ProbFn, channels: Sequence[str], out_dir: Pa
 
 def load_predictor(args: argparse.Namespace) -> tuple[ProbFn, tuple[str, ...], str]:
     """Probability function, input channel modalities and a description of the model."""
-    ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
-    if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
-        raise ValueError(f"{args.checkpoint} has no 'config' dict or no 'model' state")
-    cfg = Config.from_dict(ckpt["config"])
+    model, cfg = load_segmenter(args.checkpoint)
     train = tuple(cfg.data.modalities)
     channels = input_channels(train, args.modality or "own")
     if channels is None:
         raise ValueError(f"the model was trained on all four modalities {train}; it needs its "
                          f"own inputs: omit --modality")
-    model = build_model(len(train), **dataclasses.asdict(cfg.model))
-    model.load_state_dict(ckpt["model"])
-    model = getattr(model, "segmenter", model)  # the domain head plays no part in prediction
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
-    model = model.to(device).eval()
+    model = model.to(device)
     roi = args.roi or cfg.run.val_roi or cfg.data.patch_size  # None: one covering window
     autocast = torch.bfloat16 if args.amp == "bf16" else None
 

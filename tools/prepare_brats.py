@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.atomic import atomic_write_json  # noqa: E402
 from data_prep.pipeline import prepare  # noqa: E402
 from data_prep.shards import COMPRESSIONS, STORAGE_DEFAULTS  # noqa: E402
+from dgseg.atomic import atomic_write_json  # noqa: E402
 
 SYNTHETIC_CASES = 12
 SYNTHETIC_SHAPE = (80, 80, 52)  # a third of 240x240x155: the whole brain fits in 64^3

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
+from dgseg.atomic import atomic_write_text  # noqa: E402
 from dgseg.checkpoint import (  # noqa: E402
     capture_rng_state,
     load_checkpoint,
@@ -264,18 +265,12 @@ def make_state(
     }
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _trim_log(path: Path, step: int) -> None:
     """Drop records written after the checkpoint we resume from (the interrupted epoch)."""
     if not path.exists():
         return
     keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _config_diff(a: Config, b: Config) -> List[str]:
@@ -373,7 +368,7 @@ def _train(
         log(f"--resume: no {run_dir / 'last.pt'} yet, starting a new run", is_main=is_main)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
+        atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
         if ckpt is None:  # --overwrite: nothing of the old run may pass for this one
             for stale in ("log.jsonl", "best.pt", "curves.png"):
                 (run_dir / stale).unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Atomic file writes: write a temporary file in the target folder, then ``os.replace`` it.
+"""Atomic file writes (every file dgseg and its tools write): write a temporary file in the target folder, then ``os.replace`` it.
 
 A reader (or a re-run after ``kill -9``) therefore sees either the old file or the complete new
 one, never a half-written file. The temporary name is ``<name>.<pid>.tmp`` in the same folder, so
@@ -65,21 +65,22 @@ def atomic_path(path: Path | str, *, fsync: bool = True) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: Path | str, data: bytes, *, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically."""
+def atomic_write_bytes(path: Path | str, data: bytes, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``."""
     with atomic_path(path, fsync=fsync) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
+    return Path(path)
 
 
-def atomic_write_text(path: Path | str, text: str, *, fsync: bool = True) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+def atomic_write_text(path: Path | str, text: str, *, fsync: bool = True) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically; returns ``path``."""
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 1) -> None:
+def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 1) -> Path:
     """Write ``obj`` as JSON (sorted keys are not forced: callers keep their order)."""
-    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def remove_stale_temps(folder: Path | str) -> list[Path]:
