@@ -10,12 +10,16 @@ Layouts (docs/SPEC.md, "Labels"):
   4D (X, Y, Z, 4) image, channel order from ``dataset.json`` (FLAIR, T1w, T1gd, T2w), label in
   ``labelsTr/<id>.nii.gz``; labels 1 edema, 2 non-enhancing, 3 enhancing. ``imagesTs`` is
   unlabelled.
+* ``file`` -- one 3D NIfTI file of a known modality (prediction on a single scan), made by
+  :func:`single_file_case`, never by discovery.
 * Unlabelled cases (validation / test sets): the same layouts without label files. Within one
   parent folder, if no case has a label file the cases are unlabelled; if some have one, a case
   without it is a problem (a missing file), not an unlabelled case.
 
 ``discover_cases`` never raises for bad input: every case it cannot use becomes a
-``(case_id, reason)`` problem, one line each, and the caller decides what to do.
+``(case_id, reason)`` problem, one line each, and the caller decides what to do. What a case must
+hold is the caller's: preparation needs all four modalities (the default), prediction only the
+ones its model reads (``required=("t2",)``, ``labels=False``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from dgseg.constants import MODALITIES
 __all__ = [
     "RawCase",
     "discover_cases",
+    "single_file_case",
     "patient_id",
     "LAYOUTS",
     "MSD_DEFAULT_ORDER",
@@ -59,8 +65,9 @@ class RawCase:
 
     Attributes:
         case_id: folder name (BraTS) or file stem (MSD); unique within a run.
-        layout: one of ``LAYOUTS``.
-        files: modality -> file, keyed by ``MODALITIES`` names; MSD: ``{"4d": path}``.
+        layout: one of ``LAYOUTS``, or ``"file"`` for :func:`single_file_case`.
+        files: modality -> file, keyed by ``MODALITIES`` names, the modalities discovery was
+            asked for (all four by default); MSD: ``{"4d": path}`` (all four channels).
         label_file: the segmentation, or None for an unlabelled case.
         label_convention: "brats2021" | "brats2023" | "msd", or None when unlabelled.
         channel_order: for a 4D file, the modality of each channel (MSD ``dataset.json``).
@@ -138,7 +145,7 @@ def _msd_order(folder: Path) -> tuple[str, ...]:
 
 
 def _discover_msd(root: Path, folder: Path, subdirs: set[str], entries: list,
-                  problems: list) -> None:
+                  problems: list, use_labels: bool = True) -> None:
     """MSD cases under ``folder`` as (id, location, case or None, reason or None) entries."""
     order = _msd_order(folder)
     for images, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
@@ -152,7 +159,7 @@ def _discover_msd(root: Path, folder: Path, subdirs: set[str], entries: list,
             continue
         lab_dir = folder / labels
         lab_names: set[str] | None = None
-        if labels in subdirs:
+        if use_labels and labels in subdirs:
             try:
                 lab_names = set(os.listdir(lab_dir))
             except OSError as e:
@@ -185,41 +192,58 @@ def _rel(root: Path, p: Path) -> str:
 
 
 def _folder_entry(root: Path, folder: Path, scheme: str | None, mods: dict[str, list[Path]],
-                  labelled: bool) -> tuple[str, str, RawCase | None, str | None]:
+                  labelled: bool, required: tuple[str, ...]
+                  ) -> tuple[str, str, RawCase | None, str | None]:
     """(id, location, case or None, reason or None) of one BraTS case folder."""
     cid, loc = folder.name, _rel(root, folder)
     if scheme is None:
         return cid, loc, None, f"mixed BraTS 2021 and 2023 file names in {loc}"
     tag = (lambda m: m) if scheme == "brats2021" else (lambda m: _INV_2023[m])
-    missing = [m for m in (*MODALITIES, "seg") if m not in mods and (m != "seg" or labelled)]
+    wanted = (*required, "seg") if labelled else required  # other modality files are ignored
+    missing = [m for m in wanted if m not in mods]
     if missing:
         what = ", ".join(f"{m} (*{_EXAMPLE[scheme].format(tag(m))})" for m in missing)
         kind = "label file" if missing == ["seg"] else "modality file(s)"
         return cid, loc, None, f"missing {kind} in {loc}: {what}"
-    multi = [m for m, fs in mods.items() if len(fs) > 1]
+    multi = [m for m in wanted if len(mods[m]) > 1]
     if multi:
         names = ", ".join(p.name for p in mods[multi[0]])
         return cid, loc, None, f"ambiguous: {len(mods[multi[0]])} files for {multi[0]}: {names}"
     layout = scheme
     if scheme == "brats2021" and cid.lower().startswith("brats20_"):
         layout = "brats2020"  # same names and labels; the 2020 ids read BraTS20_Training_001
-    label = mods["seg"][0] if "seg" in mods else None
+    label = mods["seg"][0] if labelled and "seg" in mods else None
     conv = None if label is None else ("brats2023" if scheme == "brats2023" else "brats2021")
     return cid, loc, RawCase(
-        case_id=cid, layout=layout, files={m: mods[m][0] for m in MODALITIES}, label_file=label,
+        case_id=cid, layout=layout, files={m: mods[m][0] for m in required}, label_file=label,
         label_convention=conv, patient_id=patient_id(cid, layout), root=root,
     ), None
 
 
-def discover_cases(root: Path | str) -> tuple[list[RawCase], list[tuple[str, str]]]:
+def discover_cases(
+    root: Path | str, *, required: Sequence[str] = MODALITIES, labels: bool = True
+) -> tuple[list[RawCase], list[tuple[str, str]]]:
     """Walk ``root`` and return (usable cases sorted by id, problems as (case_id, reason)).
 
     Problems found here: unreadable folders, missing or ambiguous modality files, a missing label
     in a labelled set, mixed file naming inside one case folder, and duplicate case ids (every
     copy of a duplicated id is rejected: which one is right cannot be decided).
+
+    Args:
+        root: a case folder or a dataset folder.
+        required: the modalities a BraTS case folder must hold (``MODALITIES`` names, kept in
+            ``MODALITIES`` order); ``RawCase.files`` has exactly these, and the files of other
+            modalities are neither needed nor checked. MSD 4D files always hold all four.
+        labels: False ignores label files: every case is unlabelled (prediction).
+
+    Raises:
+        ValueError: ``root`` is not a folder, or a bad ``required``.
     """
     root = Path(root)
     problems: list[tuple[str, str]] = []
+    if not required or any(m not in MODALITIES for m in required):
+        raise ValueError(f"required must be names from {MODALITIES}, got {tuple(required)}")
+    required = tuple(m for m in MODALITIES if m in required)  # canonical order, no repeats
     if not root.is_dir():
         raise ValueError(f"input folder does not exist or is not a folder: {root}")
 
@@ -236,7 +260,7 @@ def discover_cases(root: Path | str) -> tuple[list[RawCase], list[tuple[str, str
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         subdirs = set(dirnames)
         if "imagesTr" in subdirs or "imagesTs" in subdirs:
-            _discover_msd(root, here, subdirs, msd_entries, problems)
+            _discover_msd(root, here, subdirs, msd_entries, problems, labels)
             dirnames[:] = [d for d in dirnames if d not in
                            ("imagesTr", "imagesTs", "labelsTr", "labelsTs")]
         by_mod: dict[str, list[Path]] = defaultdict(list)
@@ -257,9 +281,9 @@ def discover_cases(root: Path | str) -> tuple[list[RawCase], list[tuple[str, str
     # Every case folder (usable or not) as (id, location, case or None, reason or None).
     entries: list[tuple[str, str, RawCase | None, str | None]] = list(msd_entries)
     for members in groups.values():
-        labelled = any("seg" in mods for _, _, mods in members)
+        labelled = labels and any("seg" in mods for _, _, mods in members)
         for folder, scheme, mods in members:
-            entries.append(_folder_entry(root, folder, scheme, mods, labelled))
+            entries.append(_folder_entry(root, folder, scheme, mods, labelled, required))
 
     # Duplicate ids, usable copies or not: reject every copy (which one is right is unknowable).
     where: dict[str, list[str]] = defaultdict(list)
@@ -278,3 +302,29 @@ def discover_cases(root: Path | str) -> tuple[list[RawCase], list[tuple[str, str
     cases.sort(key=lambda c: c.case_id)
     problems.sort()
     return cases, problems
+
+
+def single_file_case(path: Path | str, modality: str) -> RawCase:
+    """An unlabelled case of one NIfTI file (``.nii`` / ``.nii.gz``) holding ``modality``.
+
+    The case id is the file name without its NIfTI suffix (``scan.nii.gz`` -> ``scan``).
+
+    Raises:
+        ValueError: an unknown modality, a name without a NIfTI suffix, or no such file.
+    """
+    path = Path(path)
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    stem = _nifti_stem(path.name)
+    if stem is None:
+        raise ValueError(f"{path}: not a NIfTI file name (expected .nii or .nii.gz)")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    return RawCase(
+        case_id=stem,
+        layout="file",
+        files={modality: path},
+        label_file=None,
+        label_convention=None,
+        patient_id=stem,
+    )

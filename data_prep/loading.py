@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +59,14 @@ class LoadedCase:
 
     Attributes:
         case_id: the case id.
-        images: (4, X, Y, Z) in ``MODALITIES`` order, float32 unless ``load_raw_case(dtype=None)``
-            kept the files' own type (int16 for BraTS); with ``stack=False`` a tuple of four
-            (X, Y, Z) arrays.
+        images: (M, X, Y, Z), one image per entry of ``modalities``, float32 unless
+            ``load_raw_case(dtype=None)`` kept the files' own type (int16 for BraTS); with
+            ``stack=False`` a tuple of M (X, Y, Z) arrays.
         label: (X, Y, Z) uint8 in BraTS 2021 values, or None for an unlabelled case.
         affine: (4, 4) voxel-to-world matrix of the first modality.
         spacing: voxel size in mm (3,).
         source_sha256: file role ("t1", ..., "4d", "seg") -> SHA-256 hex of the file's bytes.
+        modalities: the modality of each image, in ``MODALITIES`` order (all four by default).
     """
 
     case_id: str
@@ -73,6 +75,7 @@ class LoadedCase:
     affine: np.ndarray
     spacing: tuple[float, float, float]
     source_sha256: dict[str, str]
+    modalities: tuple[str, ...] = MODALITIES
 
 
 def gunzip(raw: bytes) -> bytes:
@@ -190,19 +193,25 @@ def _convert_label(lab: np.ndarray, convention: str, what: str) -> np.ndarray:
 
 
 def load_raw_case(raw: RawCase, *, dtype: np.dtype | None = np.float32,
-                  stack: bool = True) -> LoadedCase:
+                  stack: bool = True, modalities: Sequence[str] = MODALITIES) -> LoadedCase:
     """Load, check and label-normalise one case.
 
     Args:
         raw: a case from :func:`data_prep.layouts.discover_cases`.
         dtype: image dtype of the result; None keeps the files' type.
-        stack: True gives ``images`` as one (4, X, Y, Z) array; False leaves a tuple of four
+        stack: True gives ``images`` as one (M, X, Y, Z) array; False leaves a tuple of M
             read-only (X, Y, Z) views of the decompressed files (``dtype`` then ignored), which
             saves two full-volume copies when the caller crops first, as the preprocessing does.
+        modalities: the modalities to read (``MODALITIES`` names, loaded in ``MODALITIES``
+            order); the files of the others are not opened. Prediction reads only its inputs.
 
     Raises:
         CaseError: any fault of the input, one line naming the file.
+        ValueError: a bad ``modalities``.
     """
+    if not modalities or any(m not in MODALITIES for m in modalities):
+        raise ValueError(f"modalities must be names from {MODALITIES}, got {tuple(modalities)}")
+    modalities = tuple(m for m in MODALITIES if m in modalities)  # canonical order, no repeats
     sha: dict[str, str] = {}
     arrays: list[np.ndarray] = []
     if "4d" in raw.files:  # MSD: one (X, Y, Z, 4) file
@@ -213,12 +222,14 @@ def load_raw_case(raw: RawCase, *, dtype: np.dtype | None = np.float32,
             raise CaseError(f"{name}: expected a 4D image with {len(MODALITIES)} channels, got "
                             f"shape {tuple(arr.shape)}")
         order = raw.channel_order or ("flair", "t1", "t1ce", "t2")
-        arrays = [arr[..., order.index(m)] for m in MODALITIES]  # (X, Y, Z) views
+        arrays = [arr[..., order.index(m)] for m in modalities]  # (X, Y, Z) views
         ref_name, ref_aff = name, img.affine
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     else:
         ref_name = ref_aff = spacing = None
-        for m in MODALITIES:
+        for m in modalities:
+            if m not in raw.files:
+                raise CaseError(f"{raw.case_id}: no {m} file")
             path = raw.files[m]
             name = raw.rel(path)
             arr, img, sha[m] = read_nifti(path, name=name)
@@ -231,8 +242,8 @@ def load_raw_case(raw: RawCase, *, dtype: np.dtype | None = np.float32,
             arrays.append(arr)
     shape = arrays[0].shape
 
-    for m, arr in zip(MODALITIES, arrays):
-        what = f"{raw.case_id} {m}"
+    for m, arr in zip(modalities, arrays):
+        what = f"{raw.case_id} {m}" if "4d" in raw.files else raw.rel(raw.files[m])  # the file
         _check_finite(arr, what)
         if not arr.any():
             raise CaseError(f"{what}: image is all zero (no brain)")
@@ -247,7 +258,7 @@ def load_raw_case(raw: RawCase, *, dtype: np.dtype | None = np.float32,
 
     if stack:
         out_dtype = np.result_type(*arrays) if dtype is None else np.dtype(dtype)
-        images = np.empty((len(MODALITIES), *shape), dtype=out_dtype)  # (4, X, Y, Z)
+        images = np.empty((len(arrays), *shape), dtype=out_dtype)  # (M, X, Y, Z)
         for i, arr in enumerate(arrays):
             images[i] = arr
     else:
@@ -255,4 +266,5 @@ def load_raw_case(raw: RawCase, *, dtype: np.dtype | None = np.float32,
     return LoadedCase(
         case_id=raw.case_id, images=images, label=label,
         affine=np.asarray(ref_aff, dtype=np.float64), spacing=spacing, source_sha256=sha,
+        modalities=modalities,
     )

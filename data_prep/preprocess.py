@@ -1,6 +1,7 @@
 """Offline intensity and geometry preprocessing of one case (docs/SPEC.md, intensity step 1).
 
-1. Joint brain box: the smallest box holding every voxel that is nonzero in *any* modality.
+1. Joint brain box: the smallest box holding every voxel that is nonzero in *any* modality loaded
+   (all four for the shards; prediction loads only the modalities its model reads).
 2. Per-modality z-score over that modality's own nonzero voxels (float32); background stays 0.
    Statistics use the whole brain, so they do not depend on the target size.
 3. Crop / pad to the target size, centred on the brain box (``size=None``, i.e. ``--size full``,
@@ -25,8 +26,6 @@ from dgseg.constants import MODALITIES
 
 from .loading import CaseError, LoadedCase
 
-_NAMES = MODALITIES
-
 __all__ = [
     "PreparedCase",
     "preprocess_case",
@@ -44,13 +43,15 @@ class PreparedCase:
 
     Attributes:
         case_id: the case id.
-        images: (4, D, H, W) float32, z-scored over each modality's nonzero voxels, background 0.
+        images: (M, D, H, W) float32, z-scored over each modality's nonzero voxels, background 0;
+            M = len(modalities).
         label: (D, H, W) uint8 in BraTS 2021 values, or None.
         offset: (3,) int64; original index = stored index + offset.
         bbox_start, bbox_stop: (3,) int64 joint nonzero box in the original grid (stop exclusive).
         original_shape: (3,) int64 shape of the raw volume.
         affine: (4, 4) float64 voxel-to-world of the raw volume.
         spacing: (3,) float64 voxel size in mm.
+        modalities: the modality of each image (all four unless fewer were loaded).
     """
 
     case_id: str
@@ -62,6 +63,7 @@ class PreparedCase:
     original_shape: np.ndarray
     affine: np.ndarray
     spacing: np.ndarray
+    modalities: tuple[str, ...] = MODALITIES
 
 
 def brain_bbox(nonzero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,14 +165,18 @@ def _normalise(x: np.ndarray, mean: float, std: float, out: np.ndarray | None = 
 def preprocess_case(loaded: LoadedCase, size: int | Sequence[int] | None = 128) -> PreparedCase:
     """Brain box, per-modality z-score, crop/pad to ``size`` (None = keep the box).
 
-    ``loaded.images`` may be a (4, X, Y, Z) array or a sequence of four (X, Y, Z) arrays in any
-    memory order and numeric dtype (``load_raw_case(stack=False)`` gives Fortran-order int16).
+    ``loaded.images`` may be a (M, X, Y, Z) array or a sequence of M (X, Y, Z) arrays in any
+    memory order and numeric dtype (``load_raw_case(stack=False)`` gives Fortran-order int16),
+    one per entry of ``loaded.modalities``: the box and the z-scores use exactly those.
 
     Raises:
         CaseError: empty brain or a constant modality.
         ValueError: a bad ``size``.
     """
     imgs = loaded.images
+    names = tuple(loaded.modalities)
+    if len(names) != len(imgs):
+        raise ValueError(f"{len(imgs)} images for modalities {names}")
     shape = np.asarray(imgs[0].shape, np.int64)
     order = "F" if imgs[0].flags.f_contiguous else "C"  # follow the files' memory order
     brain = np.zeros(imgs[0].shape, bool, order=order)
@@ -183,11 +189,11 @@ def preprocess_case(loaded: LoadedCase, size: int | Sequence[int] | None = 128) 
     del brain
     offset, wshape = crop_window(start, stop, size)
 
-    out = np.zeros((len(imgs), *wshape.tolist()), np.float32)  # (4, D, H, W)
+    out = np.zeros((len(imgs), *wshape.tolist()), np.float32)  # (M, D, H, W)
     box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
     src, dst = _overlap(offset, wshape, start, stop)  # window ∩ brain box
     for i, im in enumerate(imgs):
-        name = _NAMES[i] if i < len(_NAMES) else str(i)
+        name = names[i]
         n, mean, std = nonzero_stats(im[box])  # statistics of the whole brain of this modality
         if n == 0:
             raise CaseError(f"{name}: image is all zero (no brain)")
@@ -208,6 +214,7 @@ def preprocess_case(loaded: LoadedCase, size: int | Sequence[int] | None = 128) 
         bbox_start=start, bbox_stop=stop, original_shape=shape,
         affine=np.asarray(loaded.affine, np.float64),
         spacing=np.asarray(loaded.spacing, np.float64),
+        modalities=names,
     )
 
 

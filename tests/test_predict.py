@@ -162,7 +162,8 @@ def test_predict_cli_writes_cases_and_skips_bad_ones(tmp_path, capsys):
     write_raw_case(raw, "BraTS2021_00010", seed=10)
     write_raw_case(raw, "BraTS2021_00011", seed=11, tumour=False)
     bad = write_raw_case(raw, "BraTS2021_00012", seed=12)
-    (bad / "BraTS2021_00012_t1ce.nii.gz").write_bytes(b"not a nifti file")  # corrupt
+    (bad / "BraTS2021_00012_flair.nii.gz").write_bytes(b"not a nifti file")  # corrupt, read
+    (raw / "BraTS2021_00010" / "BraTS2021_00010_t1ce.nii.gz").write_bytes(b"x")  # corrupt, unread
     ck = _tiny_checkpoint(tmp_path / "m" / "best.pt", ("t2",))
     out = tmp_path / "pred"
     rc = predict.main(["--checkpoint", str(ck), "--input", str(raw), "--output", str(out),
@@ -172,7 +173,7 @@ def test_predict_cli_writes_cases_and_skips_bad_ones(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["BraTS2021_00010.nii.gz",
                                                       "BraTS2021_00011.nii.gz"]
     skip_lines = [ln for ln in err.splitlines() if ln.startswith("skip BraTS2021_00012")]
-    assert len(skip_lines) == 1 and "t1ce" in skip_lines[0]
+    assert len(skip_lines) == 1 and "BraTS2021_00012_flair.nii.gz" in skip_lines[0]
     assert "predicted 2 case(s), skipped 1" in err
     for p in out.iterdir():
         img = nib.load(str(p))
@@ -186,7 +187,7 @@ def test_predict_cli_writes_cases_and_skips_bad_ones(tmp_path, capsys):
     for f in bad.iterdir():
         (only_bad / bad.name / f.name).write_bytes(f.read_bytes())
     rc = predict.main(["--checkpoint", str(ck), "--input", str(only_bad / bad.name),
-                       "--output", str(tmp_path / "p2"), "--device", "cpu"])
+                       "--output", str(tmp_path / "p2"), "--device", "cpu", "--modality", "flair"])
     assert rc == 1
     assert "predicted 0 case(s), skipped 1" in capsys.readouterr().err
 
@@ -222,3 +223,167 @@ def test_predictions_scored_by_evaluate_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "1.00 - 1.00 | 1.00 | 1.00" in out and "0.0 - 0.0 | 0.0 | 0.0" in out
+
+
+# --- Cases with only the modalities the model reads, and single NIfTI files -------------------
+
+
+def _run(ck: Path, inp: Path, out: Path, *extra: str) -> int:
+    return predict.main(
+        [
+            "--checkpoint",
+            str(ck),
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--size",
+            "24",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
+
+
+def _keep_only(case: Path, *modalities: str) -> Path:
+    """Delete every file of ``case`` but the given modalities (the label too)."""
+    for f in case.iterdir():
+        if f.name.rsplit("_", 1)[-1].split(".")[0] not in modalities:
+            f.unlink()
+    return case
+
+
+def _labels(path: Path) -> np.ndarray:
+    img = nib.load(str(path))
+    assert img.shape == SHAPE and img.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(img.affine, _affine(), atol=1e-5)
+    return np.asarray(img.dataobj)
+
+
+def test_discovery_requires_only_the_asked_modalities(tmp_path):
+    from data_prep.layouts import discover_cases
+
+    case = _keep_only(write_raw_case(tmp_path, "BraTS2021_00030", seed=30), "t2")
+    cases, problems = discover_cases(case)  # preparation: all four
+    assert cases == [] and "missing modality file(s)" in problems[0][1]
+    (raw,), problems = discover_cases(case, required=("t2",), labels=False)
+    assert problems == [] and set(raw.files) == {"t2"} and raw.label_file is None
+    with pytest.raises(ValueError, match="required"):
+        discover_cases(case, required=("t3",))
+
+
+def test_folder_with_only_t2_predicted_by_t2_model(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    _keep_only(write_raw_case(raw, "BraTS2021_00031", seed=31), "t2")
+    write_raw_case(raw, "BraTS2021_00032", seed=32)  # labelled sibling: labels stay optional
+    ck = _tiny_checkpoint(tmp_path / "m.pt", ("t2",))
+    out = tmp_path / "pred"
+    assert _run(ck, raw, out) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "BraTS2021_00031.nii.gz",
+        "BraTS2021_00032.nii.gz",
+    ]
+    for p in out.iterdir():
+        assert set(np.unique(_labels(p)).tolist()) <= {0, 1, 2, 4}
+    # The same folder by itself (a case folder) works too.
+    assert _run(ck, raw / "BraTS2021_00031", tmp_path / "p2") == 0
+
+
+def test_folder_with_only_flair_needs_modality_flair(tmp_path, capsys):
+    case = _keep_only(write_raw_case(tmp_path / "raw", "BraTS2021_00033", seed=33), "flair")
+    ck = _tiny_checkpoint(tmp_path / "m.pt", ("t2",))
+    assert _run(ck, case, tmp_path / "p0") == 1  # the model's own t2 is missing
+    assert "missing modality file(s)" in capsys.readouterr().err
+    assert _run(ck, case, tmp_path / "pred", "--modality", "flair") == 0
+    _labels(tmp_path / "pred" / "BraTS2021_00033.nii.gz")
+
+
+def test_box_and_zscore_come_from_the_modalities_read(tmp_path):
+    from data_prep.layouts import discover_cases
+    from data_prep.preprocess import brain_bbox, zscore_nonzero
+
+    case = write_raw_case(tmp_path / "raw", "BraTS2021_00034", seed=34)
+    t1 = case / "BraTS2021_00034_t1.nii.gz"  # t1 reaches beyond the brain: a larger joint box
+    nib.save(nib.Nifti1Image(np.full(SHAPE, 7, np.int16), _affine()), str(t1))
+    flair = np.asarray(nib.load(str(case / "BraTS2021_00034_flair.nii.gz")).dataobj)
+    start, stop = brain_bbox(flair != 0)
+    seen = {}
+
+    def spy(x):
+        seen["x"] = x
+        return torch.zeros(1, 3, *x.shape[2:])
+
+    (raw,), _ = discover_cases(case)
+    predict.predict_case(raw, spy, ("flair",), tmp_path / "pred", size=None)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    np.testing.assert_allclose(seen["x"][0, 0].numpy(), zscore_nonzero(flair)[box], atol=1e-5)
+
+
+def test_single_file_equals_the_full_folder(tmp_path, capsys):
+    case = write_raw_case(tmp_path / "raw", "BraTS2021_00035", seed=35)
+    ck = _tiny_checkpoint(tmp_path / "m.pt", ("t2",))
+    assert _run(ck, case, tmp_path / "folder", "--modality", "flair") == 0
+    scan = case / "BraTS2021_00035_flair.nii.gz"
+    assert _run(ck, scan, tmp_path / "file", "--modality", "flair") == 0
+    err = capsys.readouterr().err
+    single = tmp_path / "file" / "BraTS2021_00035_flair_seg.nii.gz"
+    assert [p.name for p in (tmp_path / "file").iterdir()] == [single.name] and str(single) in err
+    expected = _labels(tmp_path / "folder" / "BraTS2021_00035.nii.gz")
+    got = _labels(single)
+    assert len(np.unique(got)) > 1  # the random model segments something: equality means much
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_single_file_default_modality_and_plain_nii(tmp_path):
+    case = write_raw_case(tmp_path / "raw", "BraTS2021_00036", seed=36)
+    ck = _tiny_checkpoint(tmp_path / "m.pt", ("t2",))
+    img = nib.load(str(case / "BraTS2021_00036_t2.nii.gz"))
+    scan = tmp_path / "scan.nii"  # uncompressed NIfTI, no BraTS name
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), str(scan))
+    assert _run(ck, scan, tmp_path / "pred") == 0  # no --modality: the model's own t2
+    _labels(tmp_path / "pred" / "scan_seg.nii.gz")
+
+
+def _one_error_line(capsys, *needles: str) -> None:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_single_file_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    ck = _tiny_checkpoint(tmp_path / "m.pt", ("t2",))
+    out = tmp_path / "pred"
+    aff = _affine()
+    cases = {
+        "missing.nii.gz": (None, "no such file"),
+        "notes.txt": (b"hello", "not a NIfTI file name"),
+        "garbage.nii.gz": (b"not a nifti file", "not a NIfTI file"),
+        "four_d.nii.gz": (np.ones((6, 5, 4, 3), np.int16), "expected a 3D image"),
+        "zero.nii.gz": (np.zeros((6, 5, 4), np.int16), "all zero"),
+    }
+    for name, (content, fault) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            nib.save(nib.Nifti1Image(content, aff), str(path))
+        assert _run(ck, path, out, "--modality", "flair") == 1, name
+        _one_error_line(capsys, str(path), fault)
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_single_file_and_multi_modality_models(tmp_path, capsys):
+    case = write_raw_case(tmp_path / "raw", "BraTS2021_00037", seed=37)
+    scan = case / "BraTS2021_00037_t1ce.nii.gz"
+    two = _tiny_checkpoint(tmp_path / "two.pt", ("t1ce", "t2"))
+    assert _run(two, scan, tmp_path / "p") == 1  # which channel is the file? say --modality
+    _one_error_line(capsys, "t1ce+t2", "--modality")
+    assert _run(two, scan, tmp_path / "p", "--modality", "t1ce") == 0  # fed to both channels
+    _labels(tmp_path / "p" / "BraTS2021_00037_t1ce_seg.nii.gz")
+    capsys.readouterr()
+    stacked = _tiny_checkpoint(tmp_path / "st.pt", MODALITIES, arch="unet3d", roi="none")
+    for extra in ((), ("--modality", "t1ce")):
+        assert _run(stacked, scan, tmp_path / "p", *extra) == 1
+        _one_error_line(capsys, "stacked", "single file")

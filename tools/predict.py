@@ -1,12 +1,15 @@
 """Segment raw BraTS-style cases with a checkpoint and write BraTS label maps as NIfTI.
 
 Input: one case folder or a dataset folder in any layout ``data_prep.layouts`` recognises
-(BraTS 2020/2021, BraTS 2023, MSD Task01; labelled or not). Each case is loaded and checked,
-preprocessed exactly like the shards (joint brain box, per-modality z-score over the brain,
-crop/pad to ``--size`` centred on the brain, or ``full`` to keep the box), segmented with
-sliding windows (optional flip TTA), thresholded at 0.5 per region (WT, TC, ET), turned into
-BraTS-2021 labels (ET -> 4, TC without ET -> 1, WT without TC -> 2) and put back into the
-**original** voxel grid with the original affine, ready for the official evaluation tools:
+(BraTS 2020/2021, BraTS 2023, MSD Task01), or a single 3D NIfTI file. A case needs only the
+modality files the model reads (its training modalities, or ``--modality m``): other modalities
+and the label may be missing and are not read. Each case is loaded and checked, preprocessed like
+the shards but over the modalities read only (their joint brain box, per-modality z-score over
+its own nonzero voxels, crop/pad to ``--size`` centred on the brain, or ``full`` to keep the
+box), segmented with sliding windows (optional flip TTA), thresholded at 0.5 per region (WT, TC,
+ET), turned into BraTS-2021 labels (ET -> 4, TC without ET -> 1, WT without TC -> 2) and put
+back into the **original** voxel grid with the original affine, ready for the official evaluation
+tools:
 ``<output>/<case_id>.nii.gz`` (uint8, written atomically). Voxels outside the stored window (the
 ``--size`` crop) are background: with the default 128^3 crop a brain wider than 128 voxels along
 an axis loses its edges, so use ``--size full`` when that matters.
@@ -14,13 +17,21 @@ an axis loses its edges, so use ``--size full`` when that matters.
 Input channels follow tools/evaluate.py's rule: by default the model's own training modalities;
 ``--modality m`` feeds m to every input channel (not allowed for 4-modality stacked models).
 
-A case that cannot be read or segmented is skipped with a one-line reason and listed at the end;
-the exit status is non-zero only when no case was predicted.
+Single file (``--input scan.nii.gz`` or ``.nii``): the file is the ``--modality`` scan, by
+default the model's training modality when it has exactly one; the label map is written in the
+file's grid and affine to ``<output>/<stem>_seg.nii.gz`` (``scan.nii.gz`` -> ``scan_seg.nii.gz``).
+A model that reads several different modalities (e.g. the stacked 4-modality one) cannot
+segment one file. Any fault is one ``error:`` line naming the file, with exit status 1.
+
+A case of a folder that cannot be read or segmented is skipped with a one-line reason and listed
+at the end; the exit status is non-zero only when no case was predicted.
 
 Usage::
 
     python tools/predict.py --checkpoint runs/segresnet_t2_noaug/best.pt \\
         --input raw/BraTS2021_00000 --output preds/ --modality flair --tta
+    python tools/predict.py --checkpoint runs/segresnet_t2_noaug/best.pt \\
+        --input scan_flair.nii.gz --output preds/ --modality flair   # preds/scan_flair_seg.nii.gz
 """
 
 from __future__ import annotations
@@ -36,8 +47,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from data_prep.layouts import discover_cases
-from data_prep.loading import load_raw_case
+from data_prep.layouts import discover_cases, single_file_case
+from data_prep.loading import CaseError, load_raw_case
 from data_prep.preprocess import preprocess_case, restore_to_original
 from dgseg.atomic import atomic_write_bytes
 from dgseg.checkpoint import load_segmenter
@@ -56,8 +67,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (.pt)")
-    p.add_argument("--input", type=Path, required=True, help="a case folder or a dataset folder")
-    p.add_argument("--output", type=Path, required=True, help="folder for <case_id>.nii.gz")
+    p.add_argument("--input", type=Path, required=True,
+                   help="a case folder, a dataset folder, or one NIfTI file (.nii / .nii.gz)")
+    p.add_argument("--output", type=Path, required=True,
+                   help="folder for <case_id>.nii.gz (single file: <stem>_seg.nii.gz)")
     p.add_argument("--modality", choices=MODALITIES, default=None,
                    help="feed this modality to every input channel (default: own inputs)")
     p.add_argument("--size", default="128",
@@ -118,9 +131,10 @@ def predict_prepared(
 ) -> np.ndarray:
     """Label map in the original voxel grid for a ``data_prep.preprocess.PreparedCase``.
 
-    ``channels`` names the modality of each input channel (from :func:`input_channels`).
+    ``channels`` names the modality of each input channel (from :func:`input_channels`); each
+    must be among ``prepared.modalities``.
     """
-    idx = [MODALITIES.index(m) for m in channels]
+    idx = [tuple(prepared.modalities).index(m) for m in channels]
     image = prepared.images[idx]  # (C, D, H, W), modalities in the model's channel order
     labels = stored_labels(image, prob_fn, threshold=threshold)
     # Outside the stored window there was no prediction: background.
@@ -128,22 +142,60 @@ def predict_prepared(
 
 
 def predict_case(raw: Any, prob_fn: ProbFn, channels: Sequence[str], out_dir: Path, *,
-                 size: Optional[int] = 128, threshold: float = 0.5) -> Path:
-    """Load, preprocess, segment and write one raw case; returns the written file."""
-    loaded = load_raw_case(raw)
+                 size: Optional[int] = 128, threshold: float = 0.5,
+                 filename: str | None = None) -> Path:
+    """Load, preprocess, segment and write one raw case; returns the written file.
+
+    Only the modalities in ``channels`` are read: the brain box and the z-scores are theirs.
+    The file is ``out_dir / filename``, by default ``<case_id>.nii.gz``.
+    """
+    loaded = load_raw_case(raw, modalities=channels)
     prepared = preprocess_case(loaded, size=size)
     labels = predict_prepared(prepared, prob_fn, channels, threshold=threshold)
-    return write_label_nifti(out_dir / f"{raw.case_id}.nii.gz", labels, prepared.affine)
+    name = filename or f"{raw.case_id}.nii.gz"
+    return write_label_nifti(out_dir / name, labels, prepared.affine)
+
+
+def is_single_file(path: Path) -> bool:
+    """Whether ``--input`` names one file (a NIfTI name, or any existing file) and not a folder."""
+    name = path.name.lower()
+    return not path.is_dir() and (path.is_file() or name.endswith((".nii", ".nii.gz")))
+
+
+def choose_channels(
+    train: Sequence[str], modality: str | None, *, single_file: bool = False
+) -> tuple[str, ...]:
+    """Input channel modalities for a model trained on ``train`` and ``--modality``.
+
+    Raises:
+        ValueError: one line, when the combination cannot be fed (see the module docstring).
+    """
+    train = tuple(train)
+    stacked = set(train) >= set(MODALITIES)
+    if single_file and stacked:
+        raise ValueError(
+            f"the model was trained on all four modalities stacked ({'+'.join(train)}): "
+            "it cannot segment a single file; give a case folder"
+        )
+    channels = input_channels(train, modality or "own")
+    if channels is None:
+        raise ValueError(
+            f"the model was trained on all four modalities {train}; it needs its "
+            f"own inputs: omit --modality"
+        )
+    if single_file and len(set(channels)) != 1:
+        raise ValueError(
+            f"the model reads {'+'.join(train)}: pass --modality m to feed the single file "
+            "to every input channel"
+        )
+    return channels
 
 
 def load_predictor(args: argparse.Namespace) -> tuple[ProbFn, tuple[str, ...], str]:
     """Probability function, input channel modalities and a description of the model."""
     model, cfg = load_segmenter(args.checkpoint)
     train = tuple(cfg.data.modalities)
-    channels = input_channels(train, args.modality or "own")
-    if channels is None:
-        raise ValueError(f"the model was trained on all four modalities {train}; it needs its "
-                         f"own inputs: omit --modality")
+    channels = choose_channels(train, args.modality, single_file=is_single_file(args.input))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -160,10 +212,46 @@ def load_predictor(args: argparse.Namespace) -> tuple[ProbFn, tuple[str, ...], s
     return prob_fn, channels, f"{cfg.run.name} ({'+'.join(train)}), inputs {'+'.join(channels)}"
 
 
+def file_error(path: Path, err: Exception) -> str:
+    """One line naming ``path`` and the fault (the type only for an unexpected exception)."""
+    known = isinstance(err, (CaseError, ValueError, OSError))
+    msg = " ".join((str(err) if known else f"{type(err).__name__}: {err}").split())
+    return msg if str(path) in msg else f"{path}: {msg}"
+
+
+def predict_file(
+    args: argparse.Namespace, prob_fn: ProbFn, channels: Sequence[str], what: str
+) -> int:
+    """``--input`` is one NIfTI file: write ``<output>/<stem>_seg.nii.gz`` or one error line."""
+    try:
+        raw = single_file_case(args.input, channels[0])  # choose_channels: one modality
+        path = predict_case(
+            raw,
+            prob_fn,
+            channels,
+            args.output,
+            size=args.size,
+            threshold=args.threshold,
+            filename=f"{raw.case_id}_seg.nii.gz",
+        )
+    except Exception as e:  # noqa: BLE001 - any fault of the file becomes one error line
+        print(f"error: {file_error(args.input, e)}", file=sys.stderr)
+        return 1
+    print(f"model {what}; {args.input} -> {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    try:  # first the model: its inputs say which modality files a case needs
+        prob_fn, channels, what = load_predictor(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    if is_single_file(args.input):
+        return predict_file(args, prob_fn, channels, what)
     try:
-        cases, problems = discover_cases(args.input)
+        cases, problems = discover_cases(args.input, required=channels, labels=False)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -173,7 +261,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not cases:
         print(f"no usable case under {args.input}", file=sys.stderr)
         return 1
-    prob_fn, channels, what = load_predictor(args)
     print(f"model {what}; {len(cases)} case(s) -> {args.output}", file=sys.stderr)
     done = 0
     start = time.monotonic()
