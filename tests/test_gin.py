@@ -37,7 +37,7 @@ def gen(seed: int, device: str = "cpu") -> torch.Generator:
 def check_contract(image: torch.Tensor, out: torch.Tensor) -> None:
     """Same shape/dtype, finite, background exactly 0, brain z-scored per channel."""
     assert out.shape == image.shape and out.dtype == image.dtype and out.device == image.device
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(out).all() and out.is_contiguous()
     brain = (image != 0).any(dim=0)
     assert (out[:, ~brain] == 0).all()
     values = out[:, brain].double()  # (C, N)
@@ -141,7 +141,7 @@ def test_cuda(name):
     f = TRANSFORMS[name]
     out = f(image, gen(0, "cuda"))
     check_contract(image, out)
-    assert torch.equal(out, f(image, gen(0, "cuda")))
+    assert torch.allclose(out, f(image, gen(0, "cuda")), atol=1e-5)  # cuDNN may pick other algos
     with torch.autocast("cuda", dtype=torch.bfloat16):  # the caller's autocast is ignored
         check_contract(image, f(image, gen(0, "cuda")))
     with pytest.raises(ValueError, match="generator"):
