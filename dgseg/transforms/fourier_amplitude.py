@@ -102,23 +102,15 @@ def fourier_amplitude(
             low = spec[:, i_d, i_h, i_w]  # (C, 2b_d+1, 2b_h+1, b_w+1) complex64, a copy
             amp = low.abs()
             if reference is None:
-                eps = torch.randn(
-                    c,
-                    2 * bd + 1,
-                    2 * bh + 1,
-                    2 * bw + 1,
-                    generator=generator,
-                    device=image.device,
-                    dtype=dtype,
-                )  # (C, 2b_d+1, 2b_h+1, 2b_w+1) over k in [-b, b]³, centred
+                cube = (c, 2 * bd + 1, 2 * bh + 1, 2 * bw + 1)  # k in [-b, b]³, centred
+                eps = torch.randn(cube, generator=generator, device=image.device, dtype=dtype)
                 # average with the point reflection k -> -k so that T(k) = T(-k): the spectrum
                 # of a real image stays Hermitian on the k_w = 0 plane, which irfftn assumes
                 eps = (eps + eps.flip(1, 2, 3)) / math.sqrt(2.0)
                 target = amp * eps[..., bw:].exp()  # k_w >= 0 half: (C, 2b_d+1, 2b_h+1, b_w+1)
             else:
-                ref = torch.fft.rfftn(
-                    reference.to(image.device, dtype), dim=_DIMS
-                )  # (C, D, H, W//2+1)
+                ref = reference.to(image.device, dtype)
+                ref = torch.fft.rfftn(ref, dim=_DIMS)  # (C, D, H, W//2+1) complex64
                 target = ref[:, i_d, i_h, i_w].abs()  # (C, 2b_d+1, 2b_h+1, b_w+1)
             new_amp = (1.0 - lam) * amp + lam * target
             spec[:, i_d, i_h, i_w] = torch.polar(new_amp, low.angle())  # same phase
