@@ -7,7 +7,7 @@ random bias field, blur, gamma and noise. We have no tissue labels for the healt
 re-synthesise a real image instead. Per sample:
 
 1. classes: the brain voxels of the first channel are split into K ~ U{n_classes} intensity
-   classes (equal-count quantile bins, or 1-D k-means seeded from them); tumour labels 1, 2, 4 of
+   classes (equal-count quantile bins, or 1-D k-means); tumour labels 1, 2, 4 of
    ``label``, when given, are three more classes;
 2. per class k a random target intensity m_k ~ U(0, 1) and texture scale s_k ~ U(texture_scale),
    and every voxel maps as  x' = m_k + s_k (x − μ_k)  (μ_k: the class mean), which keeps the
@@ -86,19 +86,23 @@ def _class_centres(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted centres (k,) and inner thresholds (k-1,) of ``xs`` (healthy [0, 1] intensities).
 
-    Quantile: equal-count bins, centres = bin means. K-means: Lloyd's iterations seeded with
-    those centres; in 1-D the nearest centre is the bucket between centre midpoints.
+    Quantile: equal-count bins, centres = bin means. K-means: Lloyd's iterations in 1-D (the
+    nearest centre is the bucket between centre midpoints), seeded at evenly spaced values
+    between the 1st and 99th percentiles: equal-count seeds would put several centres into the
+    largest tissue, a fixed point Lloyd does not leave, and k-means is meant to find tissues.
     """
-    thresholds = torch.quantile(xs, torch.arange(1, k, device=xs.device, dtype=xs.dtype) / k)
-    edges = torch.cat([xs.min().view(1), thresholds, xs.max().view(1)])  # (k+1,)
-    # an empty bin (one constant tissue over two quantiles) is centred between its edges
-    centres = _bin_means(xs, thresholds, 0.5 * (edges[1:] + edges[:-1]))
+    qs = torch.arange(1, k, device=xs.device, dtype=xs.dtype) / k  # (k-1,) inner quantiles
     if method == "kmeans":
+        lo, hi = torch.quantile(xs, torch.tensor([0.01, 0.99], device=xs.device, dtype=xs.dtype))
+        centres = lo + (hi - lo) * (torch.arange(k, device=xs.device, dtype=xs.dtype) + 0.5) / k
         for _ in range(iters):
             thresholds = 0.5 * (centres[1:] + centres[:-1])  # nearest-centre boundaries
-            centres = _bin_means(xs, thresholds, centres)  # empty cluster: keep its centre
-        thresholds = 0.5 * (centres[1:] + centres[:-1])
-    return centres, thresholds
+            centres = _bin_means(xs, thresholds, centres)  # an empty cluster keeps its centre
+        return centres, 0.5 * (centres[1:] + centres[:-1])
+    thresholds = torch.quantile(xs, qs)
+    edges = torch.cat([xs.min().view(1), thresholds, xs.max().view(1)])  # (k+1,)
+    # an empty bin (one constant tissue over two quantiles) is centred between its edges
+    return _bin_means(xs, thresholds, 0.5 * (edges[1:] + edges[:-1])), thresholds
 
 
 def _check_range(name: str, value: tuple[float, float], low: float = float("-inf")) -> None:
@@ -130,7 +134,7 @@ def resynthesize_contrast(
         generator: source of every random draw; each channel draws its own contrast.
         label: (D, H, W) integer BraTS-2021 label map (0, 1, 2, 4) or None.
         n_classes: inclusive range of K, the number of intensity classes of the healthy brain.
-        method: "quantile" (equal-count bins) or "kmeans" (1-D Lloyd seeded from the bins).
+        method: "quantile" (equal-count bins) or "kmeans" (1-D Lloyd, evenly spaced seeds).
         kmeans_iters: Lloyd iterations for ``method="kmeans"``.
         texture_scale: range of s_k, the per-class gain of the texture x − μ_k (negative values
             invert a class's texture).
