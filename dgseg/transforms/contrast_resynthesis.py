@@ -60,11 +60,9 @@ def _blur(vol: torch.Tensor, sigma: float) -> torch.Tensor:
     x = vol
     for dim in (1, 2, 3):
         n = x.shape[dim]
-        shape = list(x.shape)
-        shape[dim] = r
-        edge_lo = x.narrow(dim, 0, 1).expand(shape)  # replicate the border voxels
-        edge_hi = x.narrow(dim, n - 1, 1).expand(shape)
-        xp = torch.cat([edge_lo, x, edge_hi], dim=dim)  # (..., n + 2r, ...)
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (3 - dim)] = pad[2 * (3 - dim) + 1] = r  # F.pad lists the last axis first
+        xp = F.pad(x[None], pad, mode="replicate")[0]  # (N, ..., n + 2r, ...), edge voxels copied
         y = xp.narrow(dim, r, n) * k[0]
         for i in range(1, r + 1):
             y.add_(xp.narrow(dim, r + i, n) + xp.narrow(dim, r - i, n), alpha=k[i])
@@ -212,6 +210,7 @@ def resynthesize_contrast(
     else:
         w = F.one_hot(torch.bucketize(grid, thresholds), k).float()  # (L, k) hard
     u0 = torch.add(x0, -float(lo0)).mul_(1.0 / float(span0))  # (D, H, W), brain in [0, 1]
+    u0_11 = u0 * 2.0 - 1.0  # the same on apply_lut's [-1, 1] grid
     # tumour memberships: blurred one-hot masks inside the tumour's box (+3σ), computed once
     tumour = None
     if label is not None and bool((label > 0).any()):
@@ -226,8 +225,10 @@ def resynthesize_contrast(
 
     out = torch.empty(image.shape, dtype=torch.float32, device=dev)
     for ch in range(c):
-        # draws: class intensities and texture gains, then bias, blur, gamma, noise
-        m = torch.rand(n_cls, generator=generator, device=gdev).to(dev)  # (K+3,) U(0, 1)
+        # class intensities i.i.d. U(0, 1): every order of the classes equally likely (SynthSeg
+        # draws its Gaussian means i.i.d. uniform likewise)
+        m = torch.rand(n_cls, generator=generator, device=gdev).to(dev)  # (K+3,)
+        # texture gains: keep, damp, amplify or invert each class's own texture
         s = torch.rand(n_cls, generator=generator, device=gdev).to(dev)
         s = texture_scale[0] + (texture_scale[1] - texture_scale[0]) * s  # (K+3,)
         bias_std = uniform(generator, 0.0, bias_field)
@@ -246,7 +247,6 @@ def resynthesize_contrast(
         # healthy map  h = Σ_k W_k(u0) (m_k + s_k (u − μ_k)) = A(u0) + u · S(u0): two 1-D LUTs
         lut_a = w @ (m[:k] - s[:k] * mu[:k])  # (L,)
         lut_s = w @ s[:k]  # (L,)
-        u0_11 = u0 * 2.0 - 1.0  # apply_lut's grid spans [-1, 1]
         if ch == 0:  # u = u0: the whole map is one LUT, A + u0 · S
             y = apply_lut(u0_11, lut_a + grid * lut_s)
         else:
@@ -268,7 +268,7 @@ def resynthesize_contrast(
         if sigma >= 0.2:
             num_den = _blur(torch.stack([y * maskf, maskf]), sigma)  # (2, D, H, W)
             y = num_den[0] / num_den[1].clamp_min(1e-6)
-        # gamma on [0, 1]-scaled brain intensities: bends contrast like T1 vs PD weighting
+        # gamma on [0, 1]-scaled brain intensities: a global monotone bend, as SynthSeg's last step
         lo_y, span_y = _brain_range(y, mask)
         y = (
             torch.add(y, -float(lo_y))
@@ -276,7 +276,7 @@ def resynthesize_contrast(
             .clamp_(0.0, 1.0)
             .pow_(math.exp(log_gamma))
         )
-        # additive Gaussian noise (thermal), then back to the z-score contract
+        # additive Gaussian noise (thermal noise, at a random level), then back to the z-score
         if noise_std > 0:
             noise = torch.randn(shape, generator=generator, device=gdev).to(dev)
             y.add_(noise, alpha=sd_noise)

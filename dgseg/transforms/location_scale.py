@@ -44,7 +44,7 @@ __all__ = [
     "saliency_mix",
 ]
 
-_LUT_SIZE = 1024  # curve samples per class: a cubic is smooth, 1024 linear pieces err < 1e-6
+_LUT_SIZE = 1024  # LUT entries per curve: a cubic is smooth, linear pieces of 1/1023 suffice
 _T_SAMPLES = 4096  # t samples used to invert x(t) when building a LUT
 _HIST_BINS = 1024  # percentile resolution (1/1024 of a class's range) of the histogram quantiles
 _SAMPLE_VOXELS = 1 << 18  # voxels sampled for percentiles (all of them in volumes up to 64³)
@@ -251,11 +251,13 @@ def _lla_classes(
     q = torch.arange(1, n, device=x0.device, dtype=torch.float64) / n  # (n-1,) inner quantiles
     group = (~_subsample(healthy)).long()  # healthy 0, rest 1 (ignored)
     thresholds = _group_quantiles((_subsample(x0) - lo) / span, group, 1, q)[0] * span + lo
-    cls = torch.bucketize(x0, thresholds)  # (D, H, W) in [0, n)
+    cls = torch.zeros(x0.shape, dtype=torch.long, device=x0.device)  # (D, H, W)
+    for t in thresholds.tolist():  # = bucketize(x0, thresholds), ~4x faster for a few classes
+        cls += x0 > t
     if label is not None:
-        # label -> class id (0 keeps the intensity class); 3 is rejected in _check_label
-        to_cls = torch.tensor([-1, n, n + 1, -1, n + 2], device=x0.device)
-        cls = torch.where(label > 0, to_cls[label.long()], cls)
+        lab = label.long()
+        # labels 1, 2, 4 -> n, n+1, n+2 by arithmetic (4 >> 2 = 1): cheaper than a 2M-voxel gather
+        cls = torch.where(lab > 0, n - 1 + lab - (lab >> 2), cls)
     return torch.where(mask, cls, n + len(_TUMOUR_LABELS))
 
 
@@ -348,12 +350,12 @@ def local_location_scale(
         # fold class range, location-scale and clip into one table per class; background row 0
         table = ((ulo + uspan * luts[ch]) * scale[:, None] + loc[:, None]).clamp_(0.0, 1.0)
         table = torch.cat([table, table.new_zeros(1, table.shape[1])])  # (K+1, L)
-        # voxel -> local coordinate of its class: (x - clo_k) / cspan_k as one gathered affine
-        inv = torch.cat([1.0 / cspan, cspan.new_zeros(1)])  # (K+1,) background -> 0
-        off = torch.cat([-clo / cspan, clo.new_zeros(1)])
-        out[ch] = _apply_class_luts(torch.addcmul(off[cls], x, inv[cls]), cls, table).view(
-            image.shape[1:]
-        )
+        # voxel -> local coordinate of its class, (x - clo_k) / cspan_k: one gather of a
+        # (gain, offset) row per voxel; the background row (0, 0) lands on the zero table row
+        affine = torch.stack([1.0 / cspan, -clo / cspan], dim=1)  # (K, 2)
+        ab = torch.cat([affine, affine.new_zeros(1, 2)])[cls]  # (V, 2)
+        ul = torch.addcmul(ab[:, 1], x, ab[:, 0])  # (V,)
+        out[ch] = _apply_class_luts(ul, cls, table).view(image.shape[1:])
     return rezscore(out, mask).to(image.dtype)
 
 
