@@ -121,6 +121,28 @@ def test_lla_one_curve_per_label_class():
         assert (d >= -1e-5).all() or (d <= 1e-5).all(), seed
 
 
+def test_lla_soft_classes_are_continuous_in_intensity():
+    # a fine intensity ramp over the brain: hard equal-count classes jump at each threshold (the
+    # salt and pepper of a tissue split in two), the default soft blend is continuous, also in a
+    # second channel whose classes come from the first
+    _, _, tissue = phantom()
+    brain = tissue > 0
+    ramp = torch.zeros(2, N, N, N)
+    ramp[:, brain] = torch.linspace(-1.7, 1.7, int(brain.sum()))
+    order = torch.argsort(ramp[0][brain])
+
+    def max_jump(out: torch.Tensor) -> float:
+        return torch.diff(out[brain][order]).abs().max().item()
+
+    hard = [
+        max_jump(local_location_scale(ramp[:1], None, gen(s), temperature=0)[0]) for s in range(4)
+    ]
+    assert max(hard) > 0.2
+    for seed in range(4):
+        out = local_location_scale(ramp, None, gen(seed))
+        assert max_jump(out[0]) < 0.05 and max_jump(out[1]) < 0.05, seed
+
+
 def test_lla_label_none_uses_intensity_classes_only():
     img, _, tissue = phantom()
     out = local_location_scale(img, None, gen(0), n_background_classes=1)
@@ -184,6 +206,8 @@ def test_bad_arguments():
         local_location_scale(img, lab, g, n_background_classes=0)
     with pytest.raises(ValueError, match="1.5"):
         local_location_scale(img, lab, g, p_invert_tumour=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        local_location_scale(img, lab, g, temperature=-1.0)
     with pytest.raises(ValueError, match="p_local"):
         location_scale(img, lab, g, p_local=2.0)
     with pytest.raises(ValueError, match="differ"):

@@ -14,8 +14,9 @@ and the result is z-scored again over the brain (background exactly 0).
 * LLA (Sec. 3.1, local): one curve and one location-scale per class, each on the class's own
   range [lo_k, hi_k]. The paper's classes are the label classes. For BraTS that leaves the healthy
   brain as one class, so (a natural 3D extension, ours) the healthy brain is split into
-  ``n_background_classes`` equal-count intensity classes of the first channel; tumour labels 1, 2
-  and 4 are a class each.
+  ``n_background_classes`` equal-count intensity classes of the first channel, blended softly in
+  intensity (hard ones would cut a tissue at a noise-level threshold: salt and pepper); tumour
+  labels 1, 2 and 4 are a (hard) class each.
 * Saliency-balancing fusion (Sec. 3.2): s = min-max(upsample(pool(sqrt(mean_c grad²)))),
   mixed = GLA · s + LLA · (1 − s).
 
@@ -240,25 +241,33 @@ def _check_label(label: torch.Tensor | None, image: torch.Tensor) -> torch.Tenso
     return label
 
 
+def _hard_classes(x: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Index of the bucket between ``thresholds`` (ascending) for every element of ``x``."""
+    cls = torch.zeros(x.shape, dtype=torch.long, device=x.device)
+    for t in thresholds:  # = bucketize(x, thresholds), ~4x faster for a few classes
+        cls += x > t
+    return cls
+
+
 def _lla_classes(
     x0: torch.Tensor, mask: torch.Tensor, label: torch.Tensor | None, n_background_classes: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[float]]:
     """(D, H, W) long class map: 0..n-1 healthy intensity classes (equal-count quantile bins of
-    the first channel ``x0``), n, n+1, n+2 for labels 1, 2, 4, and n+3 outside the brain."""
+    the first channel ``x0``), n, n+1, n+2 for labels 1, 2, 4, and n+3 outside the brain; and
+    the n-1 thresholds (in ``x0`` units) between the healthy classes."""
     n = n_background_classes
     healthy = mask if label is None else mask & (label == 0)
     lo, span = _brain_range(x0, mask)
     q = torch.arange(1, n, device=x0.device, dtype=torch.float64) / n  # (n-1,) inner quantiles
     group = (~_subsample(healthy)).long()  # healthy 0, rest 1 (ignored)
     thresholds = _group_quantiles((_subsample(x0) - lo) / span, group, 1, q)[0] * span + lo
-    cls = torch.zeros(x0.shape, dtype=torch.long, device=x0.device)  # (D, H, W)
-    for t in thresholds.tolist():  # = bucketize(x0, thresholds), ~4x faster for a few classes
-        cls += x0 > t
+    thresholds = thresholds.tolist()
+    cls = _hard_classes(x0, thresholds)  # (D, H, W)
     if label is not None:
         lab = label.long()
         # labels 1, 2, 4 -> n, n+1, n+2 by arithmetic (4 >> 2 = 1): cheaper than a 2M-voxel gather
         cls = torch.where(lab > 0, n - 1 + lab - (lab >> 2), cls)
-    return torch.where(mask, cls, n + len(_TUMOUR_LABELS))
+    return torch.where(mask, cls, n + len(_TUMOUR_LABELS)), thresholds
 
 
 def local_location_scale(
@@ -267,6 +276,7 @@ def local_location_scale(
     generator: torch.Generator,
     *,
     n_background_classes: int = 3,
+    temperature: float = 0.5,
     p_invert_healthy: float = 1.0,
     p_invert_tumour: float = 0.5,
     scale_std: float = 0.1,
@@ -288,6 +298,13 @@ def local_location_scale(
         label: (D, H, W) integer BraTS-2021 label map (0, 1, 2, 4) or None (intensity classes only).
         generator: source of every random draw (7 per channel and class, present or not).
         n_background_classes: intensity classes of the healthy brain (>= 1).
+        temperature: softness of the healthy classes' blend: each healthy voxel takes
+            Σ_k w_k(x0) T_k(x), w = softmax_k(−(x0 − c_k)² / 2τ²) over the class centres c_k,
+            τ = ``temperature`` × their mean spacing (0: hard classes). Hard intensity classes
+            cut a homogeneous tissue at a noise-level threshold and give its two halves unrelated
+            maps, i.e. salt-and-pepper; blended, classes close in intensity (one tissue) merge
+            and the map is continuous in intensity (0.3 left visible speckle on a phantom, 1.0
+            washed the tissues out). Tumour classes (labels) stay hard, as in the paper.
         p_invert_healthy: probability that a healthy class's curve is decreasing (authors: 1, their
             background curve is always the inverted one).
         p_invert_tumour: same for each tumour class (authors: 0.5).
@@ -308,25 +325,52 @@ def local_location_scale(
     for name, p in (("p_invert_healthy", p_invert_healthy), ("p_invert_tumour", p_invert_tumour)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {p}")
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     label = _check_label(label, image)
     c, dev = image.shape[0], image.device
-    k = n_background_classes + len(_TUMOUR_LABELS)  # classes; id k marks the background
+    k = n_bg + len(_TUMOUR_LABELS)  # classes; id k marks the background
     # a fixed number of draws whatever the classes present: a seed means the same thing anywhere
     draws = torch.rand(c, k, 5, generator=generator, device=generator.device).to(dev)
     z = torch.randn(c, k, 2, generator=generator, device=generator.device).to(dev)
     mask = brain_mask(image)  # (D, H, W)
-    cls = _lla_classes(image[0].float(), mask, label, n_background_classes).flatten()  # (V,)
+    x0 = image[0].float().flatten()  # (V,) the channel that defines the intensity classes
+    cls, thresholds = _lla_classes(x0.view(mask.shape), mask, label, n_bg)
+    cls = cls.flatten()  # (V,)
     cls_sub = _subsample(cls)
     p_inv = torch.full((k,), p_invert_tumour, device=dev)
-    p_inv[:n_background_classes] = p_invert_healthy
+    p_inv[:n_bg] = p_invert_healthy
     invert = draws[..., 4] < p_inv  # (C, K)
     luts = _bezier_luts(draws[..., :4].reshape(-1, 4)).view(c, k, -1)  # (C, K, L)
     luts = torch.where(invert[..., None], 1.0 - luts, luts)  # decreasing curves: see module doc
     q = torch.tensor([percentile, 1.0 - percentile], device=dev)
     kk = torch.arange(k, device=dev)[:, None].expand(-1, 2)  # (K, 2) class id per percentile
+
+    # soft healthy membership as LUTs over the first channel's brain [0, 1] coordinate u0
+    lo0, span0 = _brain_range(x0, mask.flatten())
+    u0_sub = (_subsample(x0) - lo0) / span0
+    n_sub = torch.bincount(cls_sub, minlength=k + 1)[:n_bg].float()
+    centres = torch.bincount(cls_sub, weights=u0_sub, minlength=k + 1)[:n_bg].float()
+    centres = centres / n_sub.clamp_min(1.0)  # (n_bg,) healthy class means of u0
+    grid = torch.linspace(0.0, 1.0, _LUT_SIZE, device=dev)  # (L,) u0 at the LUT entries
+    if temperature > 0 and n_bg > 1:
+        present = n_sub > 0  # an absent class (all healthy voxels elsewhere) gets no weight
+        spacing = (centres[present].amax() - centres[present].amin()) / max(
+            int(present.sum()) - 1, 1
+        )
+        tau = temperature * spacing.clamp_min(1.0 / _LUT_SIZE)
+        logits = -((grid[:, None] - centres) ** 2) / (2 * tau**2)  # (L, n_bg)
+        w = torch.softmax(logits.masked_fill(~present, float("-inf")), dim=1)
+    else:  # hard classes: the healthy class of each grid point, by the same thresholds
+        w = F.one_hot(_hard_classes(grid * span0 + lo0, thresholds), n_bg).float()  # (L, n_bg)
+    # healthy voxels read the soft blend (row 0, global coordinate), tumour classes their own
+    # table row (local coordinate), the background a zero row: ids 0, 1..3, 4
+    row = (cls - n_bg + 1).clamp_(min=0)  # (V,)
+    healthy = cls < n_bg  # (V,)
+
     out = torch.empty(image.shape, dtype=torch.float32, device=dev)
     for ch in range(c):
-        x = image[ch].float().flatten()  # (V,)
+        x = x0 if ch == 0 else image[ch].float().flatten()  # (V,)
         lo, span = _brain_range(x, mask.flatten())
         # class ranges, exact (scatter over all voxels); an absent class gets (inf, -inf)
         cmin = torch.full((k + 1,), float("inf"), device=dev).scatter_reduce(0, cls, x, "amin")
@@ -348,15 +392,33 @@ def local_location_scale(
             scale_range=scale_range,
             location_std=location_std,
         )
-        # fold class range, location-scale and clip into one table per class; background row 0
+        # T_k: class range, curve, location-scale and clip folded into one table per class,
+        # indexed by the class's local coordinate (x - clo_k) / cspan_k
         table = ((ulo + uspan * luts[ch]) * scale[:, None] + loc[:, None]).clamp_(0.0, 1.0)
-        table = torch.cat([table, table.new_zeros(1, table.shape[1])])  # (K+1, L)
-        # voxel -> local coordinate of its class, (x - clo_k) / cspan_k: one gather of a
-        # (gain, offset) row per voxel; the background row (0, 0) lands on the zero table row
-        affine = torch.stack([1.0 / cspan, -clo / cspan], dim=1)  # (K, 2)
-        ab = torch.cat([affine, affine.new_zeros(1, 2)])[cls]  # (V, 2)
-        ul = torch.addcmul(ab[:, 1], x, ab[:, 0])  # (V,)
-        out[ch] = _apply_class_luts(ul, cls, table).view(image.shape[1:])
+        u_grid = grid[None, :] * span + lo  # (1, L) channel values at the LUT grid
+        kh = torch.arange(n_bg, device=dev)[:, None].expand(-1, _LUT_SIZE)  # (n_bg, L)
+        if ch == 0:
+            # u = u0: the blend Σ_k w_k(u0) T_k(u0) is one function of u0, a single LUT row
+            t_grid = _apply_class_luts((u_grid - clo[:n_bg, None]) / cspan[:n_bg, None], kh, table)
+            blend = (w.T * t_grid).sum(0, keepdim=True)  # (1, L)
+        else:
+            blend = table.new_zeros(1, _LUT_SIZE)  # healthy voxels handled below
+        rows = torch.cat([blend, table[n_bg:], table.new_zeros(1, _LUT_SIZE)])  # (5, L)
+        # voxel -> coordinate of its row: one gather of a (gain, offset) pair per voxel
+        gain = torch.cat([(1.0 / span).view(1), 1.0 / cspan[n_bg:], cspan.new_zeros(1)])
+        off = torch.cat([(-lo / span).view(1), -clo[n_bg:] / cspan[n_bg:], clo.new_zeros(1)])
+        ab = torch.stack([gain, off], dim=1)[row]  # (V, 2)
+        y = _apply_class_luts(torch.addcmul(ab[:, 1], x, ab[:, 0]), row, rows)  # (V,)
+        if ch > 0:
+            # classes come from channel 0, values from this one: Σ_k w_k(u0) T_k(x), n_bg LUTs
+            u0 = (x0 - lo0) / span0
+            h = torch.zeros_like(y)
+            for j in range(n_bg):
+                wj = _apply_class_luts(u0, torch.zeros_like(row), w[:, j][None])
+                tj = _apply_class_luts((x - clo[j]) / cspan[j], torch.full_like(row, j), table)
+                h.addcmul_(wj, tj)
+            y = torch.where(healthy, h, y)
+        out[ch] = y.view(image.shape[1:])
     return rezscore(out, mask).to(image.dtype)
 
 
