@@ -154,7 +154,7 @@ def resynthesize_contrast(
     Returns:
         New (C, D, H, W) tensor, z-scored over the brain per channel, background 0.
         Cost per 128³ one-channel sample (53 % brain), CPU time on one thread of a 2-core AMD EPYC
-        (Zen 3, AVX2, no AVX-512) shared with other jobs: 130-250 ms (best-median of 15 draws;
+        (Zen 3, AVX2, no AVX-512) shared with other jobs: 130-270 ms (best-median of 15 draws;
         the blur, when drawn, is the largest part).
     """
     check_image(image)

@@ -315,7 +315,7 @@ def local_location_scale(
         New (C, D, H, W) tensor, z-scored over the brain, background 0. Within a class the map is
         monotone (one curve); across classes the intensity order is random. Cost per 128³
         one-channel sample (53 % brain), CPU time on one thread of a 2-core AMD EPYC (Zen 3, AVX2,
-        no AVX-512) shared with other jobs: 150-190 ms with a label, 110-135 ms without.
+        no AVX-512) shared with other jobs: 150-195 ms with a label, 125-165 ms without.
     """
     check_image(image)
     _check_common(scale_std, scale_range, location_std, percentile)
