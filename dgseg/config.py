@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from dgseg.constants import MODALITIES
+from dgseg.transforms.sdg import INTENSITY_AUGS
 
 __all__ = [
     "DataConfig",
@@ -66,6 +67,9 @@ class DataConfig:
     rot90: bool = False  # random 90° rotations in a random plane
     rotation_degrees: float = 0.0  # random small rotation, max angle (write-up: "random rotation")
     bezier: str = "none"  # "none" | "partition" (K domains) | "pair" (2 domains) | "random"
+    # Single-source DG intensity augmentations (dgseg.transforms.sdg); each training sample draws
+    # one uniformly, and the index of the drawn one is its domain label.
+    intensity_augs: Tuple[str, ...] = ()  # names from dgseg.transforms.sdg; () = none
     workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     val_split: str = "val"  # manifest split used for validation / best checkpoint
 
@@ -78,6 +82,8 @@ class DataConfig:
             _check_positive("data.patch_size", self.patch_size)
         _check_positive("data.rotation_degrees", self.rotation_degrees, allow_zero=True)
         _check_choice("data.bezier", self.bezier, _BEZIER)
+        for a in self.intensity_augs:
+            _check_choice("data.intensity_augs entry", a, INTENSITY_AUGS)
         _check_positive("data.workers", self.workers, allow_zero=True)
 
     @property
@@ -215,10 +221,25 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        # Cross-section consistency: the domain labels come from the data's Bezier scheme.
+        # Cross-section consistency: the domain labels come from the drawn intensity augmentation
+        # when data.intensity_augs is set, else from the data's Bezier scheme.
+        augs = self.data.intensity_augs
+        if augs:
+            if self.data.bezier in ("partition", "pair"):
+                raise ValueError(
+                    f"data.bezier={self.data.bezier!r} assigns domains per patient, "
+                    "data.intensity_augs per sample: use one of them (or data.bezier='random')"
+                )
+            if self.model.grl and len(augs) != self.model.num_domains:
+                raise ValueError(
+                    f"data.intensity_augs={augs} makes {len(augs)} domains but "
+                    f"model.num_domains={self.model.num_domains}"
+                )
+            return
         if self.model.grl and self.data.bezier == "none":
             raise ValueError(
-                "model.grl=True needs data.bezier != 'none' (every sample would be domain 0)"
+                "model.grl=True needs data.bezier != 'none' or data.intensity_augs "
+                "(every sample would be domain 0)"
             )
         if self.data.bezier == "pair" and self.model.num_domains != 2:
             raise ValueError(
@@ -374,6 +395,18 @@ def _preset(name: str, **sections: Dict[str, Any]) -> Config:
 # Spatial augmentation of the write-up ("random flipping and random rotation for all domains").
 _SPATIAL = dict(flip=True, rotation_degrees=10.0)
 
+# Preset name suffix -> dgseg.transforms.sdg augmentation.
+_SDG_PRESETS = (
+    ("gin", "gin"),
+    ("ipa", "ipa"),
+    ("randconv", "random_conv"),
+    ("fourier", "fourier"),
+    ("slaug", "location_scale"),
+    ("resynth", "resynthesis"),
+)
+# The augmentations of the recommended preset `segresnet_t2_sdg` (one drawn per sample).
+SDG_RECOMMENDED = ("resynthesis", "location_scale", "gin")
+
 # One preset per experiment of the write-up's tables, plus the two ablations (GRL only, VFFC only)
 # and a tiny one for tests and the CPU demo. The adversarial presets use the write-up's three
 # Bezier domains: subset 0 untouched, subset 1 increasing curve, subset 2 decreasing curve.
@@ -402,6 +435,20 @@ PRESETS: Dict[str, Config] = {
             "segresnet_t2_vffc",
             data=dict(bezier="partition", **_SPATIAL),
             model=dict(vffc=True),
+        ),
+        # Single-source DG intensity augmentations (dgseg.transforms.sdg), one preset each, with
+        # the same spatial augmentation as the write-up's presets.
+        *(
+            _preset(f"segresnet_t2_{name}", data=dict(intensity_augs=(aug,), **_SPATIAL))
+            for name, aug in _SDG_PRESETS
+        ),
+        # The recommended combination for cross-modality work (chosen by the experiments in
+        # docs/results/), alone and with the GRL domain classifier on its augmentations.
+        _preset("segresnet_t2_sdg", data=dict(intensity_augs=SDG_RECOMMENDED, **_SPATIAL)),
+        _preset(
+            "segresnet_t2_sdg_grl",
+            data=dict(intensity_augs=SDG_RECOMMENDED, **_SPATIAL),
+            model=dict(grl=True, num_domains=len(SDG_RECOMMENDED)),
         ),
         # Seconds to minutes on a CPU (tests, demo): narrow SegResNet for 32³-64³ volumes, higher
         # lr and BCE (it empties the background much faster than Dice alone on few steps).

@@ -164,6 +164,23 @@ def test_cross_section_consistency_is_checked():
     assert cfg.model.grl
 
 
+def test_intensity_augs_are_checked_and_label_the_domains():
+    with pytest.raises(ValueError, match="data.intensity_augs entry"):
+        apply_overrides(Config(), ["data.intensity_augs=gin,bezier"])
+    with pytest.raises(ValueError, match="makes 2 domains but model.num_domains=3"):
+        apply_overrides(Config(), ["data.intensity_augs=none,gin", "model.grl=1"])
+    with pytest.raises(ValueError, match="use one of them"):
+        apply_overrides(Config(), ["data.intensity_augs=gin", "data.bezier=partition"])
+    cfg = apply_overrides(
+        Config(), ["data.intensity_augs=none,gin", "model.grl=1", "model.num_domains=2"]
+    )
+    assert cfg.data.intensity_augs == ("none", "gin") and cfg.model.grl
+    for name in ("gin", "ipa", "randconv", "fourier", "slaug", "resynth", "sdg", "sdg_grl"):
+        preset = PRESETS[f"segresnet_t2_{name}"]
+        assert preset.data.intensity_augs and preset.data.modalities == ("t2",)
+        assert preset.data.flip and preset.data.rotation_degrees == 10.0  # same spatial aug
+
+
 def test_dict_round_trip_through_json():
     for cfg in PRESETS.values():
         d = json.loads(cfg.to_json())

@@ -273,3 +273,44 @@ def test_region_channels_equals_labels_to_channels():
     out = region_channels(lab)
     assert out.dtype == torch.float32 and out.shape == (3, 9, 8, 7)
     assert torch.equal(out, labels_to_channels(lab).float())
+
+
+def test_intensity_augs_draw_one_per_sample_and_label_its_domain(tiny_shards):
+    from dgseg.transforms.sdg import intensity_augment
+
+    augs = ("none", "gin", "resynthesis")
+    ds = ShardDataset(tiny_shards, "train", ("t2",), intensity_augs=augs, seed=3)
+    plain = ShardDataset(tiny_shards, "train", ("t2",), seed=3)
+    seen = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for i in range(len(ds)):
+            s, p = ds[i], plain[i]
+            d = int(s["domain"])
+            assert 0 <= d < len(augs)
+            seen.add(d)
+            img = s["image"]
+            brain = p["image"] != 0
+            assert torch.isfinite(img).all()
+            assert (img[~brain] == 0).all()  # background stays 0
+            if augs[d] == "none":
+                assert torch.equal(img, p["image"])
+            else:  # re-z-scored over the brain
+                assert abs(float(img[brain].mean())) < 1e-3
+                assert abs(float(img[brain].std(correction=0)) - 1) < 1e-2
+                assert not torch.equal(img, p["image"])
+            torch.testing.assert_close(s["label"], p["label"])  # no spatial aug here
+    assert seen == {0, 1, 2}
+    # The drawn augmentation is the one named by the label, applied with the sample's generator.
+    with pytest.raises(ValueError, match="unknown intensity augmentation"):
+        intensity_augment("bezier", torch.zeros(1, 4, 4, 4), None, torch.Generator())
+    with pytest.raises(ValueError, match="unknown intensity augmentation"):
+        ShardDataset(tiny_shards, "train", ("t2",), intensity_augs=("gin", "nope"))
+
+
+def test_eval_splits_ignore_intensity_augs(tiny_shards):
+    ds = ShardDataset(tiny_shards, "test", ("t2",), intensity_augs=("gin",))
+    case = ds.cases[0]
+    np.testing.assert_array_equal(ds[0]["image"][0].numpy(), _stored(tiny_shards, case, "t2"))
+    assert int(ds[0]["domain"]) == 0

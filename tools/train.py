@@ -128,6 +128,7 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
         num_domains=cfg.model.num_domains,
         seed=cfg.run.seed,
         rank=dist.rank,
+        intensity_augs=d.intensity_augs,
     )
     from dgseg.data import load_manifest, split_cases
 

@@ -7,7 +7,10 @@ Training sample, in the order of docs/SPEC.md's intensity pipeline:
 2. Bezier intensity curve of the sample's synthetic domain (``dgseg.data.domains``), applied to
    the patch: brain voxels min-max scaled to [-1, 1], curve through a LUT, re-z-scored, background
    0 (``dgseg.transforms.bezier_domain_transform``);
-3. random flips / 90-degree turns / small rotations on image and label together.
+3. one single-source DG intensity augmentation drawn per sample from ``intensity_augs``
+   (``dgseg.transforms.sdg``: GIN, IPA, RandConv, Fourier amplitude, SLAug location-scale,
+   contrast re-synthesis), on the patch and its label map;
+4. random flips / 90-degree turns / small rotations on image and label together.
 
 Evaluation (any split but "train"): no curve, no augmentation, domain 0, the whole stored volume
 (or a centred patch when ``patch_size`` is given). Testing a T2 model on T1 is just
@@ -44,6 +47,8 @@ from dgseg.transforms import (
     random_rotation,
 )
 
+from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
+
 from .domains import BEZIER_MODES, assign_domains, curve_kind, sample_seed
 from .manifest import load_manifest, split_cases
 
@@ -76,17 +81,21 @@ def region_channels(label: torch.Tensor) -> torch.Tensor:
 
 
 def augment(image: torch.Tensor, label: torch.Tensor | None, g: torch.Generator, *, curve: int = 0,
-            flip: bool = False, rot90: bool = False, rotation_degrees: float = 0.0,
+            intensity: str = "none", flip: bool = False, rot90: bool = False,
+            rotation_degrees: float = 0.0,
             bezier_scaling: str = "minmax") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Training transforms in SPEC order: Bezier curve ``curve`` (0 = none), then spatial ones.
+    """Training transforms in SPEC order: Bezier curve ``curve`` (0 = none), the intensity
+    augmentation ``intensity`` (a name of ``dgseg.transforms.sdg``), then the spatial ones.
 
     Args:
         image: (C, D, H, W) float32, z-scored, background 0.
         label: (D, H, W) uint8 label map (or None).
-        g: the sample's generator; the number of draws depends only on the flags.
+        g: the sample's generator.
     """
     if curve:
         image = bezier_domain_transform(image, curve, g, scaling=bezier_scaling)
+    if intensity != "none":
+        image = intensity_augment(intensity, image, label, g)
     if flip:
         image, label = random_flip(image, label, g)
     if rot90:
@@ -112,6 +121,9 @@ class ShardDataset(Dataset):
         seed: seeds domains and per-sample randomness.
         rank: distributed rank, part of the per-sample seed.
         bezier_scaling: "minmax" or "percentile" scaling of the brain to [-1, 1] before the curve.
+        intensity_augs: names of ``dgseg.transforms.sdg`` augmentations; each training sample
+            draws one uniformly (after its Bezier curve, if any), and its index becomes the
+            sample's domain label. Empty: none.
 
     Sample: ``{"image": float32 (C, D, H, W), "label": float32 (3, D, H, W) WT/TC/ET (zeros when
     unlabelled), "domain": int64 scalar, "case_id": str, "has_label": bool}``.
@@ -122,7 +134,7 @@ class ShardDataset(Dataset):
                  patch_size: int | Sequence[int] | None = None, flip: bool = False,
                  rot90: bool = False, rotation_degrees: float = 0.0, bezier: str = "none",
                  num_domains: int = 3, seed: int = 0, rank: int = 0,
-                 bezier_scaling: str = "minmax") -> None:
+                 bezier_scaling: str = "minmax", intensity_augs: Sequence[str] = ()) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
         if isinstance(modalities, str):
@@ -137,6 +149,11 @@ class ShardDataset(Dataset):
         if bezier == "partition" and not 1 <= num_domains <= 3:
             raise ValueError(f"bezier='partition' supports 1 to 3 domains (identity, increasing, "
                              f"decreasing), got num_domains={num_domains!r}")
+        intensity_augs = tuple(intensity_augs)
+        unknown = [a for a in intensity_augs if a not in INTENSITY_AUGS]
+        if unknown:
+            raise ValueError(f"unknown intensity augmentation(s) {unknown}; valid: "
+                             f"{INTENSITY_AUGS}")
         if bezier_scaling not in ("minmax", "percentile"):
             raise ValueError(f"bezier_scaling must be 'minmax' or 'percentile', got "
                              f"{bezier_scaling!r}")
@@ -156,6 +173,7 @@ class ShardDataset(Dataset):
         self.rotation_degrees = float(rotation_degrees)
         self.bezier = bezier if self.train else "none"
         self.bezier_scaling = bezier_scaling
+        self.intensity_augs = intensity_augs if self.train else ()
         self.num_domains = int(num_domains)
         self.seed, self.rank = int(seed), int(rank)
         ids = [c["id"] for c in self.cases]
@@ -292,8 +310,13 @@ class ShardDataset(Dataset):
         elif self.bezier != "none":
             domain = self.domains[case["id"]]
             kind = curve_kind(self.bezier, domain)
+        intensity = "none"
+        if self.intensity_augs:  # the drawn augmentation is the domain label
+            domain = int(torch.randint(0, len(self.intensity_augs), (1,), generator=g))
+            intensity = self.intensity_augs[domain]
         if self.train:
-            img, lab = augment(img, lab, g, curve=kind, flip=self.flip, rot90=self.rot90,
+            img, lab = augment(img, lab, g, curve=kind, intensity=intensity, flip=self.flip,
+                               rot90=self.rot90,
                                rotation_degrees=self.rotation_degrees,
                                bezier_scaling=self.bezier_scaling)
         return {

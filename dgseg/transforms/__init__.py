@@ -1,4 +1,5 @@
-"""Label conversion, Bezier intensity domains and spatial augmentation (see docs/SPEC.md)."""
+"""Label conversion, Bezier intensity domains, single-source DG intensity augmentations and
+spatial augmentation (see docs/SPEC.md)."""
 
 from dgseg.transforms.bezier import apply_lut, bezier_curve, bezier_domain_transform, bezier_lut
 from dgseg.transforms.labels import (
@@ -7,6 +8,7 @@ from dgseg.transforms.labels import (
     convert_labels,
     labels_to_channels,
 )
+from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 from dgseg.transforms.spatial import random_flip, random_rot90, random_rotation
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "bezier_lut",
     "apply_lut",
     "bezier_domain_transform",
+    "INTENSITY_AUGS",
+    "intensity_augment",
     "random_flip",
     "random_rot90",
     "random_rotation",

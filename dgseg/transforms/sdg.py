@@ -1,0 +1,69 @@
+"""Single-source domain-generalization intensity augmentations, by the names the config uses.
+
+Each name maps to one transform of this package, called as ``fn(image, label, generator)`` on a
+(C, D, H, W) training patch that is z-scored over the brain with background 0, before the spatial
+augmentation (docs/SPEC.md, "Intensity pipeline"). Every transform returns the brain re-z-scored
+per channel and the background at exactly 0.
+
+=================  ===================================================================  =========
+name               transform                                                            reads
+=================  ===================================================================  =========
+``none``           identity (the source image as it is)                                 –
+``gin``            random shallow conv net, mixed with the input (GIN, Ouyang 2022)     image
+``ipa``            two GIN views blended by a smooth random field (IPA, Ouyang 2022)    image
+``random_conv``    one random convolution layer (RandConv, Xu et al. ICLR 2021)         image
+``fourier``        low-frequency amplitude perturbation, phase kept (Xu 2021, FedDG)    image
+``location_scale`` global or class-wise random curve + location/scale (SLAug, Su 2023)  label
+``resynthesis``    random intensity per intensity class and tumour region (SynthSeg)    label
+=================  ===================================================================  =========
+
+"reads label" means the transform uses the tumour sub-regions of the training label map as
+classes of their own, as SLAug and SynthSeg do; no transform knows how the data were generated.
+
+A training sample draws one name uniformly from ``DataConfig.intensity_augs``; the index of the
+drawn name is the sample's domain label for the GRL domain classifier.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from dgseg.transforms.contrast_resynthesis import resynthesize_contrast
+from dgseg.transforms.fourier_amplitude import fourier_amplitude
+from dgseg.transforms.gin import gin, ipa
+from dgseg.transforms.location_scale import location_scale
+from dgseg.transforms.random_conv import random_conv
+
+__all__ = ["INTENSITY_AUGS", "intensity_augment"]
+
+Transform = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Generator], torch.Tensor]
+
+_TRANSFORMS: dict[str, Transform] = {
+    "none": lambda image, label, g: image,
+    "gin": lambda image, label, g: gin(image, g),
+    "ipa": lambda image, label, g: ipa(image, g),
+    "random_conv": lambda image, label, g: random_conv(image, g),
+    "fourier": lambda image, label, g: fourier_amplitude(image, g),
+    "location_scale": lambda image, label, g: location_scale(image, label, g),
+    "resynthesis": lambda image, label, g: resynthesize_contrast(image, g, label=label),
+}
+
+INTENSITY_AUGS = tuple(_TRANSFORMS)
+
+
+def intensity_augment(
+    name: str, image: torch.Tensor, label: Optional[torch.Tensor], generator: torch.Generator
+) -> torch.Tensor:
+    """Apply the augmentation called ``name`` to a (C, D, H, W) image.
+
+    Args:
+        name: one of :data:`INTENSITY_AUGS`.
+        image: (C, D, H, W) float, z-scored over the brain, background 0.
+        label: (D, H, W) uint8 BraTS-2021 label map of the same patch, or None.
+        generator: the sample's generator (every random draw comes from it).
+    """
+    if name not in _TRANSFORMS:
+        raise ValueError(f"unknown intensity augmentation {name!r}; valid: {INTENSITY_AUGS}")
+    return _TRANSFORMS[name](image, label, generator)
