@@ -25,14 +25,14 @@ the last axis), and a 240×240×155 tumour mask takes milliseconds.
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import torch
 
-__all__ = ["CONNECTIVITIES", "label_components", "component_sizes"]
+from dgseg.metrics import _bbox
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+__all__ = ["CONNECTIVITIES", "component_sizes", "label_components"]
+
+ArrayLike = np.ndarray | torch.Tensor
 
 CONNECTIVITIES = (6, 18, 26)
 
@@ -54,18 +54,6 @@ def _as_bool3d(mask: ArrayLike) -> np.ndarray:
     return m if m.dtype == bool else m != 0
 
 
-def _bbox(m: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of the True voxels (None when there are none)."""
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(m.any(axis=other))
-        if nz.size == 0:
-            return None
-        box.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(box)
-
-
 def _runs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of True along the last axis of ``m`` (D, H, W): row index z*H + y, first and last
     column, each (R,) int64, in raster order."""
@@ -83,7 +71,7 @@ def _run_edges(
     row: np.ndarray, a: np.ndarray, b: np.ndarray, shape: tuple[int, int, int], connectivity: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j) of connected runs, j in an earlier row than i."""
-    d, h, w = shape
+    _, h, w = shape
     stride = w + 4  # row key stride: a column range widened by 1 never reaches the next row
     key_start = row * stride + a  # (R,) sorted: runs are in raster order
     key_end = row * stride + b  # (R,) sorted as well (runs of a row are disjoint)

@@ -67,27 +67,34 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from dgseg.connected_components import CONNECTIVITIES, label_components
 from dgseg.constants import REGIONS
-from dgseg.metrics import _check_spacing, _points_mask, _squared_edt_at, _surface_points
+from dgseg.metrics import (
+    _as_bool,
+    _bbox,
+    _check_spacing,
+    _points_mask,
+    _squared_edt_at,
+    _surface_points,
+)
 
 __all__ = [
-    "LesionRules",
     "LESION_RULES",
-    "get_lesion_rules",
     "Lesion",
+    "LesionRules",
     "LesionScores",
-    "lesion_scores",
+    "get_lesion_rules",
     "lesion_region_metrics",
+    "lesion_scores",
     "min_cost_assignment",
 ]
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 _MATCHINGS = ("bipartite", "dilated_overlap")
 _AGGREGATES = ("matched", "penalized")
@@ -106,7 +113,7 @@ class LesionRules:
     match_threshold: float = 1e-6  # bipartite: smallest Dice of an eligible pair
     hd95: str = "pooled"  # "pooled" (both directions together) | "max" (larger direction)
     missing_hd95: float = 373.0  # HD95 (mm) of a missed / false-positive lesion, no-match case
-    nsd_tolerance: Optional[float] = None  # mm; None: the smallest voxel spacing
+    nsd_tolerance: float | None = None  # mm; None: the smallest voxel spacing
     connectivity: int = 26  # lesions are components with this connectivity
 
     def __post_init__(self) -> None:
@@ -119,16 +126,19 @@ class LesionRules:
             if value not in choices:
                 raise ValueError(f"LesionRules.{field}={value!r} is not one of {choices}")
         if int(self.gt_dilation) != self.gt_dilation or self.gt_dilation < 0:
-            raise ValueError(f"LesionRules.gt_dilation must be an integer >= 0, got "
-                             f"{self.gt_dilation!r}")
+            raise ValueError(
+                f"LesionRules.gt_dilation must be an integer >= 0, got {self.gt_dilation!r}"
+            )
         if not self.min_volume >= 0:
             raise ValueError(f"LesionRules.min_volume must be >= 0, got {self.min_volume!r}")
         if not 0 < self.match_threshold <= 1:
-            raise ValueError(f"LesionRules.match_threshold must be in (0, 1], got "
-                             f"{self.match_threshold!r}")
+            raise ValueError(
+                f"LesionRules.match_threshold must be in (0, 1], got {self.match_threshold!r}"
+            )
         if self.nsd_tolerance is not None and not self.nsd_tolerance >= 0:
-            raise ValueError(f"LesionRules.nsd_tolerance must be >= 0 or None, got "
-                             f"{self.nsd_tolerance!r}")
+            raise ValueError(
+                f"LesionRules.nsd_tolerance must be >= 0 or None, got {self.nsd_tolerance!r}"
+            )
 
     def describe(self) -> str:
         """One line for table footers: the preset and what it means."""
@@ -136,17 +146,25 @@ class LesionRules:
         if self.matching == "bipartite":
             match = "one-to-one maximum-Dice matching (any overlap)"
         else:
-            match = (f"reference lesions merged by {self.gt_dilation} dilations, predicted "
-                     f"components matched to every dilated lesion they touch")
+            match = (
+                f"reference lesions merged by {self.gt_dilation} dilations, predicted "
+                f"components matched to every dilated lesion they touch"
+            )
         if self.aggregate == "matched":
-            agg = (f"means over matched lesions (no match: Dice 0, HD95 "
-                   f"{self.missing_hd95:g}; both empty: left out)")
+            agg = (
+                f"means over matched lesions (no match: Dice 0, HD95 "
+                f"{self.missing_hd95:g}; both empty: left out)"
+            )
         else:
-            agg = (f"missed and false-positive lesions score Dice 0, HD95 {self.missing_hd95:g}"
-                   f"; reference lesions <= {self.min_volume:g} mm³ ignored; both empty: Dice 1, "
-                   f"HD95 0")
-        return (f"Lesion-wise rules '{self.name}': {self.connectivity}-connected lesions, {match}; "
-                f"{agg}; HD95 {self.hd95}; NSD tolerance {tol}.")
+            agg = (
+                f"missed and false-positive lesions score Dice 0, HD95 {self.missing_hd95:g}"
+                f"; reference lesions <= {self.min_volume:g} mm³ ignored; both empty: Dice 1, "
+                f"HD95 0"
+            )
+        return (
+            f"Lesion-wise rules '{self.name}': {self.connectivity}-connected lesions, {match}; "
+            f"{agg}; HD95 {self.hd95}; NSD tolerance {tol}."
+        )
 
 
 LESION_RULES: dict[str, LesionRules] = {
@@ -154,20 +172,26 @@ LESION_RULES: dict[str, LesionRules] = {
     "panoptica": LesionRules(),
     # BraTS 2023 / 2024 lesion-wise metrics (Saluja et al.), BraTS-GLI parameters
     "brats2023": LesionRules(
-        name="brats2023", matching="dilated_overlap", aggregate="penalized", gt_dilation=3,
-        min_volume=50.0, hd95="max", missing_hd95=374.0,
+        name="brats2023",
+        matching="dilated_overlap",
+        aggregate="penalized",
+        gt_dilation=3,
+        min_volume=50.0,
+        hd95="max",
+        missing_hd95=374.0,
     ),
 }
 
 
-def get_lesion_rules(rules: Union[str, LesionRules, None] = None, **overrides: Any) -> LesionRules:
+def get_lesion_rules(rules: str | LesionRules | None = None, **overrides: Any) -> LesionRules:
     """A preset by name (default "panoptica") or a given :class:`LesionRules`, with overrides."""
     if rules is None:
         rules = "panoptica"
     if isinstance(rules, str):
         if rules not in LESION_RULES:
-            raise ValueError(f"unknown lesion rules {rules!r}; expected one of "
-                             f"{sorted(LESION_RULES)}")
+            raise ValueError(
+                f"unknown lesion rules {rules!r}; expected one of {sorted(LESION_RULES)}"
+            )
         rules = LESION_RULES[rules]
     return dataclasses.replace(rules, **overrides) if overrides else rules
 
@@ -182,7 +206,7 @@ class Lesion:
     it enters the case's aggregate under the rules.
     """
 
-    ref: Optional[int]
+    ref: int | None
     pred: tuple[int, ...]
     volume: float
     dice: float
@@ -208,8 +232,10 @@ class LesionScores:
 
     def as_dict(self) -> dict[str, float]:
         """The scalar fields (no per-lesion list)."""
-        return {k: getattr(self, k) for k in
-                ("dice", "hd95", "nsd", "tp", "fp", "fn", "n_ref", "n_pred", "f1")}
+        return {
+            k: getattr(self, k)
+            for k in ("dice", "hd95", "nsd", "tp", "fp", "fn", "n_ref", "n_pred", "f1")
+        }
 
 
 # ----------------------------------------------------------------------------- matching
@@ -284,15 +310,18 @@ def _groups(edges: Sequence[tuple[int, int]]) -> list[tuple[list[int], list[int]
     return [(sorted(r), sorted(q)) for r, q in out.values()]
 
 
-def _match_bipartite(dice: Mapping[tuple[int, int], float], threshold: float
-                     ) -> list[tuple[int, int]]:
+def _match_bipartite(
+    dice: Mapping[tuple[int, int], float], threshold: float
+) -> list[tuple[int, int]]:
     """Panoptica's MaxBipartiteMatching on the (ref, pred) → Dice table of overlapping pairs."""
     eligible = {k: d for k, d in dice.items() if d >= threshold}
     pairs: list[tuple[int, int]] = []
     for refs, preds in _groups(list(eligible)):
         if len(refs) == 1 or len(preds) == 1:  # a star: the best pair (first of equal ones)
-            best = max(((r, q) for r in refs for q in preds if (r, q) in eligible),
-                       key=lambda k: eligible[k])
+            best = max(
+                ((r, q) for r in refs for q in preds if (r, q) in eligible),
+                key=lambda k: eligible[k],
+            )
             pairs.append(best)
             continue
         cost = np.full((len(refs), len(preds)), 1.0 + 1e-6)  # ineligible: panoptica's cost
@@ -305,8 +334,13 @@ def _match_bipartite(dice: Mapping[tuple[int, int], float], threshold: float
 
 
 # ----------------------------------------------------------------------------- geometry helpers
-_OFFSETS18 = [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-              if 0 < abs(dz) + abs(dy) + abs(dx) <= 2]
+_OFFSETS18 = [
+    (dz, dy, dx)
+    for dz in (-1, 0, 1)
+    for dy in (-1, 0, 1)
+    for dx in (-1, 0, 1)
+    if 0 < abs(dz) + abs(dy) + abs(dx) <= 2
+]
 
 
 def _dilate18(mask: np.ndarray, iterations: int) -> np.ndarray:
@@ -345,8 +379,9 @@ def _box_of(flat: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.nd
     return coords.min(0), coords.max(0) + 1
 
 
-def _pair_distances(ref: np.ndarray, pred: np.ndarray, shape: tuple[int, ...],
-                    spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _pair_distances(
+    ref: np.ndarray, pred: np.ndarray, shape: tuple[int, ...], spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     """Directed surface distances (mm) reference → prediction and prediction → reference, for two
     non-empty voxel sets given as flat indices into ``shape``, on their joint bounding box."""
     rc = np.stack(np.unravel_index(ref, shape), axis=1)  # (Nr, 3)
@@ -362,9 +397,14 @@ def _pair_distances(ref: np.ndarray, pred: np.ndarray, shape: tuple[int, ...],
     return d_rp, d_pr
 
 
-def _pair_scores(ref: np.ndarray, pred: np.ndarray, shape: tuple[int, ...],
-                 spacing: tuple[float, ...], rules: LesionRules, tol: float
-                 ) -> tuple[float, float, float]:
+def _pair_scores(
+    ref: np.ndarray,
+    pred: np.ndarray,
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    rules: LesionRules,
+    tol: float,
+) -> tuple[float, float, float]:
     """(Dice, HD95, NSD) of a reference lesion and its (non-empty) matched prediction."""
     inter = np.intersect1d(ref, pred, assume_unique=True).size
     dice = 2.0 * inter / (ref.size + pred.size)
@@ -377,22 +417,53 @@ def _pair_scores(ref: np.ndarray, pred: np.ndarray, shape: tuple[int, ...],
     return dice, hd, nsd
 
 
-def _bbox2(m: np.ndarray) -> Optional[tuple[slice, ...]]:
-    box = []
-    for axis in range(m.ndim):
-        other = tuple(a for a in range(m.ndim) if a != axis)
-        nz = np.flatnonzero(m.any(axis=other))
-        if nz.size == 0:
-            return None
-        box.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(box)
+def _bipartite_matches(
+    t: np.ndarray, lp: np.ndarray, pred_vox: list[np.ndarray], rules: LesionRules
+) -> tuple[list[np.ndarray], dict[int, tuple[int, ...]]]:
+    """Reference lesions (components of ``t``) and panoptica's one-to-one matches to the
+    predicted components (labels ``lp``, voxel lists ``pred_vox``), as {reference: (q,)}."""
+    lt, n_ref = label_components(t, rules.connectivity)
+    ref_vox = _voxels_by_label(lt, n_ref)
+    base = len(pred_vox) + 1
+    both = (lt > 0) & (lp > 0)
+    pair_codes = lt[both].astype(np.int64) * base + lp[both]  # (ref, pred) of overlap voxels
+    codes, inter = np.unique(pair_codes, return_counts=True)  # overlapping pairs, voxel counts
+    refs, preds = codes // base, codes % base
+    size_t = np.array([v.size for v in ref_vox] or [0])
+    size_p = np.array([v.size for v in pred_vox] or [0])
+    pair_dice = 2.0 * inter / (size_t[refs - 1] + size_p[preds - 1])
+    dice = {(int(r), int(q)): float(d) for r, q, d in zip(refs, preds, pair_dice)}
+    return ref_vox, {r: (q,) for r, q in _match_bipartite(dice, rules.match_threshold)}
 
 
-def _as_bool(mask: ArrayLike) -> np.ndarray:
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    m = np.asarray(mask)
-    return m if m.dtype == bool else m != 0
+def _dilated_matches(
+    t: np.ndarray, lp: np.ndarray, rules: LesionRules
+) -> tuple[list[np.ndarray], dict[int, tuple[int, ...]]]:
+    """BraTS 2023 lesions and matches: reference components merged through the dilated
+    reference; each lesion gets every predicted component (labels ``lp``) that touches its own
+    dilation, as {reference: (components...)}."""
+    pad = rules.gt_dilation
+    lt = np.zeros(t.shape, np.int32)
+    n_ref = 0
+    tbox = _bbox(t)
+    if tbox is not None:  # on the reference's box grown by the dilation: nothing farther counts
+        tlo = np.array([b.start for b in tbox]) - pad
+        thi = np.array([b.stop for b in tbox]) + pad
+        tw = _window(t, tlo, thi)  # (box + 2·pad) of the reference, zeros outside
+        ld, _ = label_components(_dilate18(tw, pad), rules.connectivity)
+        inner = tuple(slice(pad, n - pad) for n in tw.shape)  # back to the reference's box
+        ids, inverse = np.unique(np.where(tw, ld, 0)[inner], return_inverse=True)
+        shift = 0 if ids[0] == 0 else 1  # no background in the box: the first lesion is ids[0]
+        lt[tbox] = inverse.reshape(lt[tbox].shape) + shift  # lesions numbered 1..n
+        n_ref = int(ids.size) - 1 + shift
+    ref_vox = _voxels_by_label(lt, n_ref)
+    matches = {}
+    for r, vox in enumerate(ref_vox, start=1):
+        lo, hi = _box_of(vox, t.shape)
+        lesion = _window(lt, lo - pad, hi + pad) == r  # the lesion with room to dilate
+        hit = np.unique(_window(lp, lo - pad, hi + pad)[_dilate18(lesion, pad)])
+        matches[r] = tuple(int(q) for q in hit if q)
+    return ref_vox, matches
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -400,7 +471,7 @@ def lesion_scores(
     pred: ArrayLike,
     truth: ArrayLike,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    rules: Union[str, LesionRules, None] = None,
+    rules: str | LesionRules | None = None,
 ) -> LesionScores:
     """Lesion-wise scores of one binary region (see the module docstring for the rules).
 
@@ -412,11 +483,12 @@ def lesion_scores(
     rules = get_lesion_rules(rules)
     p, t = _as_bool(pred), _as_bool(truth)
     if p.shape != t.shape or p.ndim != 3:
-        raise ValueError(f"expected pred and truth of equal shape (D, H, W), got {p.shape} and "
-                         f"{t.shape}")
+        raise ValueError(
+            f"expected pred and truth of equal shape (D, H, W), got {p.shape} and {t.shape}"
+        )
     spacing = _check_spacing(spacing, 3)
     tol = min(spacing) if rules.nsd_tolerance is None else float(rules.nsd_tolerance)
-    box = _bbox2(p | t)
+    box = _bbox(p | t)
     if box is None:  # both empty
         return _aggregate(rules, [], 0, 0)
     p, t = p[box], t[box]  # every lesion lies in the joint box; distances are box-invariant
@@ -424,42 +496,9 @@ def lesion_scores(
     pred_vox = _voxels_by_label(lp, n_pred)
     voxel_mm3 = float(np.prod(spacing))
     if rules.matching == "bipartite":
-        lt, n_ref = label_components(t, rules.connectivity)
-        ref_vox = _voxels_by_label(lt, n_ref)
-        both = (lt > 0) & (lp > 0)
-        codes, inter = np.unique(lt[both].astype(np.int64) * (n_pred + 1) + lp[both],
-                                 return_counts=True)
-        dice = {(int(c // (n_pred + 1)), int(c % (n_pred + 1))):
-                2.0 * int(k) / (ref_vox[c // (n_pred + 1) - 1].size
-                                + pred_vox[c % (n_pred + 1) - 1].size)
-                for c, k in zip(codes, inter)}
-        matches = {r: (q,) for r, q in _match_bipartite(dice, rules.match_threshold)}
+        ref_vox, matches = _bipartite_matches(t, lp, pred_vox, rules)
     else:
-        # reference lesions: components of the dilated reference, restricted to the reference;
-        # computed on the reference's box grown by the dilation (nothing farther is reached)
-        pad = rules.gt_dilation
-        lt = np.zeros(t.shape, np.int32)
-        n_ref = 0
-        tbox = _bbox2(t)
-        if tbox is not None:
-            tlo = np.array([b.start for b in tbox]) - pad
-            thi = np.array([b.stop for b in tbox]) + pad
-            tw = _window(t, tlo, thi)  # (box + 2 pad) with zeros outside the joint box
-            ld, _ = label_components(_dilate18(tw, pad), rules.connectivity)
-            inner = tuple(slice(pad, n - pad) for n in tw.shape)  # the reference's box
-            ids, inverse = np.unique(np.where(tw, ld, 0)[inner], return_inverse=True)
-            lt[tbox] = inverse.reshape(lt[tbox].shape)  # 0 stays background: ids[0] == 0,
-            n_ref = int(ids.size) - 1  # as the reference's box always holds background or
-            if ids[0] != 0:  # ... not, when the reference fills its own box: shift by one
-                lt[tbox] += 1
-                n_ref += 1
-        ref_vox = _voxels_by_label(lt, n_ref)
-        matches = {}
-        for r, vox in enumerate(ref_vox, start=1):
-            lo, hi = _box_of(vox, t.shape)
-            lesion = _window(lt, lo - pad, hi + pad) == r  # the lesion with room to dilate
-            hit = np.unique(_window(lp, lo - pad, hi + pad)[_dilate18(lesion, pad)])
-            matches[r] = tuple(int(q) for q in hit if q)
+        ref_vox, matches = _dilated_matches(t, lp, rules)
 
     lesions: list[Lesion] = []
     for r, vox in enumerate(ref_vox, start=1):
@@ -467,8 +506,11 @@ def lesion_scores(
         counted = rules.aggregate == "matched" or volume > rules.min_volume
         got = matches.get(r, ())
         if got:
-            pv = pred_vox[got[0] - 1] if len(got) == 1 else np.sort(
-                np.concatenate([pred_vox[q - 1] for q in got]))
+            pv = (
+                pred_vox[got[0] - 1]
+                if len(got) == 1
+                else np.sort(np.concatenate([pred_vox[q - 1] for q in got]))
+            )
             d, hd, nsd = _pair_scores(vox, pv, t.shape, spacing, rules, tol)
         else:
             d, hd, nsd = 0.0, float(rules.missing_hd95), 0.0
@@ -476,13 +518,23 @@ def lesion_scores(
     used = {q for got in matches.values() for q in got}
     for q in range(1, n_pred + 1):
         if q not in used:
-            lesions.append(Lesion(None, (q,), pred_vox[q - 1].size * voxel_mm3, 0.0,
-                                  float(rules.missing_hd95), 0.0, True))
-    return _aggregate(rules, lesions, n_ref, n_pred)
+            lesions.append(
+                Lesion(
+                    None,
+                    (q,),
+                    pred_vox[q - 1].size * voxel_mm3,
+                    0.0,
+                    float(rules.missing_hd95),
+                    0.0,
+                    True,
+                )
+            )
+    return _aggregate(rules, lesions, len(ref_vox), n_pred)
 
 
-def _aggregate(rules: LesionRules, lesions: list[Lesion], n_ref_all: int, n_pred: int
-               ) -> LesionScores:
+def _aggregate(
+    rules: LesionRules, lesions: list[Lesion], n_ref_all: int, n_pred: int
+) -> LesionScores:
     """Per-case values of one region from its scored lesions, per ``rules.aggregate``."""
     refs = [x for x in lesions if x.ref is not None and x.counted]
     fps = [x for x in lesions if x.ref is None]
@@ -521,7 +573,7 @@ def lesion_region_metrics(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     *,
     regions: Sequence[str] = REGIONS,
-    rules: Union[str, LesionRules, None] = None,
+    rules: str | LesionRules | None = None,
 ) -> dict[str, dict[str, float]]:
     """Lesion-wise scores of every region of one case.
 
@@ -536,8 +588,11 @@ def lesion_region_metrics(
     """
     p, t = _as_bool(pred_r), _as_bool(truth_r)
     if p.shape != t.shape or p.ndim != 4 or p.shape[0] != len(regions):
-        raise ValueError(f"expected pred_r and truth_r of shape ({len(regions)}, D, H, W), got "
-                         f"{p.shape} and {t.shape}")
+        raise ValueError(
+            f"expected pred_r and truth_r of shape ({len(regions)}, D, H, W), got "
+            f"{p.shape} and {t.shape}"
+        )
     rules = get_lesion_rules(rules)
-    return {name: lesion_scores(p[i], t[i], spacing, rules).as_dict()
-            for i, name in enumerate(regions)}
+    return {
+        name: lesion_scores(p[i], t[i], spacing, rules).as_dict() for i, name in enumerate(regions)
+    }
