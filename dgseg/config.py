@@ -68,6 +68,7 @@ class DataConfig:
     bezier: str = "none"  # "none" | "partition" (K domains) | "pair" (2 domains) | "random"
     workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     val_split: str = "val"  # manifest split used for validation / best checkpoint
+    fold: Optional[int] = None  # CV fold i: validate on fold i, train on the other non-test cases
 
     def __post_init__(self) -> None:
         if len(self.modalities) == 0:
@@ -79,6 +80,8 @@ class DataConfig:
         _check_positive("data.rotation_degrees", self.rotation_degrees, allow_zero=True)
         _check_choice("data.bezier", self.bezier, _BEZIER)
         _check_positive("data.workers", self.workers, allow_zero=True)
+        if self.fold is not None:
+            _check_positive("data.fold", self.fold, allow_zero=True)
 
     @property
     def in_channels(self) -> int:
