@@ -34,7 +34,9 @@ instance segmentation maps", arXiv:2312.02608):
 
 ``"brats2023"``: the BraTS 2023 / 2024 lesion-wise metrics (Saluja et al., github.com/
 rachitsaluja/BraTS-2023-Metrics ``brats_2023_metrics/surface_distance/brats_metrics.py``
-commit 0c603fc, parameters of BraTS-GLI; the 2024 repository keeps the same scheme):
+commit 0c603fc, parameters of BraTS-GLI; rachitsaluja/BraTS-2024-Metrics ``metrics_GLI.py``
+keeps the scheme with thresholds 20 mm³ (ET 10 mm³), reachable with ``min_volume``, and also
+merges lesions across tissues, which dgseg does not replicate):
 
 * reference lesions: components of the reference dilated 3 times with the 18-connected
   structure (``generate_binary_structure(3, 2)``), intersected with the reference, so that
@@ -50,7 +52,7 @@ commit 0c603fc, parameters of BraTS-GLI; the 2024 repository keeps the same sche
   Dice 1, HD95 0. dgseg adds NSD with the Dice rule (not part of the 2023 rules).
 * HD95 here is dgseg's legacy definition (larger of the two directed 95th percentiles over
   surface voxels); the 2023 code uses DeepMind's ``compute_robust_hausdorff``, which weights
-  surface elements by their area, so HD95 values may differ slightly (Dice counts are identical).
+  surface elements by their area, so HD95 values may differ slightly (Dice and counts do not).
 
 Where the issue that requested this module says "maximum bipartite matching, any overlap counts;
 missed lesion → Dice 0, HD95 = maximum distance; false positive counted", it combines the two
