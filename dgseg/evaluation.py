@@ -62,6 +62,7 @@ __all__ = [
     "METRICS",
     "LESION_METRICS",
     "METRIC_SETS",
+    "METRIC_TITLES",
     "input_channels",
     "case_record",
     "pack_mask",
