@@ -22,6 +22,8 @@ Splits. Patient-level (BraTS 2023 time points of one patient stay together), det
 the seed: patients are ordered by SHA-256 of ``"<seed>:<patient>"`` and cut at the requested
 fractions, so test patients are never in train, whichever modality a model is trained on.
 Unlabelled cases get the split ``"unlabelled"`` (usable for prediction, never for training).
+A split file (``split_file``) replaces the seeded split, and ``folds=K`` writes a per-case
+``fold`` for K-fold cross-validation over the non-test patients (:mod:`data_prep.splits`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from dgseg.constants import MODALITIES
 from .layouts import RawCase, discover_cases
 from .loading import CaseError, load_raw_case
 from .preprocess import preprocess_case
+from .splits import assign_folds, check_split_ids, read_split_file, splits_from_file
 from .shards import (
     SHARD_VERSION,
     STORAGE_DEFAULTS,
@@ -339,7 +342,8 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
             cases_per_shard: int = 8, compression: str = STORAGE_DEFAULTS["compression"],
             chunks: str | int | None = None,
             label_compression: str = STORAGE_DEFAULTS["label_compression"],
-            verify: bool = False, strict: bool = False, progress: bool = True) -> PrepareResult:
+            verify: bool = False, strict: bool = False, progress: bool = True,
+            split_file: Path | str | None = None, folds: int | None = None) -> PrepareResult:
     """Prepare every case of ``input_dir`` into shards under ``output_dir`` (see module doc).
 
     Args:
@@ -354,6 +358,11 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
         verify: deep-check re-used shards and re-read everything against the manifest at the end.
         strict: exit code 1 when any case was skipped.
         progress: progress line on stderr.
+        split_file: JSON or CSV ``case id -> train | val | test | fold index`` replacing the
+            seeded split (:func:`data_prep.splits.read_split_file`); checked against the input
+            before any work.
+        folds: K >= 2: seeded per-patient cross-validation folds of the non-test cases, written
+            as each case's ``fold``.
 
     Returns:
         a :class:`PrepareResult`; ``exit_code`` 1 when nothing was prepared, a shard could not be
@@ -367,6 +376,11 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
     if chunks is None:
         chunks = STORAGE_DEFAULTS["chunks"] if compression == "none" else "volume"
     assign_splits({}, split, seed)  # validates the fractions before any work
+    mapping = read_split_file(split_file) if split_file is not None else None
+    if folds is not None and (int(folds) != folds or folds < 2):
+        raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
+    if folds is not None and mapping and any(isinstance(v, int) for v in mapping.values()):
+        raise ValueError("folds and fold indices in the split file exclude each other")
     dataset_kwargs((2, 2, 2), compression=compression, chunks=chunks)  # and the storage options
     dataset_kwargs((2, 2, 2), compression=label_compression,
                    chunks="volume" if label_compression != "none" else chunks)
@@ -379,6 +393,9 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
     fingerprint = _fingerprint(size, storage)
 
     cases, problems = discover_cases(input_dir)
+    if mapping is not None:  # unknown / missing ids: refuse before any work
+        check_split_ids(mapping, {c.case_id for c in cases} | {cid for cid, _ in problems},
+                        {c.case_id for c in cases if c.has_label}, f"split file {split_file}")
     tasks = plan_shards(cases, problems, cases_per_shard)
 
     # Re-use complete, current shards; rebuild the others.
@@ -421,11 +438,30 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
             skipped[s["case_id"]] = s["reason"]
         shard_list.append({"file": t.rel, "cases": [r["id"] for r in recs]})
     labelled = {r["id"]: r["patient"] for r in records if r["has_label"]}
-    splits = assign_splits(labelled, split, seed)
+    fold_of: dict[str, int] = {}
+    if mapping is None:
+        splits = assign_splits(labelled, split, seed)
+    else:
+        splits, fold_of = splits_from_file(mapping, labelled, f"split file {split_file}")
+    if folds is not None:
+        fold_of = assign_folds({c: p for c, p in labelled.items() if splits[c] != "test"},
+                               folds, seed)
     for r in records:
         r["split"] = splits.get(r["id"], "unlabelled")
+        r.pop("fold", None)
+        if r["id"] in fold_of:
+            r["fold"] = fold_of[r["id"]]
     counts = {s: sum(r["split"] == s for r in records) for s in ("train", "val", "test",
                                                                  "unlabelled")}
+    split_params = {"split_source": "seed" if mapping is None else "file"}
+    if mapping is not None:
+        split_params["split_file"] = Path(split_file).name
+        split_params["split_file_sha256"] = hashlib.sha256(Path(split_file).read_bytes()
+                                                           ).hexdigest()
+    if fold_of:
+        split_params["folds"] = max(fold_of.values()) + 1
+        split_params["fold_counts"] = [sum(f == k for f in fold_of.values())
+                                       for k in range(split_params["folds"])]
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -435,6 +471,7 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
             "size": "full" if size is None else int(size),
             "seed": int(seed),
             "split": [float(f) for f in split],
+            **split_params,
             "cases_per_shard": int(cases_per_shard),
             **storage,
             "preprocess_version": PREPROCESS_VERSION,
@@ -481,7 +518,7 @@ def _dump_manifest(manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_KEY_ORDER = ("id", "patient", "split", "shard", "layout", "has_label")
+_KEY_ORDER = ("id", "patient", "split", "fold", "shard", "layout", "has_label")
 
 
 def _ordered(rec: dict) -> dict:

@@ -72,6 +72,7 @@ class DataConfig:
     intensity_augs: Tuple[str, ...] = ()  # names from dgseg.transforms.sdg; () = none
     workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     val_split: str = "val"  # manifest split used for validation / best checkpoint
+    fold: Optional[int] = None  # CV fold i: validate on fold i, train on the other non-test cases
 
     def __post_init__(self) -> None:
         if len(self.modalities) == 0:
@@ -85,6 +86,8 @@ class DataConfig:
         for a in self.intensity_augs:
             _check_choice("data.intensity_augs entry", a, INTENSITY_AUGS)
         _check_positive("data.workers", self.workers, allow_zero=True)
+        if self.fold is not None:
+            _check_positive("data.fold", self.fold, allow_zero=True)
 
     @property
     def in_channels(self) -> int:

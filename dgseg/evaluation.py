@@ -14,6 +14,10 @@ the parts of that evaluation that do not run a network:
   row's CI is the bootstrap over cases of the per-case scores averaged over those checkpoints;
 * tables whose columns are always named (``Mean - WT | TC | ET``; the original printout's column
   order did not match its values), and atomic CSV / JSON / text writers;
+* lesion-wise metrics beside the legacy ones (``metrics="lesion"`` or ``"all"``; rules and
+  references in :mod:`dgseg.lesion_metrics`): record keys ``lesion_dice_<region>``,
+  ``lesion_hd95_<region>``, ``lesion_nsd_<region>`` and the counts ``lesion_tp/fp/fn_<region>``;
+  a NaN value (no lesion on either side under the panoptica rules) is left out of every mean;
 * scoring off the main process (:class:`CaseJob`, :func:`score_job`, :class:`OrderedPool`): the
   HD95 of a poor prediction costs far more CPU time than the network's GPU inference, so the
   predictions of one case go, bit-packed, to worker processes that score them against a
@@ -41,14 +45,24 @@ import numpy as np
 
 from dgseg.atomic import atomic_write_text
 from dgseg.constants import MODALITIES, REGIONS
-from dgseg.metrics import RegionReference, region_metrics
-from dgseg.transforms.labels import convert_labels, labels_to_channels
+from dgseg.lesion_metrics import LesionRules, get_lesion_rules, lesion_region_metrics
+from dgseg.metrics import RegionReference, dice_score, hd95, region_metrics
+from dgseg.transforms.labels import (
+    REGION_SETS,
+    convert_labels,
+    labels_for_region_set,
+    labels_to_channels,
+    region_masks,
+)
 
 __all__ = [
     "COLUMNS",
     "COLUMN_TITLES",
     "EVAL_RULE",
     "METRICS",
+    "LESION_METRICS",
+    "METRIC_SETS",
+    "METRIC_TITLES",
     "input_channels",
     "case_record",
     "pack_mask",
@@ -73,6 +87,11 @@ COLUMNS = (*MODALITIES, "own")
 COLUMN_TITLES = {"t1": "T1", "t1ce": "T1CE", "t2": "T2", "flair": "FLAIR", "own": "Own inputs",
                  "nifti": "NIfTI"}
 METRICS = ("dice", "hd95")
+# Lesion-wise metrics (dgseg.lesion_metrics), and what --metrics legacy|lesion|all selects.
+LESION_METRICS = ("lesion_dice", "lesion_hd95", "lesion_nsd")
+METRIC_SETS = {"legacy": METRICS, "lesion": LESION_METRICS, "all": METRICS + LESION_METRICS}
+METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "lesion_dice": "Lesion-wise Dice",
+                 "lesion_hd95": "Lesion-wise HD95 (mm)", "lesion_nsd": "Lesion-wise NSD"}
 
 EVAL_RULE = (
     "Input rule: a model with k input channels tested on modality m gets m in every channel "
@@ -109,10 +128,20 @@ def input_channels(train_modalities: Sequence[str], column: str) -> Optional[tup
     return (column,) * len(train)
 
 
+def _nanmean(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values (NaN when there are none), without NumPy's warning."""
+    v = [float(x) for x in values if not math.isnan(float(x))]
+    return float(np.mean(v)) if v else math.nan
+
+
 def case_record(
     pred3: Any,
     truth3: Any,
     spacing: Sequence[float],
+    *,
+    metrics: str = "legacy",
+    lesion_rules: Union[str, LesionRules, None] = None,
+    regions: Sequence[str] = REGIONS,
     **keys: Any,
 ) -> dict[str, Any]:
     """One flat row: the given identifying ``keys`` then ``dice_WT .. dice_mean, hd95_WT ..``.
@@ -120,16 +149,55 @@ def case_record(
     ``pred3`` / ``truth3`` are (3, D, H, W) binary WT/TC/ET masks; ``spacing`` in mm. ``truth3``
     may be a :class:`dgseg.metrics.RegionReference` (with that spacing) shared by the
     predictions of one case, so that the truth side of HD95 is computed once.
+
+    ``metrics`` ("legacy", "lesion" or "all", :data:`METRIC_SETS`) adds the lesion-wise keys
+    ``lesion_<dice|hd95|nsd>_<region>`` and ``_mean`` (mean over the regions that are not NaN),
+    and ``lesion_<tp|fp|fn>_<region>``, scored under ``lesion_rules`` (default "panoptica").
+    ``regions`` names the channels (R, D, H, W) when they are not WT, TC, ET (region sets of
+    :data:`dgseg.transforms.labels.REGION_SETS`).
     """
+    if metrics not in METRIC_SETS:
+        raise ValueError(f"metrics must be one of {tuple(METRIC_SETS)}, got {metrics!r}")
     spacing = tuple(float(s) for s in spacing)
-    per_region = region_metrics(pred3, truth3, spacing)
+    regions = tuple(regions)
     row: dict[str, Any] = dict(keys)
+    if metrics != "lesion":
+        _legacy_into(row, pred3, truth3, spacing, regions)
+    if metrics != "legacy":
+        truth = truth3.truth if isinstance(truth3, RegionReference) else truth3
+        per = lesion_region_metrics(pred3, truth, spacing, regions=regions, rules=lesion_rules)
+        for metric in ("dice", "hd95", "nsd"):
+            for r in regions:
+                row[f"lesion_{metric}_{r}"] = float(per[r][metric])
+            row[f"lesion_{metric}_mean"] = _nanmean([per[r][metric] for r in regions])
+        for count in ("tp", "fp", "fn"):
+            for r in regions:
+                row[f"lesion_{count}_{r}"] = int(per[r][count])
+    return row
+
+
+def _legacy_into(row: dict[str, Any], pred3: Any, truth3: Any, spacing: tuple[float, ...],
+                 regions: tuple[str, ...]) -> None:
+    """The legacy per-case keys ``dice_<region>``, ``hd95_<region>`` and means, into ``row``."""
+    if regions != REGIONS:  # other region sets: channel by channel, same BraTS 2021 rules
+        p = np.asarray(pred3, dtype=bool)
+        t = np.asarray(truth3, dtype=bool)
+        if p.shape != t.shape or p.ndim != 4 or p.shape[0] != len(regions):
+            raise ValueError(f"expected pred3 and truth3 of shape ({len(regions)}, D, H, W), got "
+                             f"{p.shape} and {t.shape}")
+        per = {r: {"dice": dice_score(p[i], t[i]), "hd95": hd95(p[i], t[i], spacing)}
+               for i, r in enumerate(regions)}
+        for metric in METRICS:
+            for r in regions:
+                row[f"{metric}_{r}"] = float(per[r][metric])
+            row[f"{metric}_mean"] = float(np.mean([per[r][metric] for r in regions]))
+        return
+    per_region = region_metrics(pred3, truth3, spacing)
     for metric in METRICS:
         values = [float(per_region[r][metric]) for r in REGIONS]
         for r, v in zip(REGIONS, values):
             row[f"{metric}_{r}"] = v
         row[f"{metric}_mean"] = float(np.mean(values))
-    return row
 
 
 # ----------------------------------------------------------------------------- off-process scoring
@@ -154,6 +222,7 @@ class CaseJob:
         spacing: voxel size (D, H, W) in mm.
         truth: :func:`pack_mask` of the ground-truth regions.
         preds: one ``(keys, packed prediction)`` per prediction; ``keys`` head its record.
+        metrics, lesion_rules, regions: as for :func:`case_record`.
     """
 
     case_id: str
@@ -161,6 +230,9 @@ class CaseJob:
     spacing: tuple[float, ...]
     truth: np.ndarray
     preds: tuple[tuple[dict[str, Any], np.ndarray], ...]
+    metrics: str = "legacy"
+    lesion_rules: Optional[LesionRules] = None
+    regions: tuple[str, ...] = REGIONS
 
     @classmethod
     def build(
@@ -169,8 +241,15 @@ class CaseJob:
         truth3: np.ndarray,
         spacing: Sequence[float],
         preds: Sequence[tuple[Mapping[str, Any], np.ndarray]],
+        *,
+        metrics: str = "legacy",
+        lesion_rules: Union[str, LesionRules, None] = None,
+        regions: Sequence[str] = REGIONS,
     ) -> "CaseJob":
         """Pack ``truth3`` and every (3, D, H, W) prediction of ``preds``."""
+        if metrics not in METRIC_SETS:
+            raise ValueError(f"metrics must be one of {tuple(METRIC_SETS)}, got {metrics!r}")
+        rules = None if metrics == "legacy" else get_lesion_rules(lesion_rules)
         truth3 = np.asarray(truth3, dtype=bool)
         packed = []
         for keys, pred in preds:
@@ -180,14 +259,18 @@ class CaseJob:
                 )
             packed.append((dict(keys), pack_mask(pred)))
         return cls(case_id, tuple(truth3.shape), tuple(float(s) for s in spacing),
-                   pack_mask(truth3), tuple(packed))
+                   pack_mask(truth3), tuple(packed), metrics, rules, tuple(regions))
 
 
 def score_job(job: CaseJob) -> list[dict[str, Any]]:
     """:func:`case_record` of every prediction of ``job``, in order, with one shared
     :class:`dgseg.metrics.RegionReference` (truth surfaces and distance maps computed once)."""
-    ref = RegionReference(unpack_mask(job.truth, job.shape), job.spacing)
-    return [case_record(unpack_mask(p, job.shape), ref, job.spacing, **keys)
+    truth = unpack_mask(job.truth, job.shape)
+    ref = truth
+    if job.metrics != "lesion" and job.regions == REGIONS:
+        ref = RegionReference(truth, job.spacing)
+    return [case_record(unpack_mask(p, job.shape), ref, job.spacing, metrics=job.metrics,
+                        lesion_rules=job.lesion_rules, regions=job.regions, **keys)
             for keys, p in job.preds]
 
 
@@ -310,8 +393,13 @@ def bootstrap_ci(
     return (float(lo), float(hi))
 
 
-def _metric_keys(metric: str) -> list[str]:
-    return [f"{metric}_{r}" for r in REGIONS] + [f"{metric}_mean"]
+def _metric_keys(metric: str, regions: Sequence[str] = REGIONS) -> list[str]:
+    return [f"{metric}_{r}" for r in regions] + [f"{metric}_mean"]
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    """The values as floats, NaN left out (lesion-wise 'no lesion anywhere' results)."""
+    return [v for v in (float(x) for x in values) if not math.isnan(v)]
 
 
 def summarize(
@@ -320,8 +408,16 @@ def summarize(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
+    metrics: Sequence[str] = METRICS,
+    regions: Sequence[str] = REGIONS,
+    lesion_rules: Union[str, LesionRules, None] = None,
 ) -> dict[str, Any]:
     """Aggregate per-case records into the summary behind the tables (JSON-serialisable).
+
+    ``metrics`` lists the metrics to aggregate (default the legacy Dice and HD95; see
+    :data:`METRIC_SETS`), ``regions`` the region names of the records. NaN per-case values are
+    left out of means and CIs (``n_cases`` still counts every case). With lesion-wise metrics,
+    the summary records the :class:`dgseg.lesion_metrics.LesionRules` used (``lesion_rules``).
 
     Records need the keys ``model`` (row label; checkpoints sharing it are seeds of one model),
     ``checkpoint``, ``column``, ``inputs``, ``case_id`` and the metric keys of
@@ -345,7 +441,10 @@ def summarize(
         if r["checkpoint"] not in m["checkpoints"]:
             m["checkpoints"].append(r["checkpoint"])
         m["columns"].setdefault(r["column"], []).append(r)
-    keys = _metric_keys("dice") + _metric_keys("hd95")
+    unknown = [m for m in metrics if m not in METRIC_TITLES]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; expected names from {tuple(METRIC_TITLES)}")
+    keys = [k for metric in metrics for k in _metric_keys(metric, regions)]
 
     out_models = []
     for name, m in models.items():
@@ -361,9 +460,9 @@ def summarize(
             for ckpt, cases in by_ckpt.items():
                 entry: dict[str, Any] = {"checkpoint": ckpt, "n_cases": len(cases)}
                 for k in keys:
-                    v = [float(c[k]) for c in cases.values()]
+                    v = _finite(c[k] for c in cases.values())
                     entry[k] = {
-                        "mean": float(np.mean(v)),
+                        "mean": float(np.mean(v)) if v else math.nan,
                         "ci": list(bootstrap_ci(v, n_boot=n_boot, alpha=alpha, seed=seed)),
                     }
                 per_ckpt.append(entry)
@@ -377,16 +476,24 @@ def summarize(
                 "per_checkpoint": per_ckpt,
             }
             for k in keys:
-                means = np.array([e[k]["mean"] for e in per_ckpt])
-                pooled = [np.mean([by_ckpt[ck][c][k] for ck in by_ckpt]) for c in common]
+                means = np.array(_finite(e[k]["mean"] for e in per_ckpt))
+                pooled = [np.mean(v) for v in (_finite(by_ckpt[ck][c][k] for ck in by_ckpt)
+                                                for c in common) if v]
                 summary[k] = {
-                    "mean": float(means.mean()),
+                    "mean": float(means.mean()) if means.size else math.nan,
                     "sd": float(means.std(ddof=1)) if means.size > 1 else 0.0,
                     "ci": list(bootstrap_ci(pooled, n_boot=n_boot, alpha=alpha, seed=seed)),
                 }
             columns[column] = summary
         out_models.append({"model": name, "checkpoints": m["checkpoints"], "columns": columns})
-    return {"n_boot": n_boot, "alpha": alpha, "seed": seed, "rule": EVAL_RULE, "models": out_models}
+    out = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "rule": EVAL_RULE, "models": out_models}
+    if tuple(metrics) != METRICS or tuple(regions) != REGIONS:  # legacy summaries stay as they were
+        out["metrics"] = list(metrics)
+        out["regions"] = list(regions)
+    if any(m in LESION_METRICS for m in metrics):
+        rules = get_lesion_rules(lesion_rules)
+        out["lesion_rules"] = {**dataclasses.asdict(rules), "text": rules.describe()}
+    return out
 
 
 def _fmt(value: float, sd: float, n: int, digits: int) -> str:
@@ -394,22 +501,25 @@ def _fmt(value: float, sd: float, n: int, digits: int) -> str:
     return f"{s}±{sd:.{digits}f}" if n > 1 else s
 
 
-def format_cell(col: Optional[Mapping[str, Any]], *, metric: str = "dice") -> str:
+def format_cell(
+    col: Optional[Mapping[str, Any]], *, metric: str = "dice", regions: Sequence[str] = REGIONS
+) -> str:
     """``Mean - WT | TC | ET`` for one summary column (``mean±sd`` over several checkpoints).
 
-    ``None`` (combination not evaluated) gives ``x``.
+    ``None`` (combination not evaluated) gives ``x``. ``metric`` is any of :data:`METRIC_SETS`
+    ``["all"]``; ``regions`` the summary's regions (more than three for the 2024 region set).
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric not in METRIC_TITLES:
+        raise ValueError(f"metric must be one of {tuple(METRIC_TITLES)}, got {metric!r}")
     if col is None:
         return "x"
-    digits = 2 if metric == "dice" else 1
+    digits = 1 if metric.endswith("hd95") else 2
     n = int(col["n_checkpoints"])
     parts = [
         _fmt(col[f"{metric}_{k}"]["mean"], col[f"{metric}_{k}"]["sd"], n, digits)
-        for k in ("mean", *REGIONS)
+        for k in ("mean", *regions)
     ]
-    return f"{parts[0]} - {parts[1]} | {parts[2]} | {parts[3]}"
+    return f"{parts[0]} - " + " | ".join(parts[1:])
 
 
 def table_footer(
@@ -418,9 +528,21 @@ def table_footer(
     """Lines printed under every table: columns, input rule, case counts, CI method."""
     n_cases = sorted({c["n_cases"] for m in summary["models"] for c in m["columns"].values()})
     n_ckpt = sorted({c["n_checkpoints"] for m in summary["models"] for c in m["columns"].values()})
-    lines = [
-        "Cells: Mean - WT | TC | ET (mean = average of the three regions); Dice, HD95 in mm; "
-        "BraTS empty-mask rules.",
+    regions = list(summary.get("regions", REGIONS))
+    metrics = list(summary.get("metrics", METRICS))
+    legacy_only = regions == list(REGIONS) and metrics == list(METRICS)
+    if legacy_only:  # the legacy tables' line, as before lesion-wise metrics existed
+        lines = ["Cells: Mean - WT | TC | ET (mean = average of the three regions); Dice, HD95 in "
+                 "mm; BraTS empty-mask rules."]
+    else:
+        lines = [f"Cells: Mean - {' | '.join(regions)} (mean = average of the {len(regions)} "
+                 f"regions, NaN left out); HD95 in mm."]
+        if any(m in METRICS for m in metrics):
+            lines.append("Legacy metrics: per-case Dice and HD95 with the BraTS 2021 empty-mask "
+                         "rules (both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 373.13 mm).")
+    if "lesion_rules" in summary:
+        lines.append(summary["lesion_rules"]["text"])
+    lines += [
         EVAL_RULE,
         f"Split '{split}', cases per cell: {', '.join(map(str, n_cases)) or '0'}; checkpoints per "
         f"row: {', '.join(map(str, n_ckpt)) or '0'} (several: mean±sd over checkpoints). "
@@ -459,21 +581,24 @@ def format_table(
     """
     if style not in ("text", "markdown"):
         raise ValueError(f"style must be 'text' or 'markdown', got {style!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric not in METRIC_TITLES:
+        raise ValueError(f"metric must be one of {tuple(METRIC_TITLES)}, got {metric!r}")
     if columns is None:
         columns = summary_columns(summary)
-    label = "Dice" if metric == "dice" else "HD95 (mm)"
+    label = METRIC_TITLES[metric]
+    regions = tuple(summary.get("regions", REGIONS))
+    spec = "Mean - " + " | ".join(regions)
     names = [COLUMN_TITLES.get(c, c) for c in columns]
     body = [
-        [m["model"]] + [format_cell(m["columns"].get(c), metric=metric) for c in columns]
+        [m["model"]]
+        + [format_cell(m["columns"].get(c), metric=metric, regions=regions) for c in columns]
         for m in summary["models"]
     ]
     lines: list[str] = []
     if style == "markdown":
         if title:
             lines += [f"**{title}**", ""]
-        header = [label] + [f"{n}: Mean - WT \\| TC \\| ET" for n in names]
+        header = [label] + [f"{n}: " + spec.replace("|", "\\|") for n in names]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join("---" for _ in header) + "|")
         for row in body:
@@ -483,7 +608,7 @@ def format_table(
             lines += [f"{f}  " for f in footer]  # two spaces: markdown line break
     else:
         head1 = [label] + names
-        head2 = [""] + ["Mean - WT | TC | ET"] * len(names)
+        head2 = [""] + [spec] * len(names)
         widths = [max(len(r[i]) for r in [head1, head2, *body]) for i in range(len(head1))]
 
         def line(cells: Sequence[str]) -> str:
@@ -499,7 +624,14 @@ def format_table(
 
 
 def score_label_files(
-    pred_file: PathLike, truth_file: PathLike, *, convention: str = "brats2021", **keys: Any
+    pred_file: PathLike,
+    truth_file: PathLike,
+    *,
+    convention: str = "brats2021",
+    region_set: str = "brats2021",
+    metrics: str = "legacy",
+    lesion_rules: Union[str, LesionRules, None] = None,
+    **keys: Any,
 ) -> dict[str, Any]:
     """Score a BraTS label NIfTI (e.g. from tools/predict.py) against a reference segmentation.
 
@@ -507,6 +639,11 @@ def score_label_files(
     (the prediction has to be in the original image space). The prediction holds BraTS-2021
     values {0, 1, 2, 4}; the reference is converted from ``convention`` ("brats2021",
     "brats2023" or "msd"). The spacing is the reference header's voxel size in mm.
+
+    With another ``region_set`` ("brats2023", "brats2024"; :data:`REGION_SETS`) the prediction
+    holds that set's own label values and is scored on its regions; the reference is converted
+    with :func:`dgseg.transforms.labels.labels_for_region_set`. ``metrics`` and
+    ``lesion_rules`` as for :func:`case_record`.
 
     Returns:
         A :func:`case_record` row with ``keys`` first.
@@ -519,9 +656,15 @@ def score_label_files(
     if not np.allclose(pred_img.affine, truth_img.affine, atol=1e-4):
         raise ValueError(f"affine of {pred_file} differs from that of {truth_file}")
     pred = np.asarray(pred_img.dataobj).astype(np.uint8)
-    truth = convert_labels(np.asanyarray(truth_img.dataobj), convention)
     spacing = tuple(float(z) for z in truth_img.header.get_zooms()[:3])
-    return case_record(labels_to_channels(pred), labels_to_channels(truth), spacing, **keys)
+    extra: dict[str, Any] = {"metrics": metrics, "lesion_rules": lesion_rules}
+    if region_set != "brats2021":
+        truth = labels_for_region_set(np.asanyarray(truth_img.dataobj), convention, region_set)
+        return case_record(region_masks(pred, region_set), region_masks(truth, region_set),
+                           spacing, regions=tuple(REGION_SETS[region_set]), **extra, **keys)
+    truth = convert_labels(np.asanyarray(truth_img.dataobj), convention)
+    return case_record(labels_to_channels(pred), labels_to_channels(truth), spacing, **extra,
+                       **keys)
 
 
 def write_json(path: PathLike, obj: Any) -> Path:

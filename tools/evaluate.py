@@ -33,6 +33,14 @@ predictions (every checkpoint, every test input), scored against the case's grou
 once; results come back in submission order, so outputs do not depend on the worker count.
 Outputs in ``--out``: per_case.csv, summary.json, table.md, overlays/*.png (with matplotlib,
 ``--overlays N`` cases per test modality).
+
+Metrics (``--metrics``): ``legacy`` (default) = per-case Dice and HD95 with the BraTS 2021 rules;
+``lesion`` = lesion-wise Dice, HD95 and NSD (``dgseg.lesion_metrics``) under ``--lesion-rules``
+(``panoptica``: the current official BraTS_evaluation package; ``brats2023``: the BraTS 2023/2024
+lesion-wise metrics); ``all`` = both. Every table's title and footer say which it shows.
+``--regions`` (raw-prediction path) picks the label groups of the data: ``brats2021`` (labels
+1, 2, 4), ``brats2023`` (1, 2, 3) or ``brats2024`` (post-treatment: 1 NETC, 2 SNFH, 3 ET, 4 RC;
+regions WT, TC, ET, NETC, SNFH, RC); predictions then hold that set's own label values.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ from dgseg.data import ShardDataset
 from dgseg.distributed import all_gather_objects, barrier, cleanup, init_distributed
 from dgseg.evaluation import (
     COLUMN_TITLES,
+    METRIC_SETS,
+    METRIC_TITLES,
     CaseJob,
     OrderedPool,
     default_metric_workers,
@@ -69,7 +79,8 @@ from dgseg.evaluation import (
     write_json,
 )
 from dgseg.inference import covering_roi, predict_volume
-from dgseg.transforms.labels import channels_to_labels
+from dgseg.lesion_metrics import LESION_RULES, LesionRules, get_lesion_rules
+from dgseg.transforms.labels import REGION_SETS, channels_to_labels
 from dgseg.viz import overlay_slices, save_overlay_grid
 
 
@@ -112,8 +123,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--metric-workers", type=int, default=None,
                    help="worker processes per rank computing Dice/HD95 while the network "
                    "predicts; 0 = inline; default: CPUs per rank - 1, at most 8")
+    p.add_argument("--metrics", choices=tuple(METRIC_SETS), default="legacy",
+                   help="legacy per-case Dice/HD95 (BraTS 2021 rules), lesion-wise Dice/HD95/NSD, "
+                   "or all")
+    p.add_argument("--lesion-rules", choices=sorted(LESION_RULES), default="panoptica",
+                   help="lesion-wise rule set: panoptica (official BraTS_evaluation package) or "
+                   "brats2023 (BraTS 2023/2024 lesion-wise metrics)")
+    p.add_argument("--nsd-tolerance", type=float, default=None,
+                   help="NSD tolerance in mm (default: the smallest voxel spacing)")
+    p.add_argument("--regions", choices=sorted(REGION_SETS), default="brats2021",
+                   help="label groups of --predictions files (checkpoints: WT, TC, ET channels)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
+    if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
+        p.error(f"--nsd-tolerance must be >= 0, got {args.nsd_tolerance}")
+    if args.checkpoint and tuple(REGION_SETS[args.regions]) != tuple(REGION_SETS["brats2021"]):
+        p.error(f"--regions {args.regions} needs --predictions: checkpoints predict WT, TC, ET")
     if args.metric_workers is None:
         args.metric_workers = default_metric_workers()
     if args.metric_workers < 0:
@@ -152,6 +177,19 @@ class Progress:
         print(f"[eval{self.scope}] {self.done}/{self.total} predictions scored, {what}  "
               f"{rate:.2f} s each  {queued} metric job(s) queued  "
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
+
+
+def lesion_rules(args: argparse.Namespace) -> LesionRules:
+    """The lesion-wise rules of ``--lesion-rules``, with ``--nsd-tolerance`` when given."""
+    extra = {} if args.nsd_tolerance is None else {"nsd_tolerance": args.nsd_tolerance}
+    return get_lesion_rules(args.lesion_rules, **extra)
+
+
+def table_title(metric: str, args: argparse.Namespace) -> str:
+    """What a table shows: legacy per-case or lesion-wise (with the rule set), and the metric."""
+    if metric in METRIC_SETS["legacy"]:
+        return f"Legacy per-case {METRIC_TITLES[metric]} (BraTS 2021 rules)"
+    return f"{METRIC_TITLES[metric]} (rules '{lesion_rules(args).name}')"
 
 
 def configured_roi(cfg: Any) -> Optional[int]:
@@ -252,7 +290,9 @@ def evaluate_cases(
         spacing = tuple(float(s) for s in np.asarray(meta["spacing"]).ravel())
         tag = f"case {case_id}"
         columns_of[tag] = columns
-        collect(pool.submit(tag, score_job, CaseJob.build(case_id, truth3, spacing, preds)))
+        job = CaseJob.build(case_id, truth3, spacing, preds, metrics=args.metrics,
+                            lesion_rules=lesion_rules(args))
+        collect(pool.submit(tag, score_job, job))
     collect(pool.drain())
     return records, overlays
 
@@ -267,19 +307,25 @@ def count_work(args: argparse.Namespace, plans: list[Plan], rank: int, world: in
 def write_outputs(records: list[dict[str, Any]], overlays: list[dict[str, Any]],
                   args: argparse.Namespace, extra_footer: Sequence[str]) -> str:
     """Summary, tables and files on rank 0; returns the printed text."""
-    summary = summarize(records, n_boot=args.bootstrap, seed=args.seed)
+    metrics = METRIC_SETS[args.metrics]
+    regions = tuple(REGION_SETS[args.regions]) if args.predictions is not None else None
+    summary = summarize(records, n_boot=args.bootstrap, seed=args.seed, metrics=metrics,
+                        lesion_rules=lesion_rules(args), **({"regions": regions} if regions else {}))
     summary["split"] = args.split
+    summary["metric_set"] = args.metrics  # legacy | lesion | all: what the tables show
     summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                            if k not in ("quiet",)}
     summary["settings"]["checkpoint"] = [str(c) for c in (args.checkpoint or [])]
     split = args.split if args.checkpoint else "raw files"
     footer = table_footer(summary, split=split, extra=extra_footer)
-    text = format_table(summary, metric="dice", style="text")
-    text += "\n" + format_table(summary, metric="hd95", style="text", footer=footer)
+    text = "\n".join(
+        format_table(summary, metric=m, style="text", title=table_title(m, args),
+                     footer=footer if k == len(metrics) - 1 else ())
+        for k, m in enumerate(metrics))
     md = ["# Cross-modality evaluation", ""]
-    md.append(format_table(summary, metric="dice", style="markdown"))
-    md.append(format_table(summary, metric="hd95", style="markdown"))
-    md.append(format_ci_table(summary))
+    md += [format_table(summary, metric=m, style="markdown", title=table_title(m, args))
+           for m in metrics]
+    md.append(format_ci_table(summary, metric=metrics[0], title=table_title(metrics[0], args)))
     md += [f"{f}  " for f in footer]
     out = args.out
     write_csv(out / "per_case.csv", records)
@@ -290,11 +336,11 @@ def write_outputs(records: list[dict[str, Any]], overlays: list[dict[str, Any]],
     return text
 
 
-def format_ci_table(summary: dict[str, Any]) -> str:
-    """Markdown: mean Dice of the three regions with its bootstrap CI, per model and column."""
+def format_ci_table(summary: dict[str, Any], metric: str = "dice", title: str = "Dice") -> str:
+    """Markdown: mean Dice of the regions with its bootstrap CI, per model and column."""
     cols = summary_columns(summary)
     pct = f"{100 * (1 - summary['alpha']):.0f}%"
-    lines = [f"**Mean Dice with {pct} bootstrap CI over cases**", "",
+    lines = [f"**Mean of {title} with {pct} bootstrap CI over cases**", "",
              "| Model | " + " | ".join(COLUMN_TITLES.get(c, c) for c in cols) + " |",
              "|" + "|".join("---" for _ in range(len(cols) + 1)) + "|"]
     for m in summary["models"]:
@@ -304,7 +350,7 @@ def format_ci_table(summary: dict[str, Any]) -> str:
             if col is None:
                 cells.append("x")
             else:
-                d = col["dice_mean"]
+                d = col[f"{metric}_mean"]
                 cells.append(f"{d['mean']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]")
         lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -344,7 +390,8 @@ def evaluate_predictions(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(f"skipped {c.case_id}: no prediction {pred}", file=sys.stderr)
                 continue
             score = functools.partial(
-                score_label_files, convention=c.label_convention, model=name,
+                score_label_files, convention=c.label_convention, region_set=args.regions,
+                metrics=args.metrics, lesion_rules=lesion_rules(args), model=name,
                 checkpoint=str(args.predictions), column="nifti", inputs="nifti",
                 case_id=c.case_id,
             )

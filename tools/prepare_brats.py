@@ -1,13 +1,19 @@
 """Prepare BraTS-style NIfTI cases as verified HDF5 shards for dgseg.
 
     python tools/prepare_brats.py --input DIR --output DIR [--size 128|full] [--workers N]
-        [--seed S] [--split 0.7 0.1 0.2] [--cases-per-shard 8] [--verify] [--strict]
+        [--seed S] [--split 0.7 0.1 0.2] [--split-file FILE] [--folds K]
+        [--cases-per-shard 8] [--verify] [--strict]
 
 The layout is detected (BraTS 2020/2021, BraTS 2023 GLI, MSD Task01 4D, unlabelled sets) and
 labels are mapped to the BraTS 2021 values. Bad cases are skipped with a one-line reason in
 ``OUTPUT/skipped.json`` and in the summary; the exit code is 1 only when nothing was prepared, a
 shard could not be written, ``--verify`` found a problem, or ``--strict`` and a case was skipped.
 Re-running the same command resumes: finished shards are checked and kept.
+
+``--split-file FILE`` (JSON ``{case_id: "train"|"val"|"test"|fold}`` or CSV ``case_id,split``)
+replaces the seeded split; unknown or missing ids are refused by name before any work.
+``--folds K`` writes seeded per-patient cross-validation folds of the non-test cases into the
+manifest; train on fold i with ``tools/train.py --set data.fold=i``.
 
 Without ``--input`` it generates the built-in synthetic set (12 cases of 80x80x52 voxels in the
 BraTS 2021 layout, under ``OUTPUT/synthetic_source``) and prepares it at ``--size 64``.
@@ -84,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--split", type=float, nargs=3, default=(0.7, 0.1, 0.2),
                    metavar=("TRAIN", "VAL", "TEST"), help="patient fractions (default 0.7 0.1 0.2)")
+    p.add_argument("--split-file", type=Path, default=None,
+                   help="JSON {case_id: train|val|test|fold} or CSV 'case_id,split' replacing "
+                        "the seeded split")
+    p.add_argument("--folds", type=_positive, default=None,
+                   help="K >= 2 cross-validation folds of the non-test patients (seeded)")
     p.add_argument("--cases-per-shard", type=_positive, default=8, help="default 8")
     p.add_argument("--compression", choices=COMPRESSIONS, default=STORAGE_DEFAULTS["compression"],
                    help=f"image filter (default {STORAGE_DEFAULTS['compression']}; gzip = level 1 "
@@ -143,7 +154,8 @@ def main(argv=None) -> int:
         res = prepare(source, output, size=size, workers=args.workers, seed=args.seed,
                       split=args.split, cases_per_shard=args.cases_per_shard,
                       compression=args.compression, chunks=args.chunks, verify=args.verify,
-                      strict=args.strict, progress=not args.quiet)
+                      strict=args.strict, progress=not args.quiet, split_file=args.split_file,
+                      folds=args.folds)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

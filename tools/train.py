@@ -119,6 +119,7 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
     train_ds = ShardDataset(
         d.root,
         split="train",
+        fold=d.fold,
         modalities=d.modalities,
         patch_size=d.patch_size,
         flip=d.flip,
@@ -133,8 +134,9 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
     from dgseg.data import load_manifest, split_cases
 
     val_ds = None  # no validation cases: no validation, no best.pt
-    if split_cases(load_manifest(d.root), d.val_split):
-        val_ds = ShardDataset(d.root, split=d.val_split, modalities=d.modalities, seed=cfg.run.seed)
+    if split_cases(load_manifest(d.root), d.val_split, d.fold):
+        val_ds = ShardDataset(d.root, split=d.val_split, modalities=d.modalities, seed=cfg.run.seed,
+                              fold=d.fold)
     # Same sampler seed on every rank: the ranks split one shared permutation per epoch.
     sampler = DistributedSampler(
         train_ds,

@@ -124,6 +124,7 @@ class ShardDataset(Dataset):
         intensity_augs: names of ``dgseg.transforms.sdg`` augmentations; each training sample
             draws one uniformly (after its Bezier curve, if any), and its index becomes the
             sample's domain label. Empty: none.
+        fold: cross-validation fold held out as "val" (``split_cases``); None: manifest splits.
 
     Sample: ``{"image": float32 (C, D, H, W), "label": float32 (3, D, H, W) WT/TC/ET (zeros when
     unlabelled), "domain": int64 scalar, "case_id": str, "has_label": bool}``.
@@ -134,7 +135,8 @@ class ShardDataset(Dataset):
                  patch_size: int | Sequence[int] | None = None, flip: bool = False,
                  rot90: bool = False, rotation_degrees: float = 0.0, bezier: str = "none",
                  num_domains: int = 3, seed: int = 0, rank: int = 0,
-                 bezier_scaling: str = "minmax", intensity_augs: Sequence[str] = ()) -> None:
+                 bezier_scaling: str = "minmax", intensity_augs: Sequence[str] = (),
+                 fold: int | None = None) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
         if isinstance(modalities, str):
@@ -162,7 +164,7 @@ class ShardDataset(Dataset):
         for name, v in (("seed", seed), ("rank", rank)):
             if int(v) != v or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-        self.cases = split_cases(manifest, split)
+        self.cases = split_cases(manifest, split, fold)
         if not self.cases:
             raise ValueError(f"split {split!r} of {self.root} holds no cases")
         self.split = split

@@ -9,7 +9,9 @@ Format ``dgseg-shards`` version 1 (written by ``data_prep.pipeline``)::
                 "original_shape", "offset", "bbox_start", "bbox_stop", "region_voxels",
                 "source_files", "source_sha256", "stored_crc32", ...}]}
 
-``split`` is "train", "val", "test" (patient level, seeded) or "unlabelled".
+``split`` is "train", "val", "test" (patient level, seeded, or from a split file) or
+"unlabelled". Optional per case: ``fold`` (cross-validation fold, ``--folds K`` or fold indices in
+the split file); manifests without folds load as before.
 """
 
 from __future__ import annotations
@@ -43,8 +45,27 @@ def load_manifest(root: Path | str) -> dict:
     return manifest
 
 
-def split_cases(manifest: dict, split: str) -> list[dict]:
-    """Case records of ``split`` ("train", "val", "test", "unlabelled" or "all"), manifest order."""
+def split_cases(manifest: dict, split: str, fold: int | None = None) -> list[dict]:
+    """Case records of ``split`` ("train", "val", "test", "unlabelled" or "all"), manifest order.
+
+    With ``fold = i`` (cross-validation): "val" is the non-test cases of fold i and "train" the
+    other non-test cases (split "train" or "val", fold != i, cases without a fold included);
+    "test", "unlabelled" and "all" do not change.
+
+    Raises:
+        ValueError: unknown split; ``fold`` given but the manifest has no folds, or out of range.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if fold is not None:
+        n_folds = 1 + max((c["fold"] for c in manifest["cases"] if "fold" in c), default=-1)
+        if n_folds == 0:
+            raise ValueError("fold given but the manifest has no folds: prepare with --folds K or "
+                             "a split file with fold indices")
+        if int(fold) != fold or not 0 <= fold < n_folds:
+            raise ValueError(f"fold must be in 0..{n_folds - 1} (the manifest's folds), got "
+                             f"{fold!r}")
+        if split in ("train", "val"):
+            pool = [c for c in manifest["cases"] if c["split"] in ("train", "val")]
+            return [c for c in pool if (c.get("fold") == fold) == (split == "val")]
     return [c for c in manifest["cases"] if split == "all" or c["split"] == split]

@@ -7,6 +7,12 @@ Other conventions are mapped to the 2021 values:
 * BraTS 2023 GLI: 1 NETC, 2 SNFH, 3 ET → 3 becomes 4.
 * MSD Task01_BrainTumour: 1 edema, 2 non-enhancing tumour, 3 enhancing → 1→2, 2→1, 3→4.
 
+Region sets (:data:`REGION_SETS`, for scoring label maps in their own values): "brats2021"
+(WT 1∪2∪4, TC 1∪4, ET 4), "brats2023" (GLI: WT 1∪2∪3, TC 1∪3, ET 3) and "brats2024" (post-treatment
+glioma, 1 NETC, 2 SNFH, 3 ET, 4 RC resection cavity: WT = ET∪SNFH∪NETC, TC = ET∪NETC, ET, NETC,
+SNFH, RC, as in the BraTS 2024 lesion-wise metrics, github.com/rachitsaluja/BraTS-2024-Metrics
+``metrics_GLI.py``, and the BraTS_evaluation ``config_gli.yaml`` groups).
+
 Functions accept numpy arrays or torch tensors and return the same kind (on the same device).
 """
 
@@ -17,7 +23,15 @@ from typing import TypeVar, Union
 import numpy as np
 import torch
 
-__all__ = ["CONVENTIONS", "labels_to_channels", "channels_to_labels", "convert_labels"]
+__all__ = [
+    "CONVENTIONS",
+    "REGION_SETS",
+    "labels_to_channels",
+    "channels_to_labels",
+    "convert_labels",
+    "region_masks",
+    "labels_for_region_set",
+]
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -28,6 +42,14 @@ CONVENTIONS: dict[str, dict[int, int]] = {
     "brats2020": {0: 0, 1: 1, 2: 2, 4: 4},  # 2018-2020 share the 2021 values
     "brats2023": {0: 0, 1: 1, 2: 2, 3: 4},
     "msd": {0: 0, 1: 2, 2: 1, 3: 4},
+}
+
+# Region sets: region -> label values, in the set's own label values, regions in channel order.
+REGION_SETS: dict[str, dict[str, tuple[int, ...]]] = {
+    "brats2021": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},
+    "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
+    "brats2024": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,), "NETC": (1,), "SNFH": (2,),
+                  "RC": (4,)},  # RC belongs to no tumour region
 }
 
 
@@ -125,3 +147,41 @@ def channels_to_labels(channels: Array) -> Array:
     out[ch[1]] = 1
     out[ch[2]] = 4
     return out
+
+
+def region_masks(label: Array, region_set: str) -> Array:
+    """Label map in the values of ``region_set`` → bool region channels (R, ...), regions in
+    the order of :data:`REGION_SETS` ``[region_set]`` (WT, TC, ET first).
+
+    Raises:
+        ValueError: unknown region set, or values the set does not define (named).
+    """
+    if region_set not in REGION_SETS:
+        raise ValueError(f"unknown region set {region_set!r}; expected one of "
+                         f"{sorted(REGION_SETS)}")
+    groups = REGION_SETS[region_set]
+    values = sorted({0, *(v for vals in groups.values() for v in vals)})
+    lab = _lookup(label, {v: v for v in values}, region_set)  # validates, uint8
+    if isinstance(lab, torch.Tensor):
+        return torch.stack([torch.isin(lab, torch.tensor(v, device=lab.device))
+                            for v in groups.values()])  # (R, ...)
+    return np.stack([np.isin(lab, v) for v in groups.values()])  # (R, ...)
+
+
+def labels_for_region_set(label: Array, convention: str, region_set: str) -> Array:
+    """A reference label map in ``convention`` expressed in the label values of ``region_set``.
+
+    "brats2021": :func:`convert_labels`; "brats2023": the same, then 4 → 3; "brats2024": the
+    values are taken as they are (2024 post-treatment labels have no counterpart in the other
+    conventions; such data comes in the 2023 file layout), validated by :func:`region_masks`.
+    """
+    if region_set not in REGION_SETS:
+        raise ValueError(f"unknown region set {region_set!r}; expected one of "
+                         f"{sorted(REGION_SETS)}")
+    if region_set == "brats2024":
+        region_masks(label, region_set)  # raises on values outside 0..4
+        return label
+    lab = convert_labels(label, convention)  # BraTS 2021 values
+    if region_set == "brats2023":
+        lab = _lookup(lab, {0: 0, 1: 1, 2: 2, 4: 3}, "brats2021")
+    return lab
