@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep.pipeline import prepare  # noqa: E402
 from data_prep.shards import COMPRESSIONS, STORAGE_DEFAULTS  # noqa: E402
 from dgseg.atomic import atomic_write_json  # noqa: E402
+from dgseg.constants import DEFAULT_DATA_ROOT  # noqa: E402
 
 SYNTHETIC_CASES = 12
 SYNTHETIC_SHAPE = (80, 80, 52)  # a third of 240x240x155: the whole brain fits in 64^3
@@ -75,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", type=Path, default=None,
                    help="raw data folder (default: generate the built-in synthetic set)")
     p.add_argument("--output", type=Path, default=None,
-                   help="output folder (default: data/prepared, or data/synthetic without --input)")
+                   help=f"output folder (default: {DEFAULT_DATA_ROOT}, the training default "
+                        "data.root; data/synthetic without --input)")
     p.add_argument("--size", type=_size, default=None,
                    help="stored cube edge in voxels, or 'full' to keep the brain box (default 128; "
                         f"{SYNTHETIC_SIZE} for the synthetic set)")
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
                                   quiet=args.quiet)
         size = SYNTHETIC_SIZE if args.size is None else size
     else:
-        output = args.output or Path("data/prepared")
+        output = args.output or Path(DEFAULT_DATA_ROOT)
         source = args.input
         size = 128 if args.size is None else size
         if not source.is_dir():

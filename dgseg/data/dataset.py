@@ -44,7 +44,13 @@ from dgseg.transforms import (
     random_rotation,
 )
 
-from .domains import BEZIER_MODES, assign_domains, curve_kind, sample_seed
+from .domains import (
+    BEZIER_MODES,
+    PARTITION_MAX_DOMAINS,
+    assign_domains,
+    curve_kind,
+    sample_seed,
+)
 from .manifest import load_manifest, split_cases
 
 __all__ = ["ShardDataset", "augment", "region_channels"]
@@ -134,7 +140,7 @@ class ShardDataset(Dataset):
                              f"{modalities!r}")
         if bezier not in BEZIER_MODES:
             raise ValueError(f"bezier must be one of {BEZIER_MODES}, got {bezier!r}")
-        if bezier == "partition" and not 1 <= num_domains <= 3:
+        if bezier == "partition" and not 1 <= num_domains <= PARTITION_MAX_DOMAINS:
             raise ValueError(f"bezier='partition' supports 1 to 3 domains (identity, increasing, "
                              f"decreasing), got num_domains={num_domains!r}")
         if bezier_scaling not in ("minmax", "percentile"):
