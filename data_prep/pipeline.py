@@ -22,6 +22,14 @@ Splits. Patient-level (BraTS 2023 time points of one patient stay together), det
 the seed: patients are ordered by SHA-256 of ``"<seed>:<patient>"`` and cut at the requested
 fractions, so test patients are never in train, whichever modality a model is trained on.
 Unlabelled cases get the split ``"unlabelled"`` (usable for prediction, never for training).
+
+Evaluation cases (``eval_size="full"``, the command line's default). Val and test cases are stored
+as their whole brain box, so that scoring covers the whole brain: a ``size`` crop would drop
+tumour outside it from truth and prediction alike. Train cases stay cropped/padded to ``size``.
+The split each case will get is known before it is read (the same :func:`assign_splits` over the
+discovered labelled cases); a case whose final split differs (a case failing to load moves the
+cut) is still read correctly: ``ShardDataset`` crops a train case to ``size`` on the fly, and a
+cropped evaluation case is reported as such (``dgseg.data.manifest.scored_extent``).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from .shards import (
 )
 
 __all__ = [
+    "EVAL_SIZES",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
     "PREPROCESS_VERSION",
@@ -70,6 +79,7 @@ MANIFEST_FORMAT = "dgseg-shards"
 MANIFEST_VERSION = 1
 PREPROCESS_VERSION = 1  # bump when preprocess_case changes what it stores: forces a rebuild
 MAX_REASON = 400  # characters of one skip reason
+EVAL_SIZES = ("full", "same")  # val/test storage: whole brain box | the training ``size``
 
 
 @dataclass
@@ -150,6 +160,21 @@ def plan_shards(cases: Sequence[RawCase], problems: Sequence[tuple[str, str]],
     return tasks
 
 
+def _plan_eval_boxes(tasks: list[_ShardTask], cases: Sequence[RawCase], split: Sequence[float],
+                     seed: int) -> None:
+    """Mark the plan entries of future val/test cases ``"size": "full"`` (whole brain box).
+
+    The mark is part of the plan, hence of the shard's plan hash: a shard whose cases change
+    split (another seed or split) is rebuilt. Train and unlabelled cases keep ``size``.
+    """
+    labelled = {c.case_id: c.patient_id or c.case_id for c in cases if c.has_label}
+    planned = assign_splits(labelled, split, seed)
+    for t in tasks:
+        for entry in t.plan:
+            if planned.get(entry["id"]) in ("val", "test") and "files" in entry:
+                entry["size"] = "full"
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker side
 
@@ -176,7 +201,8 @@ def _build_shard(out_dir: str, task: _ShardTask, fingerprint: dict, size, storag
             raw = task.raws[cid]
             try:
                 loaded = load_raw_case(raw, stack=False)  # file views: crop before converting
-                prepared = preprocess_case(loaded, size)
+                # evaluation cases planned as their whole brain box (see _plan_eval_boxes)
+                prepared = preprocess_case(loaded, None if entry.get("size") == "full" else size)
                 meta = {
                     "patient": raw.patient_id or cid,
                     "layout": raw.layout,
@@ -339,7 +365,8 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
             cases_per_shard: int = 8, compression: str = STORAGE_DEFAULTS["compression"],
             chunks: str | int | None = None,
             label_compression: str = STORAGE_DEFAULTS["label_compression"],
-            verify: bool = False, strict: bool = False, progress: bool = True) -> PrepareResult:
+            verify: bool = False, strict: bool = False, progress: bool = True,
+            eval_size: str = "same") -> PrepareResult:
     """Prepare every case of ``input_dir`` into shards under ``output_dir`` (see module doc).
 
     Args:
@@ -354,6 +381,8 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
         verify: deep-check re-used shards and re-read everything against the manifest at the end.
         strict: exit code 1 when any case was skipped.
         progress: progress line on stderr.
+        eval_size: "full" stores val and test cases as their whole brain box (train cases at
+            ``size``); "same" stores every case at ``size`` (tools/prepare_brats.py: "full").
 
     Returns:
         a :class:`PrepareResult`; ``exit_code`` 1 when nothing was prepared, a shard could not be
@@ -367,6 +396,8 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
     if chunks is None:
         chunks = STORAGE_DEFAULTS["chunks"] if compression == "none" else "volume"
     assign_splits({}, split, seed)  # validates the fractions before any work
+    if eval_size not in EVAL_SIZES:
+        raise ValueError(f"eval_size must be one of {EVAL_SIZES}, got {eval_size!r}")
     dataset_kwargs((2, 2, 2), compression=compression, chunks=chunks)  # and the storage options
     dataset_kwargs((2, 2, 2), compression=label_compression,
                    chunks="volume" if label_compression != "none" else chunks)
@@ -380,6 +411,8 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
 
     cases, problems = discover_cases(input_dir)
     tasks = plan_shards(cases, problems, cases_per_shard)
+    if eval_size == "full" and size is not None:
+        _plan_eval_boxes(tasks, cases, split, seed)
 
     # Re-use complete, current shards; rebuild the others.
     results: dict[int, tuple] = {}
@@ -437,10 +470,12 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
             "split": [float(f) for f in split],
             "cases_per_shard": int(cases_per_shard),
             **storage,
+            "eval_size": "full" if eval_size == "full" or size is None else int(size),
             "preprocess_version": PREPROCESS_VERSION,
             "shard_version": SHARD_VERSION,
             "zscore": "per modality over its own nonzero voxels, float32, background 0",
-            "crop": "joint nonzero box of all modalities, centred crop/pad to size",
+            "crop": "joint nonzero box of all modalities, centred crop/pad to size"
+                    + ("; val/test: the whole box" if eval_size == "full" and size else ""),
         },
         "modalities": list(MODALITIES),
         "label_convention": "brats2021",

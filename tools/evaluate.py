@@ -52,6 +52,7 @@ from dgseg.atomic import atomic_write_text
 from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
 from dgseg.data import ShardDataset
+from dgseg.data.manifest import load_manifest, scored_extent
 from dgseg.distributed import all_gather_objects, barrier, cleanup, init_distributed
 from dgseg.evaluation import (
     COLUMN_TITLES,
@@ -399,7 +400,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             roi_text = ", ".join(f"{k} {v}" for k, v in rois.items())
             extra = [f"Sliding window: roi ({roi_text}), overlap {args.overlap}, "
                      f"{args.blend} blending, threshold {args.threshold}, TTA "
-                     f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es)."]
+                     f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es).",
+                     scored_extent(load_manifest(args.data), args.split)["text"]]
             print(write_outputs(records, overlays, args, extra), end="")
             print(f"wrote {args.out}/per_case.csv, summary.json, table.md", file=sys.stderr)
         # Nobody tears the process group down while rank 0 still writes: a gloo peer that
