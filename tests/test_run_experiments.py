@@ -119,7 +119,7 @@ def test_matrix_runs_skips_finished_runs_and_aggregates(tiny_shards, tmp_path, c
     (out / "study" / "study.md").unlink()
     assert tool.main(_argv(tiny_shards, out)) == 0
     log = capsys.readouterr().out
-    assert log.count("skip") == 4 and " start " not in log
+    assert log.count("(finished earlier)") == 4 and " start " not in log
     assert (out / "study" / "study.md").exists()
 
     # Other settings never reuse these folders: every run fails with a message, nothing trains.
