@@ -14,10 +14,10 @@ both masks empty -> Dice 1, HD95 0; exactly one empty -> Dice 0, HD95 373.13.
 Neither the published code nor MONAI (nor SciPy, which MONAI's distance transform needs) is a
 dgseg dependency, and the test suite never runs this script::
 
-    git clone https://github.com/aimagelab/vffc /tmp/vffc
+    git clone https://github.com/aimagelab/vffc ../vffc
     pip install monai==1.6.1 scipy
-    python tests/data/make_reference.py --vffc-repo /tmp/vffc           # check the committed files
-    python tests/data/make_reference.py --vffc-repo /tmp/vffc --write   # new seeded inputs
+    python tests/data/make_reference.py --vffc-repo ../vffc           # check the committed files
+    python tests/data/make_reference.py --vffc-repo ../vffc --write   # new seeded inputs
 
 The default (check) recomputes every output from the committed inputs and weights and reports the
 largest difference; it exits 1 when one exceeds the tolerance the tests use. ``--write`` draws new
