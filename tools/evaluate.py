@@ -21,8 +21,8 @@ checkpoints. Bootstrap 95% CIs over cases (seeded) go to summary.json and table.
 Usage::
 
     python tools/evaluate.py --checkpoint runs/segresnet_t2_noaug/best.pt --data data/prepared
-    torchrun --nproc_per_node=4 tools/evaluate.py --checkpoint runs/*/best.pt --data data/prepared \\
-        --tta --out runs/eval
+    torchrun --nproc_per_node=4 tools/evaluate.py --checkpoint runs/*/best.pt \\
+        --data data/prepared --tta --out runs/eval
     # NIfTI predictions from tools/predict.py against the raw segmentations, in original space:
     python tools/evaluate.py --predictions preds/ --data raw/BraTS2021/ --out runs/eval_nifti
 

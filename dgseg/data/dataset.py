@@ -13,8 +13,8 @@ Evaluation (any split but "train"): no curve, no augmentation, domain 0, the who
 (or a centred patch when ``patch_size`` is given). Prepared folders store val/test cases as their
 whole brain box by default (variable shapes) and train cases at the manifest's ``size``; a train
 case stored otherwise (its split changed after preparation) is cropped/padded to ``size`` here,
-centred as the preprocessing would have done, before any patch is cut. Testing a T2 model on T1 is just
-``ShardDataset(root, "test", ("t1",))``.
+centred as the preprocessing would have done, before any patch is cut. Testing a T2 model on T1
+is just ``ShardDataset(root, "test", ("t1",))``.
 
 Randomness: each sample builds its own ``torch.Generator`` from (seed, epoch, index, rank)
 (``domains.sample_seed``), so a sample is reproducible whatever the worker that loads it, and
