@@ -24,6 +24,14 @@ fractions, so test patients are never in train, whichever modality a model is tr
 Unlabelled cases get the split ``"unlabelled"`` (usable for prediction, never for training).
 A split file (``split_file``) replaces the seeded split, and ``folds=K`` writes a per-case
 ``fold`` for K-fold cross-validation over the non-test patients (:mod:`data_prep.splits`).
+
+Evaluation cases (``eval_size="full"``, the command line's default). Val and test cases are stored
+as their whole brain box, so that scoring covers the whole brain: a ``size`` crop would drop
+tumour outside it from truth and prediction alike. Train cases stay cropped/padded to ``size``.
+The split each case will get is known before it is read (the same :func:`assign_splits` over the
+discovered labelled cases); a case whose final split differs (a case failing to load moves the
+cut) is still read correctly: ``ShardDataset`` crops a train case to ``size`` on the fly, and a
+cropped evaluation case is reported as such (``dgseg.data.manifest.scored_extent``).
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from .shards import (
 )
 
 __all__ = [
+    "EVAL_SIZES",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
     "PREPROCESS_VERSION",
@@ -73,6 +82,7 @@ MANIFEST_FORMAT = "dgseg-shards"
 MANIFEST_VERSION = 1
 PREPROCESS_VERSION = 1  # bump when preprocess_case changes what it stores: forces a rebuild
 MAX_REASON = 400  # characters of one skip reason
+EVAL_SIZES = ("full", "same")  # val/test storage: whole brain box | the training ``size``
 
 
 @dataclass
@@ -153,6 +163,21 @@ def plan_shards(cases: Sequence[RawCase], problems: Sequence[tuple[str, str]],
     return tasks
 
 
+def _plan_eval_boxes(tasks: list[_ShardTask], cases: Sequence[RawCase], split: Sequence[float],
+                     seed: int) -> None:
+    """Mark the plan entries of future val/test cases ``"size": "full"`` (whole brain box).
+
+    The mark is part of the plan, hence of the shard's plan hash: a shard whose cases change
+    split (another seed or split) is rebuilt. Train and unlabelled cases keep ``size``.
+    """
+    labelled = {c.case_id: c.patient_id or c.case_id for c in cases if c.has_label}
+    planned = assign_splits(labelled, split, seed)
+    for t in tasks:
+        for entry in t.plan:
+            if planned.get(entry["id"]) in ("val", "test") and "files" in entry:
+                entry["size"] = "full"
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker side
 
@@ -179,7 +204,8 @@ def _build_shard(out_dir: str, task: _ShardTask, fingerprint: dict, size, storag
             raw = task.raws[cid]
             try:
                 loaded = load_raw_case(raw, stack=False)  # file views: crop before converting
-                prepared = preprocess_case(loaded, size)
+                # evaluation cases planned as their whole brain box (see _plan_eval_boxes)
+                prepared = preprocess_case(loaded, None if entry.get("size") == "full" else size)
                 meta = {
                     "patient": raw.patient_id or cid,
                     "layout": raw.layout,
@@ -343,7 +369,8 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
             chunks: str | int | None = None,
             label_compression: str = STORAGE_DEFAULTS["label_compression"],
             verify: bool = False, strict: bool = False, progress: bool = True,
-            split_file: Path | str | None = None, folds: int | None = None) -> PrepareResult:
+            split_file: Path | str | None = None, folds: int | None = None,
+            eval_size: str = "same") -> PrepareResult:
     """Prepare every case of ``input_dir`` into shards under ``output_dir`` (see module doc).
 
     Args:
@@ -363,6 +390,8 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
             before any work.
         folds: K >= 2: seeded per-patient cross-validation folds of the non-test cases, written
             as each case's ``fold``.
+        eval_size: "full" stores val and test cases as their whole brain box (train cases at
+            ``size``); "same" stores every case at ``size`` (tools/prepare_brats.py: "full").
 
     Returns:
         a :class:`PrepareResult`; ``exit_code`` 1 when nothing was prepared, a shard could not be
@@ -381,6 +410,8 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
     if folds is not None and mapping and any(isinstance(v, int) for v in mapping.values()):
         raise ValueError("folds and fold indices in the split file exclude each other")
+    if eval_size not in EVAL_SIZES:
+        raise ValueError(f"eval_size must be one of {EVAL_SIZES}, got {eval_size!r}")
     dataset_kwargs((2, 2, 2), compression=compression, chunks=chunks)  # and the storage options
     dataset_kwargs((2, 2, 2), compression=label_compression,
                    chunks="volume" if label_compression != "none" else chunks)
@@ -397,6 +428,8 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
         check_split_ids(mapping, {c.case_id for c in cases} | {cid for cid, _ in problems},
                         {c.case_id for c in cases if c.has_label}, f"split file {split_file}")
     tasks = plan_shards(cases, problems, cases_per_shard)
+    if eval_size == "full" and size is not None:
+        _plan_eval_boxes(tasks, cases, split, seed)
 
     # Re-use complete, current shards; rebuild the others.
     results: dict[int, tuple] = {}
@@ -474,10 +507,12 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
             **split_params,
             "cases_per_shard": int(cases_per_shard),
             **storage,
+            "eval_size": "full" if eval_size == "full" or size is None else int(size),
             "preprocess_version": PREPROCESS_VERSION,
             "shard_version": SHARD_VERSION,
             "zscore": "per modality over its own nonzero voxels, float32, background 0",
-            "crop": "joint nonzero box of all modalities, centred crop/pad to size",
+            "crop": "joint nonzero box of all modalities, centred crop/pad to size"
+                    + ("; val/test: the whole box" if eval_size == "full" and size else ""),
         },
         "modalities": list(MODALITIES),
         "label_convention": "brats2021",

@@ -1,12 +1,17 @@
 """Segmentation losses: soft Dice on sigmoid outputs (+ optional binary cross-entropy).
 
-Soft Dice after Milletari et al. 2016 (V-Net, eq. 1) in the form MONAI's ``DiceLoss`` uses for
-the BraTS SegResNet recipe (Myronenko 2018): for every sample b and region channel c,
+Soft Dice after Milletari et al. 2016 (V-Net, eq. 1), in the form of MONAI's ``DiceLoss``: for
+every sample b and region channel c,
 
     D_bc = (2 Σ p·g + smooth_nr) / (Σ p^k + Σ g^k + smooth_dr),   p = sigmoid(logits),
 
 with k = 1 (or k = 2 with ``squared_pred``), and the loss is the mean of 1 − D_bc over b and c.
 Channels are independent sigmoids (WT, TC, ET overlap), not a softmax.
+
+Smoothing: dgseg uses ``smooth_nr = 0`` and ``smooth_dr = 1e-5``, the values MONAI's BraTS
+SegResNet tutorial passes. MONAI's ``DiceLoss`` *defaults* (which the write-up's code used) are
+1e-5 for both. With ``smooth_nr = 0`` a channel that is empty in the truth has D = 0 whatever the
+prediction: a constant loss of 1 with no Dice gradient (the optional BCE term still acts there).
 
 Everything is computed in float32 with autocast disabled: under bf16/fp16 autocast the sums over
 128³ voxels lose most of their digits.
@@ -43,7 +48,7 @@ def dice_loss(
         logits: (B, C, *spatial) raw network outputs, any float dtype.
         target: (B, C, *spatial) binary targets (bool or float).
         squared_pred: square prediction and target in the denominator (Milletari's form).
-        smooth_nr: added to the numerator.
+        smooth_nr: added to the numerator (0: an empty truth channel scores D = 0).
         smooth_dr: added to the denominator (keeps empty channels finite).
 
     Returns:
@@ -66,8 +71,8 @@ class SegLoss(nn.Module):
     """Soft Dice (see :func:`dice_loss`) plus ``bce_weight`` × binary cross-entropy with logits.
 
     Args:
-        bce_weight: weight of the mean BCE term; 0 (default) gives the pure Dice loss of the
-            write-up's MONAI recipe.
+        bce_weight: weight of the mean BCE term; 0 (default) gives a pure Dice loss, as in
+            the write-up (whose code used MONAI's ``DiceLoss`` with its default smoothing).
         squared_pred: forwarded to :func:`dice_loss`.
     """
 

@@ -221,3 +221,72 @@ def test_cli_resolves_preset_data_out_and_sets(capsys):
     assert "unknown config key 'optim.epoch'" in err and "optim.epochs" in err
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "no_such_preset"])
+
+
+def test_optimizer_defaults_and_the_original_preset():
+    assert (Config().optim.name, Config().optim.amsgrad) == ("adamw", False)
+    orig = get_preset("segresnet_t2_vffc_grl_original")
+    assert (orig.optim.name, orig.optim.amsgrad, orig.optim.weight_decay) == ("adam", True, 1e-5)
+    m = orig.model
+    assert (m.init_filters, m.dropout, m.vffc_blocks, m.vffc_norm, m.vffc_padding) == (
+        32, 0.2, 3, "batch", "reflect")
+    assert (m.domain_hidden, m.domain_input_norm, m.grl, m.num_domains) == (64, False, True, 3)
+    # dgseg's own defaults are unchanged
+    d = ModelConfig()
+    assert (d.vffc_padding, d.domain_input_norm, d.vffc_norm, d.domain_hidden) == (
+        "zeros", True, "group", 128)
+    with pytest.raises(ValueError, match="optim.name='sgd'"):
+        apply_overrides(Config(), ["optim.name=sgd"])
+    with pytest.raises(ValueError, match="model.vffc_padding='circular'"):
+        apply_overrides(Config(), ["model.vffc_padding=circular"])
+
+
+def test_spatial_control_has_the_augmented_presets_spatial_transforms_only():
+    spatial = get_preset("segresnet_t2_spatial")
+    assert spatial.data.bezier == "none" and not spatial.model.vffc and not spatial.model.grl
+    for name in ("segresnet_t2_bezier", "segresnet_t2_grl", "segresnet_t2_vffc",
+                 "segresnet_t2_vffc_grl", "segresnet_t2_vffc_grl_original"):
+        d = get_preset(name).data
+        assert (d.flip, d.rot90, d.rotation_degrees) == (
+            spatial.data.flip, spatial.data.rot90, spatial.data.rotation_degrees), name
+    noaug = get_preset("segresnet_t2_noaug").data
+    assert not noaug.flip and noaug.rotation_degrees == 0 and spatial.data.flip
+
+
+def test_vffc_norm_choices_have_one_owner():
+    from dgseg.layers.vffc import NORMS
+
+    for norm in NORMS:  # every value the VFFC accepts, the config accepts (and vice versa)
+        assert ModelConfig(vffc_norm=norm).vffc_norm == norm
+    with pytest.raises(ValueError, match="vffc_norm='instance'"):
+        ModelConfig(vffc_norm="instance")
+
+
+def test_partition_with_more_domains_than_curve_kinds_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="at most 3 domains"):
+        apply_overrides(get_preset("segresnet_t2_vffc_grl"), ["model.num_domains=4"])
+    with pytest.raises(ValueError, match="at most 3 domains"):  # also without the GRL
+        apply_overrides(get_preset("segresnet_t2_vffc"), ["model.num_domains=5"])
+    ok = apply_overrides(get_preset("segresnet_t2_vffc_grl"), ["model.num_domains=2"])
+    assert ok.model.num_domains == 2
+
+
+def test_one_default_data_folder():
+    prepare = importlib.util.spec_from_file_location("dgseg_prepare_tool",
+                                                     ROOT / "tools" / "prepare_brats.py")
+    mod = importlib.util.module_from_spec(prepare)
+    prepare.loader.exec_module(mod)
+    assert Config().data.root == mod.DEFAULT_DATA_ROOT == "data/prepared"
+
+
+def test_overwrite_is_gone_and_an_existing_run_is_never_restarted(tmp_path, capsys):
+    train = _load_train()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "tiny", "--overwrite"])
+    assert "unrecognized arguments: --overwrite" in capsys.readouterr().err
+    run = tmp_path / "tiny"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"an earlier run")
+    with pytest.raises(SystemExit, match="--resume to continue it, or delete"):
+        train.main(["--preset", "tiny", "--out", str(tmp_path)])
+    assert (run / "last.pt").read_bytes() == b"an earlier run"  # untouched

@@ -350,6 +350,7 @@ def test_evaluate_tool_smoke_and_distributed(tiny_shards, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     out = one.stdout
     assert "Mean - WT | TC | ET" in out and "Input rule" in out
+    assert "Scored volume ('test'): 4 of 4 case(s) whole brain box." in out  # 32³ holds each box
     row = next(ln for ln in out.splitlines() if ln.startswith("tiny_t2"))
     assert "±" in row  # two seeds -> mean±sd
     stacked = next(ln for ln in out.splitlines() if ln.startswith("stacked"))

@@ -40,6 +40,25 @@ def test_dice_loss_is_mean_over_samples_and_channels():
     assert dice_loss(torch.full_like(full, 30.0), full).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_smoothing_is_what_the_docstring_says():
+    # smooth_nr = 0, smooth_dr = 1e-5 (module docstring): an empty truth channel scores D = 0
+    # whatever the prediction, so its loss is exactly 1 and it gives no Dice gradient.
+    import inspect
+
+    sig = inspect.signature(dice_loss).parameters
+    assert sig["smooth_nr"].default == 0.0 and sig["smooth_dr"].default == 1e-5
+    target = torch.zeros(1, 1, 4, 4, 4)
+    for value in (-30.0, 0.0, 30.0):
+        logits = torch.full_like(target, value).requires_grad_()
+        loss = dice_loss(logits, target)
+        assert loss.item() == 1.0
+        loss.backward()
+        assert torch.count_nonzero(logits.grad) == 0
+    # MONAI's DiceLoss defaults (1e-5 both, the write-up's code) would reward the empty prediction
+    got = dice_loss(torch.full_like(target, -30.0), target, smooth_nr=1e-5).item()
+    assert got == pytest.approx(0.0, abs=1e-3)
+
+
 def test_dice_loss_float32_under_autocast():
     logits, target = _case()
     ref = dice_loss(logits, target)

@@ -135,6 +135,24 @@ def test_against_monai_reference_values():
         assert hd95(pred, truth, spacing) == pytest.approx(ref["hd95"][i], abs=1e-4), i
 
 
+def test_reference_files_have_a_committed_generator():
+    # tests/data/make_reference.py recomputes both files from the published VFFC code and MONAI
+    # (not dependencies, so not run here); its own NumPy Dice must reproduce the stored values.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_reference", DATA / "make_reference.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert "aimagelab/vffc" in gen.__doc__ and "compute_hausdorff_distance" in gen.__doc__
+    ref = np.load(DATA / "metrics_reference.npz")
+    got = [gen.dice(p, t) for p, t in zip(ref["pred"], ref["truth"])]
+    np.testing.assert_allclose(got, ref["dice"], rtol=0, atol=1e-12)
+    a, b = gen.new_metric_inputs(1), gen.new_metric_inputs(1)  # seeded
+    assert all(np.array_equal(a[k], b[k]) for k in a) and a["pred"].shape == ref["pred"].shape
+    assert not a["pred"][0].any() and not a["truth"][0].any()  # BraTS empty cases come first
+    assert not a["pred"][1].any() and not a["truth"][2].any()
+
+
 def test_region_metrics_and_dice_per_region():
     rng = np.random.default_rng(3)
     pred = rng.random((2, 3, 6, 7, 8)) < 0.4

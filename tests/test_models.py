@@ -179,3 +179,112 @@ def test_segresnet_bf16_autocast_forward_backward():
     loss.backward()
     assert torch.isfinite(seg_logits.float()).all() and torch.isfinite(dom_logits.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --- the original network (segresnet_t2_vffc_grl_original) ----------------------------------
+
+
+def _segresnet_count(c_in: int, c_out: int, f: int, down=(1, 2, 2, 4), up=(1, 1, 1)) -> int:
+    """SegResNet parameters from the layer shapes (3³ convs without bias, GroupNorm 2w)."""
+
+    def res(w):  # two GroupNorms (weight + bias) and two 3³ convolutions
+        return 2 * 2 * w + 2 * 27 * w * w
+
+    n = 27 * c_in * f  # conv_init
+    for i, k in enumerate(down):
+        w = f * 2**i
+        n += (27 * (w // 2) * w if i else 0) + k * res(w)  # stride-2 conv, then blocks
+    for j, k in enumerate(up):
+        w = f * 2 ** (len(down) - 1 - j)
+        n += w * (w // 2) + k * res(w // 2)  # 1³ conv halving channels, then blocks
+    return n + 2 * f + f * c_out + c_out  # final GroupNorm and 1³ conv with bias
+
+
+def _vffc_batchnorm_count(c: int, blocks: int) -> int:
+    """VFFC blocks (ratio 0.5, LFU, BatchNorm) from the layer shapes of FFC / LaMa."""
+    g = c // 2  # global channels; local = c - g
+    mid = g // 2  # spectral transform hidden width
+    spectral = g * mid + 2 * mid  # conv1 1³ + BN
+    spectral += 2 * ((2 * mid) * (2 * mid) + 2 * 2 * mid)  # FU and LFU: 1³ conv on 2·mid + BN
+    spectral += mid * g  # conv2 1³
+    ffc = 27 * (c - g) * (c - g) + 2 * 27 * (c - g) * g + spectral  # l2l, l2g, g2l, g2g
+    norms = 2 * 2 * c  # BN of both branches after each of the two FFCs
+    return blocks * (2 * ffc + norms)
+
+
+@pytest.mark.parametrize("filters", [32, 8])
+def test_original_network_parameter_count(filters):
+    from dgseg.config import apply_overrides, get_preset, model_kwargs
+
+    cfg = get_preset("segresnet_t2_vffc_grl_original")
+    if filters != 32:  # documented: init_filters narrows the whole network, head input included
+        cfg = apply_overrides(cfg, [f"model.init_filters={filters}"])
+    c = 8 * filters  # bottleneck channels: 256 for the original
+    head = c * 64 + 64 + 64 * 3 + 3  # Linear(c, 64) -> ReLU -> Linear(64, 3), no LayerNorm
+    expected = _segresnet_count(1, 3, filters) + _vffc_batchnorm_count(c, 3) + head
+    model = build_model(**model_kwargs(cfg))
+    assert n_params(model) == expected
+    if filters == 32:
+        assert expected == 27_077_126 and _segresnet_count(4, 3, 16) == 4_702_227
+    assert isinstance(model.domain_classifier.norm, nn.Identity)
+    conv = model.segmenter.bottleneck.blocks[0].ffc1.convl2l
+    assert conv.padding_mode == "reflect" and len(model.segmenter.bottleneck.blocks) == 3
+    assert any(isinstance(m, nn.BatchNorm3d) for m in model.segmenter.bottleneck.modules())
+    assert isinstance(model.segmenter.dropout, nn.Dropout3d) and model.segmenter.dropout.p == 0.2
+
+
+def test_original_network_trains_a_step(one_thread):
+    from dgseg.config import get_preset, model_kwargs
+    from dgseg.engine import forward_loss
+    from dgseg.losses import SegLoss
+    from dgseg.optim import build_optimizer
+
+    cfg = get_preset("segresnet_t2_vffc_grl_original")
+    torch.manual_seed(0)
+    model = build_model(**model_kwargs(cfg))
+    opt = build_optimizer(model.parameters(), cfg.optim)
+    assert type(opt) is torch.optim.Adam and opt.defaults["amsgrad"]
+    batch = {
+        "image": torch.randn(1, 1, 16, 16, 16),
+        "label": (torch.rand(1, 3, 16, 16, 16) > 0.7).float(),
+        "domain": torch.tensor([2]),
+    }
+    before = [p.detach().clone() for p in model.parameters()]
+    out = forward_loss(model, batch, SegLoss(), grl=True, lambd=0.5, domain_weight=1.0,
+                       device=torch.device("cpu"))
+    assert torch.isfinite(out["loss"]) and out["domain_loss"] > 0
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    changed = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert changed == len(before)  # every parameter moved, the domain head included
+    assert all("max_exp_avg_sq" in opt.state[p] for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", ["group", "batch", "none"])
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+def test_every_accepted_vffc_norm_and_padding_builds_and_runs(norm, padding):
+    from dgseg.config import ModelConfig
+    from dgseg.layers.vffc import NORMS, PADDING_MODES
+
+    assert norm in NORMS and padding in PADDING_MODES
+    kw = dict(ModelConfig(vffc=True, vffc_norm=norm, vffc_padding=padding).__dict__)
+    kw.update(init_filters=4, blocks_down=(1, 1, 1), blocks_up=(1, 1))
+    model = build_model(1, **kw)
+    assert model(torch.randn(2, 1, 8, 8, 8)).shape == (2, 3, 8, 8, 8)
+
+
+def test_vffc_norm_list_matches_what_the_config_accepts():
+    from dgseg.config import ModelConfig
+    from dgseg.layers.vffc import NORMS
+
+    for norm in ("group", "batch", "none", "instance", "layer"):
+        try:
+            ModelConfig(vffc_norm=norm)
+        except ValueError:
+            assert norm not in NORMS
+            with pytest.raises(ValueError, match="norm must be one of"):
+                VFFC(16, norm=norm)
+        else:
+            assert norm in NORMS
+            VFFC(16, norm=norm)

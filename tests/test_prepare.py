@@ -150,6 +150,62 @@ def test_full_size_keeps_box_and_restores(raw_sets, tmp_path):
     np.testing.assert_array_equal(back, src)  # the label lies inside the brain box
 
 
+def test_eval_cases_stored_as_whole_brain_box(raw_sets, prepared_sets, tmp_path):
+    from dgseg.data import ShardDataset
+    from dgseg.data.manifest import load_manifest, scored_extent
+
+    out = tmp_path / "evalfull"
+    res = prepare(raw_sets / "brats2021", out, size=SIZE, workers=1, cases_per_shard=2,
+                  progress=False, eval_size="full")
+    assert res.exit_code == 0
+    m = load_manifest(out)
+    old = load_manifest(prepared_sets[0] / "brats2021")  # eval_size "same": every case SIZE³
+    assert m["params"]["eval_size"] == "full" and old["params"]["eval_size"] == SIZE
+    split_of = {c["id"]: c["split"] for c in m["cases"]}
+    assert split_of == {c["id"]: c["split"] for c in old["cases"]}  # same splits
+    assert sorted(split_of.values()) == ["test", "train", "val"]
+    for c in m["cases"]:
+        box = [b - a for a, b in zip(c["bbox_start"], c["bbox_stop"])]
+        if c["split"] == "train":
+            assert c["shape"] == [SIZE] * 3
+        else:  # the whole box (larger than SIZE on some axis: the crop would have cut it)
+            assert c["shape"] == box and max(box) > SIZE and c["offset"] == c["bbox_start"]
+    # The full box holds the region voxels of the raw label; the SIZE³ crop lost some.
+    old_by_id = {c["id"]: c for c in old["cases"]}
+    test = next(c for c in m["cases"] if c["split"] == "test")
+    src = _read(raw_sets / "brats2021" / test["id"] / f"{test['id']}_seg.nii.gz")
+    assert test["region_voxels"]["WT"] == int(np.isin(src, (1, 2, 4)).sum())
+    assert old_by_id[test["id"]]["region_voxels"]["WT"] <= test["region_voxels"]["WT"]
+    assert scored_extent(m, "test")["whole_brain"] == 1
+    old_extent = scored_extent(old, "test")
+    assert old_extent["cropped"] == 1 and f"{SIZE}x{SIZE}x{SIZE}" in old_extent["text"]
+    # Train samples are the same arrays as before.
+    a = ShardDataset(out, "train", ("t2",))[0]
+    b = ShardDataset(prepared_sets[0] / "brats2021", "train", ("t2",))[0]
+    assert torch_equal(a["image"], b["image"]) and torch_equal(a["label"], b["label"])
+    # A whole-box case that becomes a train case (its split changed later) is cropped to SIZE³
+    # on the fly, exactly as the preprocessing crops it.
+    (out / "manifest.json").write_text(
+        (out / "manifest.json").read_text().replace('"split": "test"', '"split": "train"'))
+    moved = ShardDataset(out, "train", ("t2", "flair"))
+    ref = ShardDataset(prepared_sets[0] / "brats2021", "test", ("t2", "flair"))
+    k = moved.case_ids.index(test["id"])
+    got, want = moved[k], ref[ref.case_ids.index(test["id"])]
+    assert got["image"].shape == (2, SIZE, SIZE, SIZE)
+    assert torch_equal(got["image"], want["image"]) and torch_equal(got["label"], want["label"])
+    # with a random patch smaller than SIZE, the patch lies inside that cube
+    patch = ShardDataset(out, "train", ("t2",), patch_size=16, seed=3)[k]["image"][0]
+    cube = want["image"][0].numpy()
+    p = patch.numpy()
+    hits = [(i, j, l) for i in range(SIZE - 15) for j in range(SIZE - 15) for l in range(SIZE - 15)
+            if np.array_equal(cube[i:i + 16, j:j + 16, l:l + 16], p)]
+    assert hits
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
 def test_crop_window_and_restore_hand_computed():
     off, shp = crop_window(np.array([10, 0, 5]), np.array([50, 8, 15]), 16)
     assert off.tolist() == [22, -4, 2] and shp.tolist() == [16] * 3  # crop, pad, pad
@@ -355,7 +411,8 @@ def test_verify_detects_corrupted_shard_and_rerun_repairs(raw_sets, tmp_path):
                    progress=False).shards_built == []
     cli = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--input",
                           str(raw_sets / "brats2021"), "--output", str(out), "--size", "16",
-                          "--cases-per-shard", "2", "--workers", "1", "--verify", "--quiet"],
+                          "--cases-per-shard", "2", "--workers", "1", "--verify", "--quiet",
+                          "--eval-size", "same"],  # as the library call above
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert "1 shard(s) built, 1 reused" in cli.stdout

@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgseg.atomic import atomic_write_text  # noqa: E402
 from dgseg.layers import dann_lambda  # noqa: E402
 from dgseg.losses import SegLoss  # noqa: E402
+from dgseg.config import OptimConfig  # noqa: E402
 from dgseg.models import build_model  # noqa: E402
+from dgseg.optim import build_optimizer  # noqa: E402
 
 SECTIONS = ("train", "vffc", "bezier", "data", "inference", "scaling", "lesion")
 
@@ -130,7 +132,7 @@ def make_step(name: str, device: torch.device, size: int, batch: int, *, amp: bo
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5, fused=fused)
+    opt = build_optimizer(model.parameters(), OptimConfig(), fused=fused)  # training's AdamW
     loss_fn = SegLoss()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, size, size, size, generator=g).to(device)
@@ -308,7 +310,7 @@ def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int,
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = DDP(build_model(1, arch="segresnet", init_filters=16))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model.parameters(), OptimConfig(weight_decay=0.0))
     loss_fn = SegLoss()
     b = global_batch // world
     x = torch.randn(b, 1, size, size, size)

@@ -484,7 +484,7 @@ class Demo:
     def train(self, preset: str) -> None:
         stage = f"train {preset}"
         run_dir = self.runs / preset
-        mode = "--overwrite"
+        mode = None  # a new run: train.py refuses to touch an existing last.pt
         if self.resumable and (run_dir / "last.pt").exists():
             try:  # same settings: an interrupted run continues where its last.pt stopped
                 same = json.loads((run_dir / "config.json").read_text()) == \
@@ -494,8 +494,10 @@ class Demo:
             if same:
                 mode = "--resume"
                 self.console.say(f"{stage}: continuing the interrupted run from its last.pt")
+        if mode is None and run_dir.exists():
+            shutil.rmtree(run_dir)  # a stale or differently configured run: start it again
         cmd = [*launcher(self.args.nproc), TOOLS / "train.py", "--preset", preset, "--data",
-               self.shards, "--out", self.runs, mode]
+               self.shards, "--out", self.runs, *([mode] if mode else [])]
         for item in self.overrides:
             cmd += ["--set", item]
         epoch_re = re.compile(r"^epoch (\d+)/(\d+) done in")

@@ -20,9 +20,9 @@ checkpoints. Bootstrap 95% CIs over cases (seeded) go to summary.json and table.
 
 Usage::
 
-    python tools/evaluate.py --checkpoint runs/segresnet_t2_noaug/best.pt --data data/shards
-    torchrun --nproc_per_node=4 tools/evaluate.py --checkpoint runs/*/best.pt --data data/shards \\
-        --tta --out runs/eval
+    python tools/evaluate.py --checkpoint runs/segresnet_t2_noaug/best.pt --data data/prepared
+    torchrun --nproc_per_node=4 tools/evaluate.py --checkpoint runs/*/best.pt \\
+        --data data/prepared --tta --out runs/eval
     # NIfTI predictions from tools/predict.py against the raw segmentations, in original space:
     python tools/evaluate.py --predictions preds/ --data raw/BraTS2021/ --out runs/eval_nifti
 
@@ -60,6 +60,7 @@ from dgseg.atomic import atomic_write_text
 from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
 from dgseg.data import ShardDataset
+from dgseg.data.manifest import load_manifest, scored_extent
 from dgseg.distributed import all_gather_objects, barrier, cleanup, init_distributed
 from dgseg.evaluation import (
     COLUMN_TITLES,
@@ -446,7 +447,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             roi_text = ", ".join(f"{k} {v}" for k, v in rois.items())
             extra = [f"Sliding window: roi ({roi_text}), overlap {args.overlap}, "
                      f"{args.blend} blending, threshold {args.threshold}, TTA "
-                     f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es)."]
+                     f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es).",
+                     scored_extent(load_manifest(args.data), args.split)["text"]]
             print(write_outputs(records, overlays, args, extra), end="")
             print(f"wrote {args.out}/per_case.csv, summary.json, table.md", file=sys.stderr)
         # Nobody tears the process group down while rank 0 still writes: a gloo peer that

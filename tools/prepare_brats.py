@@ -2,12 +2,15 @@
 
     python tools/prepare_brats.py --input DIR --output DIR [--size 128|full] [--workers N]
         [--seed S] [--split 0.7 0.1 0.2] [--split-file FILE] [--folds K]
-        [--cases-per-shard 8] [--verify] [--strict]
+        [--cases-per-shard 8] [--eval-size full|same] [--verify] [--strict]
 
 The layout is detected (BraTS 2020/2021, BraTS 2023 GLI, MSD Task01 4D, unlabelled sets) and
-labels are mapped to the BraTS 2021 values. Bad cases are skipped with a one-line reason in
-``OUTPUT/skipped.json`` and in the summary; the exit code is 1 only when nothing was prepared, a
-shard could not be written, ``--verify`` found a problem, or ``--strict`` and a case was skipped.
+labels are mapped to the BraTS 2021 values. Train cases are stored at ``--size``; val and test
+cases as their whole brain box (``--eval-size full``), so evaluation scores the whole brain
+(``--eval-size same``: every case at ``--size``, as before). Bad cases are skipped with a one-line
+reason in ``OUTPUT/skipped.json`` and in the summary; the exit code is 1 only when nothing was
+prepared, a shard could not be written, ``--verify`` found a problem, or ``--strict`` and a case
+was skipped.
 Re-running the same command resumes: finished shards are checked and kept.
 
 ``--split-file FILE`` (JSON ``{case_id: "train"|"val"|"test"|fold}`` or CSV ``case_id,split``)
@@ -28,9 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.pipeline import prepare  # noqa: E402
+from data_prep.pipeline import EVAL_SIZES, prepare  # noqa: E402
 from data_prep.shards import COMPRESSIONS, STORAGE_DEFAULTS  # noqa: E402
 from dgseg.atomic import atomic_write_json  # noqa: E402
+from dgseg.constants import DEFAULT_DATA_ROOT  # noqa: E402
 
 SYNTHETIC_CASES = 12
 SYNTHETIC_SHAPE = (80, 80, 52)  # a third of 240x240x155: the whole brain fits in 64^3
@@ -81,12 +85,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", type=Path, default=None,
                    help="raw data folder (default: generate the built-in synthetic set)")
     p.add_argument("--output", type=Path, default=None,
-                   help="output folder (default: data/prepared, or data/synthetic without --input)")
+                   help=f"output folder (default: {DEFAULT_DATA_ROOT}, the training default "
+                        "data.root; data/synthetic without --input)")
     p.add_argument("--size", type=_size, default=None,
                    help="stored cube edge in voxels, or 'full' to keep the brain box (default 128; "
                         f"{SYNTHETIC_SIZE} for the synthetic set)")
     p.add_argument("--workers", type=_positive, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                    help="worker processes (default: CPUs - 1, at most 8)")
+    p.add_argument("--eval-size", choices=EVAL_SIZES, default="full",
+                   help="val/test cases: 'full' = the whole brain box, so evaluation covers the "
+                        "whole brain (default); 'same' = cropped/padded to --size like train")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--split", type=float, nargs=3, default=(0.7, 0.1, 0.2),
                    metavar=("TRAIN", "VAL", "TEST"), help="patient fractions (default 0.7 0.1 0.2)")
@@ -144,7 +152,7 @@ def main(argv=None) -> int:
                                   quiet=args.quiet)
         size = SYNTHETIC_SIZE if args.size is None else size
     else:
-        output = args.output or Path("data/prepared")
+        output = args.output or Path(DEFAULT_DATA_ROOT)
         source = args.input
         size = 128 if args.size is None else size
         if not source.is_dir():
@@ -155,7 +163,7 @@ def main(argv=None) -> int:
                       split=args.split, cases_per_shard=args.cases_per_shard,
                       compression=args.compression, chunks=args.chunks, verify=args.verify,
                       strict=args.strict, progress=not args.quiet, split_file=args.split_file,
-                      folds=args.folds)
+                      folds=args.folds, eval_size=args.eval_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,10 +6,13 @@
 
 Objective and schedules (write-up, DANN: Ganin & Lempitsky 2015, eq. 14): soft Dice (+ BCE) on
 WT/TC/ET plus, for the adversarial presets, the domain cross-entropy through a gradient-reversal
-layer with λ(p) = λmax·(2/(1+e^(−10p))−1) updated every step; AdamW (lr 1e-4, wd 1e-5) with
-cosine annealing to the last epoch. gloo on CPU, NCCL on CUDA; only rank 0 prints and writes.
-Run folder ``<out>/<run.name>/``: config.json, last.pt (every epoch), best.pt (best validation
-mean Dice), log.jsonl and, with matplotlib, curves.png.
+layer with λ(p) = λmax·(2/(1+e^(−10p))−1) updated every step; lr 1e-4, weight decay 1e-5 with
+cosine annealing to the last epoch (the write-up names no optimiser: dgseg uses AdamW, the
+original code Adam with amsgrad and L2 decay, ``optim.name=adam optim.amsgrad=true``). gloo on
+CPU, NCCL on CUDA; only rank 0 prints and writes. Run folder ``<out>/<run.name>/``: config.json,
+last.pt (every epoch), best.pt (best validation mean Dice), log.jsonl and, with matplotlib,
+curves.png. An existing run is continued with ``--resume`` or never touched: to start it again,
+delete its folder (or pick another ``run.name``).
 """
 
 from __future__ import annotations
@@ -66,9 +69,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "(repeatable; tuples as 1,2,2,4; None as none)",
     )
     p.add_argument("--resume", action="store_true", help="continue from <run>/last.pt if present")
-    p.add_argument(
-        "--overwrite", action="store_true", help="start afresh even if <run>/last.pt exists"
-    )
     p.add_argument(
         "--stop-after-epochs",
         type=int,
@@ -198,14 +198,11 @@ def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[in
 def build_optimizer(
     cfg: Config, net: torch.nn.Module, dist: DistState, steps_per_epoch: int
 ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    from dgseg.optim import build_optimizer as make_optimizer
+
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        net.parameters(),
-        lr=o.lr,
-        betas=tuple(o.betas),
-        weight_decay=o.weight_decay,
-        fused=dist.device.type == "cuda",  # one kernel for all parameters on GPU
-    )
+    # fused: one kernel for all parameters on GPU
+    optimizer = make_optimizer(net.parameters(), o, fused=dist.device.type == "cuda")
     if o.schedule == "cosine":
         t_max = o.epochs * steps_per_epoch if o.schedule_interval == "step" else o.epochs
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -218,7 +215,7 @@ def build_optimizer(
 
 # Fields the saved optimizer / scheduler state already encodes: changing them on --resume would
 # be silently ignored (lr) or bend the cosine and λ schedules (its length would no longer match).
-_FIXED_ON_RESUME = ("epochs", "lr", "min_lr", "schedule", "schedule_interval")
+_FIXED_ON_RESUME = ("name", "amsgrad", "epochs", "lr", "min_lr", "schedule", "schedule_interval")
 
 
 def check_resume_schedule(ckpt: Dict[str, Any], cfg: Config, steps_per_epoch: int) -> None:
@@ -232,7 +229,7 @@ def check_resume_schedule(ckpt: Dict[str, Any], cfg: Config, steps_per_epoch: in
     if changed:
         raise SystemExit(
             f"error: --resume cannot change {', '.join(changed)}: the optimizer and schedules "
-            "were built for the saved values; start a new run (--overwrite) instead"
+            "were built for the saved values; start a new run (another run.name) instead"
         )
     epoch, step = ckpt["epoch"], ckpt["step"]
     if epoch > 0 and step != epoch * steps_per_epoch:
@@ -298,9 +295,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         saved = apply_overrides(Config.from_dict(ckpt["config"]), args.overrides)
         diff = _config_diff(saved, cfg)
         cfg = saved
-    elif last_path.exists() and not args.overwrite:
+    elif last_path.exists():
+        # No --overwrite: a new run that kept the old last.pt would, after a failed first epoch,
+        # let --resume continue the old run under the new config.
         raise SystemExit(
-            f"error: {last_path} exists; pass --resume to continue it or --overwrite to restart"
+            f"error: {last_path} exists; pass --resume to continue it, or delete {run_dir} (or "
+            "set another run.name) to start again"
         )
 
     dist = init_distributed(cfg.run.device)
@@ -372,7 +372,7 @@ def _train(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
-        if ckpt is None:  # --overwrite: nothing of the old run may pass for this one
+        if ckpt is None:  # a new run: nothing an earlier, failed start left may pass for it
             for stale in ("log.jsonl", "best.pt", "curves.png"):
                 (run_dir / stale).unlink(missing_ok=True)
     writer = JsonlWriter(log_path, enabled=is_main)

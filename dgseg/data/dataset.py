@@ -13,8 +13,11 @@ Training sample, in the order of docs/SPEC.md's intensity pipeline:
 4. random flips / 90-degree turns / small rotations on image and label together.
 
 Evaluation (any split but "train"): no curve, no augmentation, domain 0, the whole stored volume
-(or a centred patch when ``patch_size`` is given). Testing a T2 model on T1 is just
-``ShardDataset(root, "test", ("t1",))``.
+(or a centred patch when ``patch_size`` is given). Prepared folders store val/test cases as their
+whole brain box by default (variable shapes) and train cases at the manifest's ``size``; a train
+case stored otherwise (its split changed after preparation) is cropped/padded to ``size`` here,
+centred as the preprocessing would have done, before any patch is cut. Testing a T2 model on T1
+is just ``ShardDataset(root, "test", ("t1",))``.
 
 Randomness: each sample builds its own ``torch.Generator`` from (seed, epoch, index, rank)
 (``domains.sample_seed``), so a sample is reproducible whatever the worker that loads it, and
@@ -49,7 +52,13 @@ from dgseg.transforms import (
 
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 
-from .domains import BEZIER_MODES, assign_domains, curve_kind, sample_seed
+from .domains import (
+    BEZIER_MODES,
+    PARTITION_MAX_DOMAINS,
+    assign_domains,
+    curve_kind,
+    sample_seed,
+)
 from .manifest import load_manifest, split_cases
 
 __all__ = ["ShardDataset", "augment", "region_channels"]
@@ -105,6 +114,23 @@ def augment(image: torch.Tensor, label: torch.Tensor | None, g: torch.Generator,
     return image, label
 
 
+def _shift(src: tuple, dst: tuple, start: Sequence[int], shape: Sequence[int]):
+    """Window ``src`` of a virtual volume starting at ``start`` of the stored one (negative:
+    padding), clipped to the stored ``shape``; ``dst`` shrinks by what was clipped.
+
+    Returns (src, dst) in stored / output coordinates, or (None, dst) when nothing overlaps.
+    """
+    out_src, out_dst = [], []
+    for s, d, a0, n in zip(src, dst, start, shape):
+        a, b = s.start + a0, s.stop + a0
+        lo, hi = max(a, 0), min(b, n)
+        if hi <= lo:
+            return None, dst
+        out_src.append(slice(lo, hi))
+        out_dst.append(slice(d.start + lo - a, d.stop - (b - hi)))
+    return tuple(out_src), tuple(out_dst)
+
+
 class ShardDataset(Dataset):
     """Cases of one split of a prepared folder.
 
@@ -148,7 +174,7 @@ class ShardDataset(Dataset):
                              f"{modalities!r}")
         if bezier not in BEZIER_MODES:
             raise ValueError(f"bezier must be one of {BEZIER_MODES}, got {bezier!r}")
-        if bezier == "partition" and not 1 <= num_domains <= 3:
+        if bezier == "partition" and not 1 <= num_domains <= PARTITION_MAX_DOMAINS:
             raise ValueError(f"bezier='partition' supports 1 to 3 domains (identity, increasing, "
                              f"decreasing), got num_domains={num_domains!r}")
         intensity_augs = tuple(intensity_augs)
@@ -165,6 +191,9 @@ class ShardDataset(Dataset):
             if int(v) != v or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
         self.cases = split_cases(manifest, split, fold)
+        size = manifest.get("params", {}).get("size")
+        # Train samples start from the size³ cube the preprocessing stores for train cases.
+        self.train_size = (size,) * 3 if split == "train" and isinstance(size, int) else None
         if not self.cases:
             raise ValueError(f"split {split!r} of {self.root} holds no cases")
         self.split = split
@@ -286,8 +315,14 @@ class ShardDataset(Dataset):
         case = self.cases[index]
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index, self.rank))
         grp = self._file(case["shard"])[case["id"]]
-        src, dst, out_shape = self._window(case["shape"], g)
-        padded = any(d.start != 0 or d.stop != o for d, o in zip(dst, out_shape))
+        shape = tuple(case["shape"])
+        if self.train_size is None or shape == self.train_size:
+            src, dst, out_shape = self._window(shape, g)
+        else:  # e.g. a whole-box case that became train: the centred size³ cube first
+            src, dst, out_shape = self._window(self.train_size, g)
+            src, dst = _shift(src, dst, [(s - t) // 2 for s, t in zip(shape, self.train_size)],
+                              shape)
+        padded = src is None or any(d.start != 0 or d.stop != o for d, o in zip(dst, out_shape))
         alloc = np.zeros if padded else np.empty
 
         image = alloc((len(self.modalities), *out_shape), np.float32)  # (C, D, H, W)
@@ -297,10 +332,11 @@ class ShardDataset(Dataset):
                 image[c] = image[first[m]]
                 continue
             first[m] = c
-            grp[m].read_direct(image[c], source_sel=src, dest_sel=dst)
+            if src is not None:
+                grp[m].read_direct(image[c], source_sel=src, dest_sel=dst)
         has_label = bool(case["has_label"])
         label = np.zeros(out_shape, np.uint8)  # (D, H, W)
-        if has_label:
+        if has_label and src is not None:
             grp["label"].read_direct(label, source_sel=src, dest_sel=dst)
         img = torch.from_numpy(image)
         lab = torch.from_numpy(label)

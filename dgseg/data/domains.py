@@ -27,9 +27,10 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["BEZIER_MODES", "assign_domains", "curve_kind", "sample_seed"]
+__all__ = ["BEZIER_MODES", "PARTITION_MAX_DOMAINS", "assign_domains", "curve_kind", "sample_seed"]
 
 BEZIER_MODES = ("none", "partition", "pair", "random")
+PARTITION_MAX_DOMAINS = 3  # "partition" curve kinds: identity, increasing, decreasing
 
 
 def _key(seed: int, name: str) -> str:

@@ -11,7 +11,10 @@ Format ``dgseg-shards`` version 1 (written by ``data_prep.pipeline``)::
 
 ``split`` is "train", "val", "test" (patient level, seeded, or from a split file) or
 "unlabelled". Optional per case: ``fold`` (cross-validation fold, ``--folds K`` or fold indices in
-the split file); manifests without folds load as before.
+the split file); manifests without folds load as before. ``params.size`` is the stored cube of
+train cases ("full": every case its brain box); ``params.eval_size`` ("full" or the same int,
+absent in older manifests, where every case is stored at ``size``) says how val and test cases
+were stored.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "SPLITS", "load_manifest", "split_cases"]
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "SPLITS",
+    "load_manifest",
+    "split_cases",
+    "scored_extent",
+]
 
 MANIFEST_FORMAT = "dgseg-shards"
 MANIFEST_VERSION = 1
@@ -69,3 +79,30 @@ def split_cases(manifest: dict, split: str, fold: int | None = None) -> list[dic
             pool = [c for c in manifest["cases"] if c["split"] in ("train", "val")]
             return [c for c in pool if (c.get("fold") == fold) == (split == "val")]
     return [c for c in manifest["cases"] if split == "all" or c["split"] == split]
+
+
+def scored_extent(manifest: dict, split: str) -> dict:
+    """What evaluating ``split`` scores: how many of its cases cover their whole brain box.
+
+    A stored window covers the brain when it contains the joint nonzero box (stored as the box, or
+    a crop/pad larger than it); otherwise tumour outside the window is in neither truth nor
+    prediction. Returns ``{"n_cases", "whole_brain", "cropped", "sizes", "text"}`` where
+    ``sizes`` lists the distinct stored shapes of the cropped cases and ``text`` is one line for
+    a table footer.
+    """
+    cases = split_cases(manifest, split)
+    whole, cropped_shapes = 0, []
+    for c in cases:
+        lo = [o <= a for o, a in zip(c["offset"], c["bbox_start"])]
+        hi = [o + s >= b for o, s, b in zip(c["offset"], c["shape"], c["bbox_stop"])]
+        if all(lo) and all(hi):
+            whole += 1
+        else:
+            cropped_shapes.append("x".join(str(s) for s in c["shape"]))
+    sizes = sorted(set(cropped_shapes))
+    text = f"Scored volume ('{split}'): {whole} of {len(cases)} case(s) whole brain box"
+    if cropped_shapes:
+        text += (f"; {len(cropped_shapes)} cropped to {', '.join(sizes)} (tumour outside the crop "
+                 "is in neither truth nor prediction)")
+    return {"n_cases": len(cases), "whole_brain": whole, "cropped": len(cropped_shapes),
+            "sizes": sizes, "text": text + "."}

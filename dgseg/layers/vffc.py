@@ -28,8 +28,8 @@ Choices that differ from the published code, and why:
 - GroupNorm by default (``norm="group"``, 8 groups or the largest divisor of the channels below
   8): the method trains at batch size 1 per GPU, where BatchNorm degenerates. ``norm="batch"``
   reproduces the original; ``norm="none"`` (identity) isolates the Fourier maths for tests.
-- Convolutions pad with zeros (``padding_mode``): the published code reflects, which fails on
-  feature maps of size 1.
+- Convolutions pad with zeros by default (``padding_mode``): the published code reflects
+  (``padding_mode="reflect"``, kept for fidelity), which fails on feature maps of size 1.
 """
 
 from __future__ import annotations
@@ -42,7 +42,13 @@ import torch.nn.functional as F
 
 from dgseg.layers.blocks import group_norm
 
-__all__ = ["make_norm", "FourierUnit", "SpectralTransform", "FFC", "VFFCBlock", "VFFC"]
+__all__ = [
+    "NORMS", "PADDING_MODES", "make_norm", "FourierUnit", "SpectralTransform", "FFC", "VFFCBlock",
+    "VFFC",
+]
+
+NORMS = ("group", "batch", "none")  # accepted ``norm`` values (ModelConfig.vffc_norm reads this)
+PADDING_MODES = ("zeros", "reflect")  # accepted ``padding_mode`` values of the 3³ convolutions
 
 Branches = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]  # (local, global); None = empty
 _SPATIAL = (-3, -2, -1)  # (D, H, W)
@@ -56,7 +62,7 @@ def make_norm(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm3d(channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm must be 'group', 'batch' or 'none', got {kind!r}")
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
 class FourierUnit(nn.Module):
@@ -168,6 +174,8 @@ class FFC(nn.Module):
         for name, r in (("ratio_gin", ratio_gin), ("ratio_gout", ratio_gout)):
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.in_g = int(in_channels * ratio_gin)  # global channels, as in the published code
         self.in_l = in_channels - self.in_g
         self.out_g = int(out_channels * ratio_gout)

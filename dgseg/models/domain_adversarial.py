@@ -31,10 +31,18 @@ class DomainAdversarialNet(nn.Module):
         num_domains: number of domain labels (0 .. num_domains - 1).
         hidden: width of the classifier's hidden layer.
         dropout: dropout in the classifier's hidden layer.
+        input_norm: LayerNorm on the pooled features (see ``DomainClassifier``; the original
+            code had none).
     """
 
     def __init__(
-        self, segmenter: nn.Module, num_domains: int, *, hidden: int = 128, dropout: float = 0.0
+        self,
+        segmenter: nn.Module,
+        num_domains: int,
+        *,
+        hidden: int = 128,
+        dropout: float = 0.0,
+        input_norm: bool = True,
     ) -> None:
         super().__init__()
         for name in ("encode", "decode", "bottleneck_channels"):
@@ -43,7 +51,8 @@ class DomainAdversarialNet(nn.Module):
         self.segmenter = segmenter
         self.bottleneck_channels = int(segmenter.bottleneck_channels)
         self.domain_classifier = DomainClassifier(
-            self.bottleneck_channels, num_domains, hidden=hidden, dropout=dropout
+            self.bottleneck_channels, num_domains, hidden=hidden, dropout=dropout,
+            input_norm=input_norm,
         )
 
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:

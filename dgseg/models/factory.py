@@ -36,9 +36,11 @@ def build_model(
     vffc_blocks: int = 1,
     vffc_lfu: bool = True,
     vffc_norm: str = "group",
+    vffc_padding: str = "zeros",
     grl: bool = False,
     num_domains: int = 3,
     domain_hidden: int = 128,
+    domain_input_norm: bool = True,
 ) -> nn.Module:
     """Build the segmentation network described by the arguments.
 
@@ -55,7 +57,7 @@ def build_model(
     bottleneck = None
     if vffc:
         bottleneck = VFFC(width, ratio=vffc_ratio, n_blocks=vffc_blocks, lfu=vffc_lfu,
-                          norm=vffc_norm)
+                          norm=vffc_norm, padding_mode=vffc_padding)
     if arch == "segresnet":
         model: nn.Module = SegResNet(
             in_channels,
@@ -70,5 +72,6 @@ def build_model(
         model = UNet3D(in_channels, out_channels, features=tuple(unet_features),
                        bottleneck=bottleneck)
     if grl:
-        model = DomainAdversarialNet(model, num_domains, hidden=domain_hidden)
+        model = DomainAdversarialNet(model, num_domains, hidden=domain_hidden,
+                                     input_norm=domain_input_norm)
     return model
