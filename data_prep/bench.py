@@ -140,14 +140,15 @@ class _NiftiBaseline:
         import nibabel as nib
         import torch
 
-        from .loading import _convert_label
+        from dgseg.transforms.labels import convert_labels
+
         from .preprocess import brain_bbox, crop_window, zscore_nonzero
 
         raw = self.raws[i]
         vols = {m: np.asanyarray(nib.load(str(raw.files[m])).dataobj) for m in
                 dict.fromkeys(self.modalities)}
         lab = np.asanyarray(nib.load(str(raw.label_file)).dataobj)
-        lab = _convert_label(lab, raw.label_convention, "seg")
+        lab = convert_labels(lab, raw.label_convention)
         nz = np.any([v != 0 for v in vols.values()], axis=0)  # (X, Y, Z) brain of these channels
         start, stop = brain_bbox(nz)
         off, shp = crop_window(start, stop, self.size)

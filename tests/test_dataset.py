@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from data_prep.preprocess import restore_to_original
 from dgseg.data import ShardDataset, assign_domains, load_manifest, split_cases
 
 
@@ -230,7 +231,8 @@ def test_case_meta_and_restore_to_original(tiny_shards):
     raw = Path(load_manifest(tiny_shards)["params"]["input"])
     raw_seg = raw / case["id"] / f"{case['id']}_seg.nii.gz"
     src = np.asanyarray(nib.load(str(raw_seg)).dataobj)
-    back = ds.to_original(0, _stored(tiny_shards, case, "label"))
+    back = restore_to_original(_stored(tiny_shards, case, "label"), case["offset"],
+                               case["original_shape"])
     np.testing.assert_array_equal(back, src)
 
 

@@ -1,6 +1,5 @@
 """Reading prepared HDF5 shards: manifest, synthetic domains, training/evaluation dataset."""
 
-from data_prep.preprocess import restore_to_original
 from dgseg.data.dataset import ShardDataset
 from dgseg.data.domains import BEZIER_MODES, assign_domains, curve_kind, sample_seed
 from dgseg.data.manifest import SPLITS, load_manifest, split_cases
@@ -14,5 +13,4 @@ __all__ = [
     "curve_kind",
     "sample_seed",
     "BEZIER_MODES",
-    "restore_to_original",
 ]

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_prep.preprocess import restore_to_original
 from dgseg.constants import MODALITIES
 from dgseg.transforms import (
     bezier_domain_transform,
@@ -281,11 +280,6 @@ class ShardDataset(Dataset):
             meta[k] = v.decode() if isinstance(v, bytes) else v
         meta["manifest"] = dict(case)
         return meta
-
-    def to_original(self, index: int, stored: np.ndarray, fill: float = 0) -> np.ndarray:
-        """Put a stored-space array (..., D, H, W) of case ``index`` back into its raw grid."""
-        case = self.cases[index]
-        return restore_to_original(stored, case["offset"], case["original_shape"], fill)
 
     # --- samples ----------------------------------------------------------------------------
 
