@@ -4,7 +4,8 @@ Checks, each failing with a one-line :class:`CaseError` that names the file and 
 readable and complete (``.nii.gz`` decompressed in one go, so truncation is caught here), 3D where
 3D is expected (MSD: 4D with 4 channels), equal shapes and affines (``AFFINE_ATOL`` mm) over the
 modalities and the label, finite voxels, no all-zero modality, integer labels with values the
-layout's convention defines (docs/SPEC.md, "Labels"; BraTS 2023 3->4, MSD 1->2, 2->1, 3->4).
+layout's convention defines (``dgseg.constants.LABEL_CONVENTIONS``; BraTS 2023 3->4, MSD 1->2,
+2->1, 3->4).
 
 Each file is read once: its bytes feed both the SHA-256 recorded in the manifest and the
 decompression, so checksumming costs no extra I/O.
@@ -22,9 +23,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from dgseg.constants import MODALITIES
+from dgseg.constants import LABEL_CONVENTIONS, MODALITIES
 
-from .layouts import RawCase
+from .layouts import MSD_DEFAULT_ORDER, RawCase
 
 __all__ = [
     "CaseError",
@@ -32,21 +33,11 @@ __all__ = [
     "load_raw_case",
     "read_nifti",
     "gunzip",
-    "LABEL_MAPS",
     "AFFINE_ATOL",
 ]
 
 # Largest allowed difference (mm, any affine entry) between the files of one case.
 AFFINE_ATOL = 1e-3
-
-# Source value -> BraTS 2021 value per label convention (same table as
-# dgseg.transforms.labels.CONVENTIONS; kept in numpy here so worker processes need no torch).
-LABEL_MAPS: dict[str, dict[int, int]] = {
-    "brats2021": {0: 0, 1: 1, 2: 2, 4: 4},
-    "brats2020": {0: 0, 1: 1, 2: 2, 4: 4},
-    "brats2023": {0: 0, 1: 1, 2: 2, 3: 4},
-    "msd": {0: 0, 1: 2, 2: 1, 3: 4},
-}
 
 
 class CaseError(Exception):
@@ -166,7 +157,7 @@ def _check_finite(arr: np.ndarray, what: str) -> None:
 
 def _convert_label(lab: np.ndarray, convention: str, what: str) -> np.ndarray:
     """Map ``lab`` to BraTS 2021 uint8 values; CaseError naming unknown values."""
-    table = LABEL_MAPS[convention]
+    table = LABEL_CONVENTIONS[convention]
     if lab.dtype.kind == "b" or lab.dtype.kind not in "iuf":
         raise CaseError(f"{what}: label dtype {lab.dtype} is not numeric")
     if lab.dtype.kind == "f":
@@ -221,7 +212,7 @@ def load_raw_case(raw: RawCase, *, dtype: np.dtype | None = np.float32,
         if arr.ndim != 4 or arr.shape[3] != len(MODALITIES):
             raise CaseError(f"{name}: expected a 4D image with {len(MODALITIES)} channels, got "
                             f"shape {tuple(arr.shape)}")
-        order = raw.channel_order or ("flair", "t1", "t1ce", "t2")
+        order = raw.channel_order or MSD_DEFAULT_ORDER
         arrays = [arr[..., order.index(m)] for m in modalities]  # (X, Y, Z) views
         ref_name, ref_aff = name, img.affine
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])

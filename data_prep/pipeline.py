@@ -14,7 +14,7 @@ that failed are recorded inside their shard with the reason, so they are not re-
 ``manifest.json`` is removed before any shard is rebuilt and written last, so a folder with a
 manifest is always complete and consistent.
 
-Output. ``manifest.json`` (format ``dgseg-shards`` version 1): preparation parameters, shard list,
+Output. ``manifest.json`` (format and version: ``dgseg.data.manifest``): preparation parameters, shard list,
 and per case its shard, split, layout, source-file SHA-256, stored-array CRC-32s, geometry and
 WT/TC/ET voxel counts. ``skipped.json``: ``{case_id: one-line reason}``. Both written atomically.
 
@@ -51,6 +51,7 @@ from typing import Any, Sequence
 from dgseg import __version__
 from dgseg.atomic import atomic_write_json, atomic_write_text, remove_stale_temps
 from dgseg.constants import MODALITIES
+from dgseg.data.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, load_manifest
 
 from .layouts import RawCase, discover_cases
 from .loading import CaseError, load_raw_case
@@ -68,8 +69,6 @@ from .shards import (
 
 __all__ = [
     "EVAL_SIZES",
-    "MANIFEST_FORMAT",
-    "MANIFEST_VERSION",
     "PREPROCESS_VERSION",
     "PrepareResult",
     "prepare",
@@ -78,8 +77,6 @@ __all__ = [
     "plan_shards",
 ]
 
-MANIFEST_FORMAT = "dgseg-shards"
-MANIFEST_VERSION = 1
 PREPROCESS_VERSION = 1  # bump when preprocess_case changes what it stores: forces a rebuild
 MAX_REASON = 400  # characters of one skip reason
 EVAL_SIZES = ("full", "same")  # val/test storage: whole brain box | the training ``size``
@@ -571,11 +568,9 @@ def verify_output(output_dir: Path | str) -> list[str]:
     out = Path(output_dir)
     errors: list[str] = []
     try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        return [f"manifest.json unreadable: {e}"]
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
-        return [f"manifest.json: not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest"]
+        manifest = load_manifest(out)
+    except (OSError, ValueError) as e:  # missing, not JSON, other format or version
+        return [str(e)]
     by_shard: dict[str, dict[str, str]] = {}
     for c in manifest["cases"]:
         by_shard.setdefault(c["shard"], {})[c["id"]] = c["stored_crc32"]

@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 from dgseg.atomic import atomic_path
-from dgseg.constants import MODALITIES, REGIONS
+from dgseg.constants import MODALITIES, REGION_LABELS
 
 from .preprocess import PreparedCase
 
@@ -120,9 +120,7 @@ def region_voxels(label: np.ndarray | None) -> dict[str, int] | None:
     if label is None:
         return None
     counts = np.bincount(label.ravel(), minlength=256)
-    wt = int(counts[1] + counts[2] + counts[4])
-    tc = int(counts[1] + counts[4])
-    return dict(zip(REGIONS, (wt, tc, int(counts[4]))))
+    return {r: int(counts[list(values)].sum()) for r, values in REGION_LABELS.items()}
 
 
 class ShardWriter:

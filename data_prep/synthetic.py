@@ -26,9 +26,10 @@ from typing import Callable, Sequence
 import nibabel as nib
 import numpy as np
 
+from data_prep.layouts import MSD_DEFAULT_ORDER
 from data_prep.synthetic_anatomy import TISSUES, TUMOUR, build_anatomy, build_tumour, smooth_noise
 from dgseg.atomic import atomic_write_bytes, atomic_write_text
-from dgseg.constants import MODALITIES
+from dgseg.constants import LABEL_CONVENTIONS, MODALITIES
 
 __all__ = [
     "LAYOUTS",
@@ -62,7 +63,6 @@ _TAGS = {
     "unlabelled": ({"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}, "_"),
     "brats2023": ({"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}, "-"),
 }
-_MSD_ORDER = ("flair", "t1", "t1ce", "t2")  # Task01_BrainTumour channel order
 _MIN_SIZE = 16
 
 
@@ -207,23 +207,30 @@ def _nifti_bytes(arr: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
+def _in_convention(seg: np.ndarray, convention: str) -> np.ndarray:
+    """A BraTS 2021 label map (uint8) in the values of ``convention`` (the inverse table)."""
+    lut = np.zeros(256, np.uint8)
+    for src, dst in LABEL_CONVENTIONS[convention].items():
+        lut[dst] = src
+    return lut[seg]
+
+
 def write_case(out_dir, layout: str, index: int, images: dict, seg: np.ndarray | None) -> str:
     """Write one case in ``layout`` under ``out_dir`` (each file atomically); return its id."""
     out_dir = Path(out_dir)
     cid = case_id_for(layout, index)
     if layout == "msd":
-        stack = np.stack([images[m] for m in _MSD_ORDER], axis=-1)  # (X, Y, Z, 4)
+        stack = np.stack([images[m] for m in MSD_DEFAULT_ORDER], axis=-1)  # (X, Y, Z, 4)
         atomic_write_bytes(out_dir / "imagesTr" / f"{cid}.nii.gz", _nifti_bytes(stack))
-        msd = np.zeros(256, np.uint8)
-        msd[[1, 2, 4]] = [2, 1, 3]  # 2021 -> MSD: necrotic/non-enh 2, edema 1, enhancing 3
-        atomic_write_bytes(out_dir / "labelsTr" / f"{cid}.nii.gz", _nifti_bytes(msd[seg]))
+        label = _in_convention(seg, "msd")  # necrotic/non-enh 2, edema 1, enhancing 3
+        atomic_write_bytes(out_dir / "labelsTr" / f"{cid}.nii.gz", _nifti_bytes(label))
         return cid
     tags, sep = _TAGS[layout]
     folder = out_dir / cid
     for mod in MODALITIES:
         atomic_write_bytes(folder / f"{cid}{sep}{tags[mod]}.nii.gz", _nifti_bytes(images[mod]))
     if layout != "unlabelled" and seg is not None:
-        label = np.where(seg == 4, 3, seg).astype(np.uint8) if layout == "brats2023" else seg
+        label = _in_convention(seg, "brats2023") if layout == "brats2023" else seg
         atomic_write_bytes(folder / f"{cid}{sep}seg.nii.gz", _nifti_bytes(label))
     return cid
 

@@ -14,7 +14,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from data_prep.preprocess import restore_to_original
-from dgseg.data import ShardDataset, assign_domains, load_manifest, split_cases
+from dgseg.data.dataset import ShardDataset
+from dgseg.data.domains import assign_domains
+from dgseg.data.manifest import load_manifest, split_cases
 
 
 def _stored(root, case, name):

@@ -191,7 +191,7 @@ def test_torchrun_two_processes_train_a_tiny_preset(tiny_shards, tmp_path):
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     ckpt = load_checkpoint(run / "last.pt")
-    from dgseg.data import ShardDataset
+    from dgseg.data.dataset import ShardDataset
 
     n_train = len(ShardDataset(tiny_shards, split="train"))
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (n_train // 2)

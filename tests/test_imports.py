@@ -45,7 +45,7 @@ def test_the_scan_sees_function_level_imports(tmp_path):
     assert _imported_modules(src) == {"data_prep.loading", "tools.x"}
 
 
-@pytest.mark.parametrize("module", ["data_prep.pipeline", "data_prep.synthetic"])
+@pytest.mark.parametrize("module", ["data_prep.pipeline", "data_prep.synthetic", "dgseg.data.manifest"])
 def test_preparation_imports_no_torch(module):
     """Preparation runs in spawned worker processes: importing torch would cost each seconds."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from data_prep.layouts import discover_cases, patient_id
-from data_prep.loading import LABEL_MAPS, load_raw_case
+from data_prep.loading import load_raw_case
 from data_prep.pipeline import assign_splits, prepare, verify_output
 from data_prep.preprocess import crop_window, preprocess_case, restore_to_original
 from data_prep.shards import ShardInvalid, check_shard
@@ -151,7 +151,7 @@ def test_full_size_keeps_box_and_restores(raw_sets, tmp_path):
 
 
 def test_eval_cases_stored_as_whole_brain_box(raw_sets, prepared_sets, tmp_path):
-    from dgseg.data import ShardDataset
+    from dgseg.data.dataset import ShardDataset
     from dgseg.data.manifest import load_manifest, scored_extent
 
     out = tmp_path / "evalfull"
@@ -220,11 +220,17 @@ def test_crop_window_and_restore_hand_computed():
         crop_window(np.zeros(3), np.ones(3), 0)
 
 
-def test_label_maps_match_transforms_conventions():
-    from dgseg.transforms.labels import CONVENTIONS
+def test_loader_and_transforms_convert_labels_alike():
+    from data_prep.loading import CaseError, _convert_label
+    from dgseg.constants import LABEL_CONVENTIONS
+    from dgseg.transforms.labels import convert_labels
 
-    for conv, table in LABEL_MAPS.items():
-        assert CONVENTIONS[conv] == table
+    for conv, table in LABEL_CONVENTIONS.items():
+        lab = np.array(sorted(table) * 3, np.int16).reshape(3, -1, 1)
+        np.testing.assert_array_equal(_convert_label(lab, conv, "x"), convert_labels(lab, conv))
+        bad = max(table) + 1
+        with pytest.raises(CaseError, match=f"unknown label values \\[{bad}\\]"):
+            _convert_label(np.full((2, 2, 2), bad, np.int16), conv, "x")
 
 
 # --------------------------------------------------------------------------- bad input

@@ -257,7 +257,8 @@ def test_interrupted_and_resumed_run_ends_with_bit_identical_weights(tiny_shards
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tiny_shards, tmp_path):
-    from dgseg.data import ShardDataset, load_manifest
+    from dgseg.data.dataset import ShardDataset
+    from dgseg.data.manifest import load_manifest
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)
@@ -302,7 +303,7 @@ WT_DICE_THRESHOLD = 0.6
 @pytest.mark.slow
 def test_tiny_segresnet_learns_t2_in_domain(tiny_shards, tmp_path):
     from dgseg.config import Config
-    from dgseg.data import ShardDataset
+    from dgseg.data.dataset import ShardDataset
     from dgseg.distributed import DistState
     from dgseg.engine import validate
 

@@ -59,7 +59,7 @@ from data_prep.layouts import discover_cases
 from dgseg.atomic import atomic_write_text
 from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
-from dgseg.data import ShardDataset
+from dgseg.data.dataset import ShardDataset
 from dgseg.data.manifest import load_manifest, scored_extent
 from dgseg.distributed import all_gather_objects, barrier, cleanup, init_distributed
 from dgseg.evaluation import (

@@ -113,7 +113,7 @@ def build_model(cfg: Config, dist: DistState) -> Tuple[torch.nn.Module, torch.nn
 
 def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler, DataLoader, Any]:
     """Training dataset, its DistributedSampler and DataLoader, and the validation dataset."""
-    from dgseg.data import ShardDataset
+    from dgseg.data.dataset import ShardDataset
 
     d = cfg.data
     train_ds = ShardDataset(
@@ -131,7 +131,7 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
         rank=dist.rank,
         intensity_augs=d.intensity_augs,
     )
-    from dgseg.data import load_manifest, split_cases
+    from dgseg.data.manifest import load_manifest, split_cases
 
     val_ds = None  # no validation cases: no validation, no best.pt
     if split_cases(load_manifest(d.root), d.val_split, d.fold):

@@ -1,16 +1,6 @@
-"""Reading prepared HDF5 shards: manifest, synthetic domains, training/evaluation dataset."""
+"""Reading prepared HDF5 shards: ``manifest`` (the format), ``domains`` (synthetic domains) and
+``dataset`` (``ShardDataset``: shards -> training / evaluation samples).
 
-from dgseg.data.dataset import ShardDataset
-from dgseg.data.domains import BEZIER_MODES, assign_domains, curve_kind, sample_seed
-from dgseg.data.manifest import SPLITS, load_manifest, split_cases
-
-__all__ = [
-    "ShardDataset",
-    "load_manifest",
-    "split_cases",
-    "SPLITS",
-    "assign_domains",
-    "curve_kind",
-    "sample_seed",
-    "BEZIER_MODES",
-]
+Nothing is imported here: ``data_prep`` reads the manifest format from ``dgseg.data.manifest``
+in worker processes that must not pay for importing torch and h5py through ``dataset``.
+"""

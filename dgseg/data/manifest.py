@@ -41,12 +41,20 @@ def load_manifest(root: Path | str) -> dict:
 
     Raises:
         FileNotFoundError: no manifest.
-        ValueError: not a dgseg-shards manifest of a supported version.
+        ValueError: not JSON, or not a dgseg-shards manifest of a supported version.
     """
     path = Path(root)
     if path.is_dir():
         path = path / "manifest.json"
-    manifest = json.loads(path.read_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a folder prepared by "
+                                "tools/prepare_brats.py holds manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:  # truncated or not JSON
+        raise ValueError(f"{path}: not a JSON manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a JSON object")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}")
     if manifest.get("version") != MANIFEST_VERSION:

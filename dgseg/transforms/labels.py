@@ -23,6 +23,8 @@ from typing import TypeVar, Union
 import numpy as np
 import torch
 
+from dgseg.constants import LABEL_CONVENTIONS, REGION_LABELS
+
 __all__ = [
     "CONVENTIONS",
     "REGION_SETS",
@@ -36,17 +38,12 @@ __all__ = [
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-# Source value → BraTS 2021 value, per label convention. Values not listed are invalid.
-CONVENTIONS: dict[str, dict[int, int]] = {
-    "brats2021": {0: 0, 1: 1, 2: 2, 4: 4},
-    "brats2020": {0: 0, 1: 1, 2: 2, 4: 4},  # 2018-2020 share the 2021 values
-    "brats2023": {0: 0, 1: 1, 2: 2, 3: 4},
-    "msd": {0: 0, 1: 2, 2: 1, 3: 4},
-}
+# Source value → BraTS 2021 value, per label convention (the table lives in dgseg.constants).
+CONVENTIONS = LABEL_CONVENTIONS
 
 # Region sets: region -> label values, in the set's own label values, regions in channel order.
 REGION_SETS: dict[str, dict[str, tuple[int, ...]]] = {
-    "brats2021": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)},
+    "brats2021": REGION_LABELS,
     "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
     "brats2024": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,), "NETC": (1,), "SNFH": (2,),
                   "RC": (4,)},  # RC belongs to no tumour region
@@ -116,13 +113,7 @@ def labels_to_channels(label: Array) -> Array:
     Raises:
         ValueError: values other than 0, 1, 2, 4 (named).
     """
-    lab = _lookup(label, CONVENTIONS["brats2021"], "brats2021")  # validates, uint8
-    wt = lab > 0  # 1 ∪ 2 ∪ 4
-    et = lab == 4
-    tc = (lab == 1) | et  # 1 ∪ 4
-    if isinstance(lab, torch.Tensor):
-        return torch.stack([wt, tc, et])  # (3, ...)
-    return np.stack([wt, tc, et])  # (3, ...)
+    return region_masks(label, "brats2021")  # (3, ...) WT, TC, ET
 
 
 def channels_to_labels(channels: Array) -> Array:
