@@ -11,7 +11,6 @@ saving never leaves a truncated ``last.pt``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 from torch import nn
 
 from dgseg.atomic import atomic_path
+from dgseg.config import Config
+from dgseg.models import build_model
 
 __all__ = [
     "save_checkpoint",
@@ -70,14 +71,11 @@ def load_segmenter(
     The network is rebuilt from the checkpoint's own config. A domain-adversarial model predicts
     with its segmenter; the domain head plays no part in prediction and is dropped.
     """
-    from dgseg.config import Config  # here, so that saving / loading state needs neither
-    from dgseg.models import build_model
-
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
         raise ValueError(f"{path} has no 'config' dict or no 'model' state: not a dgseg checkpoint")
     cfg = Config.from_dict(ckpt["config"])
-    model = build_model(len(cfg.data.modalities), **dataclasses.asdict(cfg.model))
+    model = build_model(cfg.data.in_channels, cfg.model)
     model.load_state_dict(ckpt["model"])
     model = getattr(model, "segmenter", model)
     return model.to(device).eval(), cfg

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from dgseg.constants import DEFAULT_DATA_ROOT, MODALITIES
-from dgseg.data.domains import PARTITION_MAX_DOMAINS
-from dgseg.layers.vffc import NORMS as _NORMS
-from dgseg.layers.vffc import PADDING_MODES as _PADDINGS
-from dgseg.optim import OPTIMIZERS as _OPTIMIZERS
+from dgseg.data.domains import BEZIER_MODES, PARTITION_MAX_DOMAINS
+from dgseg.distributed import DEVICES
+from dgseg.layers.vffc import NORMS, PADDING_MODES
+from dgseg.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
 from dgseg.transforms.sdg import INTENSITY_AUGS
 
 __all__ = [
+    "ARCHS",
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
@@ -39,16 +40,13 @@ __all__ = [
     "PRESETS",
     "apply_overrides",
     "get_preset",
-    "model_kwargs",
     "valid_keys",
 ]
 
-_ARCHS = ("segresnet", "unet3d")
-_BEZIER = ("none", "partition", "pair", "random")
+# Choice lists live with the code that acts on them (dgseg.layers.vffc, dgseg.optim, ...); the
+# architectures with ModelConfig, which dgseg.models.build_model turns into a network.
+ARCHS = ("segresnet", "unet3d")
 _AMP = ("bf16", "none")
-_SCHEDULES = ("cosine", "constant")
-_INTERVALS = ("step", "epoch")
-_DEVICES = ("auto", "cpu", "cuda")
 
 
 def _check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
@@ -88,7 +86,7 @@ class DataConfig:
         if self.patch_size is not None:
             _check_positive("data.patch_size", self.patch_size)
         _check_positive("data.rotation_degrees", self.rotation_degrees, allow_zero=True)
-        _check_choice("data.bezier", self.bezier, _BEZIER)
+        _check_choice("data.bezier", self.bezier, BEZIER_MODES)
         for a in self.intensity_augs:
             _check_choice("data.intensity_augs entry", a, INTENSITY_AUGS)
         _check_positive("data.workers", self.workers, allow_zero=True)
@@ -103,7 +101,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Keywords of dgseg.models.build_model (in_channels comes from DataConfig)."""
+    """The network: ``dgseg.models.build_model(cfg.data.in_channels, cfg.model)`` builds it."""
 
     arch: str = "segresnet"  # "segresnet" (Myronenko 2018, no VAE) | "unet3d" (Çiçek 2016)
     out_channels: int = 3  # WT, TC, ET sigmoid channels
@@ -124,7 +122,7 @@ class ModelConfig:
     domain_input_norm: bool = True  # LayerNorm on the pooled features (original code: none)
 
     def __post_init__(self) -> None:
-        _check_choice("model.arch", self.arch, _ARCHS)
+        _check_choice("model.arch", self.arch, ARCHS)
         _check_positive("model.out_channels", self.out_channels)
         _check_positive("model.init_filters", self.init_filters)
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -132,8 +130,8 @@ class ModelConfig:
         if not 0.0 <= self.vffc_ratio <= 1.0:
             raise ValueError(f"model.vffc_ratio={self.vffc_ratio!r} must be in [0, 1]")
         _check_positive("model.vffc_blocks", self.vffc_blocks)
-        _check_choice("model.vffc_norm", self.vffc_norm, _NORMS)
-        _check_choice("model.vffc_padding", self.vffc_padding, _PADDINGS)
+        _check_choice("model.vffc_norm", self.vffc_norm, NORMS)
+        _check_choice("model.vffc_padding", self.vffc_padding, PADDING_MODES)
         if self.num_domains < 2:
             raise ValueError(f"model.num_domains={self.num_domains!r} must be >= 2")
         _check_positive("model.domain_hidden", self.domain_hidden)
@@ -161,7 +159,7 @@ class OptimConfig:
     min_lr: float = 0.0  # learning rate reached at the end of the cosine
 
     def __post_init__(self) -> None:
-        _check_choice("optim.name", self.name, _OPTIMIZERS)
+        _check_choice("optim.name", self.name, OPTIMIZERS)
         _check_positive("optim.lr", self.lr)
         _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -170,8 +168,8 @@ class OptimConfig:
         _check_positive("optim.batch_size", self.batch_size)
         if self.grad_clip is not None:
             _check_positive("optim.grad_clip", self.grad_clip)
-        _check_choice("optim.schedule", self.schedule, _SCHEDULES)
-        _check_choice("optim.schedule_interval", self.schedule_interval, _INTERVALS)
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
+        _check_choice("optim.schedule_interval", self.schedule_interval, SCHEDULE_INTERVALS)
         _check_positive("optim.min_lr", self.min_lr, allow_zero=True)
 
 
@@ -211,7 +209,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"run.name={self.name!r} must be a plain folder name")
-        _check_choice("run.device", self.device, _DEVICES)
+        _check_choice("run.device", self.device, DEVICES)
         _check_choice("run.amp", self.amp, _AMP)
         _check_positive("run.val_every", self.val_every)
         if self.val_roi is not None:
@@ -275,6 +273,12 @@ class Config:
                 "data.bezier='random' labels samples 0/1/2 (curve kind) but "
                 f"model.num_domains={self.model.num_domains}"
             )
+
+    @property
+    def eval_roi(self) -> Optional[int]:
+        """Sliding-window edge of validation and evaluation: run.val_roi, else data.patch_size;
+        None: one window covering the whole volume (``dgseg.inference.covering_roi``)."""
+        return self.run.val_roi or self.data.patch_size
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
         """Plain nested dict (tuples become lists), JSON- and weights_only-safe."""
@@ -403,13 +407,6 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
         changes.setdefault(section, {})[name] = _parse(text, hints[name], key)
     sections = {s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()}
     return dataclasses.replace(cfg, **sections)
-
-
-def model_kwargs(cfg: Config) -> Dict[str, Any]:
-    """Keyword arguments for ``dgseg.models.build_model`` (including ``in_channels``)."""
-    kw = dataclasses.asdict(cfg.model)
-    kw["in_channels"] = cfg.data.in_channels
-    return kw
 
 
 def _preset(name: str, **sections: Dict[str, Any]) -> Config:

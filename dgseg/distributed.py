@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "DEVICES",
     "DistState",
     "init_distributed",
     "cleanup",
@@ -29,6 +30,9 @@ __all__ = [
     "barrier",
     "wrap_ddp",
 ]
+
+
+DEVICES = ("auto", "cpu", "cuda")  # "auto": CUDA when available (RunConfig.device reads this)
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,8 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
         The frozen :class:`DistState` of this process. Without torchrun's variables (or with
         WORLD_SIZE=1) no process group is created and collectives become no-ops.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not one of ('auto', 'cpu', 'cuda')")
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r} is not one of {DEVICES}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
     rank = _env_int("RANK", 0)

@@ -292,13 +292,13 @@ def validate(
     Returns:
         {"dice_WT", "dice_TC", "dice_ET", "dice_mean", "n_cases"}.
     """
-    from dgseg.inference import covering_roi, sliding_window_inference
+    from dgseg.inference import sliding_window_inference
     from dgseg.metrics import dice_per_region
 
     was_training = model.training
     model.eval()
     dev = dist.device
-    roi = cfg.run.val_roi or cfg.data.patch_size
+    roi = cfg.eval_roi  # None: one window covering the volume
     if indices is None:
         indices = range(len(dataset))
     mine = list(indices)[dist.rank :: dist.world_size]
@@ -315,12 +315,9 @@ def validate(
         item = dataset[i]
         image = item["image"].unsqueeze(0).to(dev, non_blocking=True)  # (1, C, D, H, W)
         label = item["label"].unsqueeze(0).to(dev, non_blocking=True)  # (1, 3, D, H, W)
-        if roi is not None:
-            logits = sliding_window_inference(predictor, image, roi, overlap=cfg.run.val_overlap)
-        else:
-            # One window covering the volume, padded to a multiple of 16 (4 downsamplings).
-            whole = covering_roi(image.shape[2:])
-            logits = sliding_window_inference(predictor, image, whole, blend="constant")
+        # a single covering window needs no blending weights
+        logits = sliding_window_inference(predictor, image, roi, overlap=cfg.run.val_overlap,
+                                          blend="gaussian" if roi is not None else "constant")
         dice = dice_per_region(logits > 0, label > 0.5)[0]  # (3,)
         sums[:3] += dice.to(torch.float64)
         sums[3] += 1

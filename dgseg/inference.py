@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -105,7 +105,7 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
 def sliding_window_inference(
     predictor: Predictor,
     image: Tensor,
-    roi_size: RoiSize,
+    roi_size: Optional[RoiSize],
     *,
     overlap: float = 0.5,
     sw_batch_size: int = 1,
@@ -118,7 +118,8 @@ def sliding_window_inference(
             domain-adversarial model returning (seg_logits, domain_logits)) uses its first item.
         image: (B, C, D, H, W). Axes shorter than the ROI are zero-padded symmetrically (zero is
             the background of z-scored images) and cropped back afterwards.
-        roi_size: window size, int or (d, h, w).
+        roi_size: window size, int or (d, h, w); None: one window covering the volume
+            (:func:`covering_roi`), as validation does when no window size is configured.
         overlap: fraction of the ROI shared by neighbouring windows, in [0, 1).
         sw_batch_size: windows per predictor call (each call sees sw_batch_size * B crops).
         blend: "gaussian" (centre-weighted) or "constant" (plain average of overlapping windows).
@@ -132,7 +133,7 @@ def sliding_window_inference(
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     if blend not in ("gaussian", "constant"):
         raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
-    roi = _as_triple(roi_size)
+    roi = _as_triple(covering_roi(image.shape[2:]) if roi_size is None else roi_size)
     batch = image.shape[0]
     spatial = tuple(image.shape[2:])
 
@@ -194,7 +195,7 @@ def predict_volume(
     model: Predictor,
     image: Tensor,
     *,
-    roi_size: RoiSize,
+    roi_size: Optional[RoiSize],
     overlap: float = 0.5,
     tta: bool = False,
     sw_batch_size: int = 1,
@@ -208,7 +209,7 @@ def predict_volume(
     is used: the input is flipped, predicted by sliding windows, the probabilities are flipped
     back to the original orientation, and all passes are averaged. The model should be in
     eval mode; ``autocast_dtype`` (e.g. torch.bfloat16) runs the network under autocast while
-    blending stays float32.
+    blending stays float32. ``roi_size`` None: one window covering the volume.
     """
     if autocast_dtype is not None:
         device_type = image.device.type

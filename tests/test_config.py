@@ -15,7 +15,6 @@ from dgseg.config import (
     ModelConfig,
     apply_overrides,
     get_preset,
-    model_kwargs,
     valid_keys,
 )
 
@@ -68,17 +67,21 @@ def test_presets_name_the_experiments_of_the_write_up():
         get_preset("nope")
 
 
-def test_model_config_fields_are_the_build_model_keywords():
-    from dgseg.models import build_model
+def test_build_model_reads_the_model_config_and_repeats_no_default():
+    from dgseg.models import UNet3D, build_model
 
     sig = inspect.signature(build_model)
-    keywords = {n for n, prm in sig.parameters.items() if prm.kind == prm.KEYWORD_ONLY}
-    assert {f.name for f in dataclasses.fields(ModelConfig)} == keywords
-    for field in dataclasses.fields(ModelConfig):  # same defaults as the factory
-        default = sig.parameters[field.name].default
-        assert field.default == default, field.name
-    kw = model_kwargs(PRESETS["unet_stacked"])
-    assert kw["in_channels"] == 4 and kw["arch"] == "unet3d"
+    assert [p.default for p in sig.parameters.values()][1:] == [None, inspect.Parameter.empty]
+    cfg = PRESETS["unet_stacked"]
+    model = build_model(cfg.data.in_channels, cfg.model)
+    assert isinstance(model, UNet3D) and model.enc[0][0].in_channels == 4
+    # keyword changes replace ModelConfig fields, validated like the config itself
+    small = build_model(1, cfg.model, unet_features=(4, 8))
+    assert small.features == (4, 8)
+    with pytest.raises(ValueError, match="model.arch"):
+        build_model(1, arch="resnet")
+    with pytest.raises(TypeError):
+        build_model(1, no_such_field=1)
 
 
 def test_every_default_has_a_comment():
@@ -260,6 +263,25 @@ def test_vffc_norm_choices_have_one_owner():
         assert ModelConfig(vffc_norm=norm).vffc_norm == norm
     with pytest.raises(ValueError, match="vffc_norm='instance'"):
         ModelConfig(vffc_norm="instance")
+
+
+def test_choice_lists_are_the_ones_of_the_code_that_acts_on_them():
+    import dgseg.config as config
+    from dgseg.data.domains import BEZIER_MODES
+    from dgseg.distributed import DEVICES
+    from dgseg.layers.vffc import PADDING_MODES
+    from dgseg.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
+
+    assert config.BEZIER_MODES is BEZIER_MODES and config.DEVICES is DEVICES
+    assert config.PADDING_MODES is PADDING_MODES and config.OPTIMIZERS is OPTIMIZERS
+    assert (config.SCHEDULES, config.SCHEDULE_INTERVALS) == (SCHEDULES, SCHEDULE_INTERVALS)
+
+
+def test_eval_roi_falls_back_from_val_roi_to_patch_size_to_the_whole_volume():
+    cfg = get_preset("tiny")
+    assert cfg.eval_roi is None
+    assert apply_overrides(cfg, ["data.patch_size=32"]).eval_roi == 32
+    assert apply_overrides(cfg, ["data.patch_size=32", "run.val_roi=48"]).eval_roi == 48
 
 
 def test_partition_with_more_domains_than_curve_kinds_is_refused_by_the_config():

@@ -316,7 +316,7 @@ def _tiny_checkpoint(path: Path, modalities, *, arch="segresnet", seed=0, name=N
     cfg = apply_overrides(cfg, over)
     cfg = Config.from_dict(cfg.to_dict())
     torch.manual_seed(seed)
-    model = build_model(len(cfg.data.modalities), **dataclasses.asdict(cfg.model))
+    model = build_model(cfg.data.in_channels, cfg.model)
     save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0,
                            "step": 0})
     return path

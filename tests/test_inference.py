@@ -133,6 +133,19 @@ def test_covering_roi():
         covering_roi((8, 8, 8), multiple=0)
 
 
+def test_no_roi_means_one_covering_window():
+    image = torch.randn(1, 1, 23, 19, 32)
+    seen = []
+
+    def spy(x):
+        seen.append(tuple(x.shape[2:]))
+        return x * 2
+
+    out = sliding_window_inference(spy, image, None)
+    assert seen == [(32, 32, 32)]  # padded to multiples of 16, cropped back
+    torch.testing.assert_close(out, image * 2)
+
+
 def test_flip_combinations():
     assert flip_combinations((2, 3, 4))[0] == ()
     assert len(flip_combinations((2, 3, 4))) == 8

@@ -214,7 +214,7 @@ def _vffc_batchnorm_count(c: int, blocks: int) -> int:
 
 @pytest.mark.parametrize("filters", [32, 8])
 def test_original_network_parameter_count(filters):
-    from dgseg.config import apply_overrides, get_preset, model_kwargs
+    from dgseg.config import apply_overrides, get_preset
 
     cfg = get_preset("segresnet_t2_vffc_grl_original")
     if filters != 32:  # documented: init_filters narrows the whole network, head input included
@@ -222,7 +222,7 @@ def test_original_network_parameter_count(filters):
     c = 8 * filters  # bottleneck channels: 256 for the original
     head = c * 64 + 64 + 64 * 3 + 3  # Linear(c, 64) -> ReLU -> Linear(64, 3), no LayerNorm
     expected = _segresnet_count(1, 3, filters) + _vffc_batchnorm_count(c, 3) + head
-    model = build_model(**model_kwargs(cfg))
+    model = build_model(cfg.data.in_channels, cfg.model)
     assert n_params(model) == expected
     if filters == 32:
         assert expected == 27_077_126 and _segresnet_count(4, 3, 16) == 4_702_227
@@ -234,14 +234,14 @@ def test_original_network_parameter_count(filters):
 
 
 def test_original_network_trains_a_step(one_thread):
-    from dgseg.config import get_preset, model_kwargs
+    from dgseg.config import get_preset
     from dgseg.engine import forward_loss
     from dgseg.losses import SegLoss
     from dgseg.optim import build_optimizer
 
     cfg = get_preset("segresnet_t2_vffc_grl_original")
     torch.manual_seed(0)
-    model = build_model(**model_kwargs(cfg))
+    model = build_model(cfg.data.in_channels, cfg.model)
     opt = build_optimizer(model.parameters(), cfg.optim)
     assert type(opt) is torch.optim.Adam and opt.defaults["amsgrad"]
     batch = {
@@ -268,9 +268,8 @@ def test_every_accepted_vffc_norm_and_padding_builds_and_runs(norm, padding):
     from dgseg.layers.vffc import NORMS, PADDING_MODES
 
     assert norm in NORMS and padding in PADDING_MODES
-    kw = dict(ModelConfig(vffc=True, vffc_norm=norm, vffc_padding=padding).__dict__)
-    kw.update(init_filters=4, blocks_down=(1, 1, 1), blocks_up=(1, 1))
-    model = build_model(1, **kw)
+    cfg = ModelConfig(vffc=True, vffc_norm=norm, vffc_padding=padding)
+    model = build_model(1, cfg, init_filters=4, blocks_down=(1, 1, 1), blocks_up=(1, 1))
     assert model(torch.randn(2, 1, 8, 8, 8)).shape == (2, 3, 8, 8, 8)
 
 

@@ -1,6 +1,5 @@
 """tools/predict.py: label maps back in the original space; evaluate/predict round trip."""
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -152,7 +151,7 @@ def _tiny_checkpoint(path: Path, modalities, *, arch="segresnet", roi="16"):
         "model.unet_features=4,4,8,8,8", f"run.val_roi={roi}",
     ])
     torch.manual_seed(0)
-    model = build_model(len(cfg.data.modalities), **dataclasses.asdict(cfg.model))
+    model = build_model(cfg.data.in_channels, cfg.model)
     save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict()})
     return path
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dgseg.checkpoint import load_checkpoint
-from dgseg.config import PRESETS, apply_overrides, model_kwargs
+from dgseg.config import PRESETS, apply_overrides
 from dgseg.engine import forward_loss, grl_lambda
 from dgseg.losses import SegLoss
 from dgseg.models import build_model
@@ -311,14 +311,15 @@ def test_tiny_segresnet_learns_t2_in_domain(tiny_shards, tmp_path):
     cfg = apply_overrides(PRESETS["tiny"], [f"data.root={tiny_shards}"])
     dist = DistState(0, 0, 1, CPU, True)
     torch.manual_seed(cfg.run.seed)
-    untrained = build_model(**model_kwargs(cfg))
+    untrained = build_model(cfg.data.in_channels, cfg.model)
     val = ShardDataset(tiny_shards, split="val")
     before = validate(untrained, val, cfg=cfg, dist=dist)["dice_WT"]
     t0 = time.perf_counter()
     _run(train, tiny_shards, tmp_path, "run.val_every=40")
     seconds = time.perf_counter() - t0
     ckpt = load_checkpoint(tmp_path / "tiny" / "best.pt")
-    net = build_model(**model_kwargs(Config.from_dict(ckpt["config"])))
+    saved = Config.from_dict(ckpt["config"])
+    net = build_model(saved.data.in_channels, saved.model)
     net.load_state_dict(ckpt["model"])
     after = validate(net, val, cfg=cfg, dist=dist)
     print(f"WT Dice untrained {before:.3f} -> trained {after['dice_WT']:.3f} in {seconds:.0f} s")

@@ -79,7 +79,7 @@ from dgseg.evaluation import (
     write_csv,
     write_json,
 )
-from dgseg.inference import covering_roi, predict_volume
+from dgseg.inference import predict_volume
 from dgseg.lesion_metrics import LESION_RULES, LesionRules, get_lesion_rules
 from dgseg.transforms.labels import REGION_SETS, channels_to_labels
 from dgseg.viz import overlay_slices, save_overlay_grid
@@ -193,12 +193,6 @@ def table_title(metric: str, args: argparse.Namespace) -> str:
     return f"{METRIC_TITLES[metric]} (rules '{lesion_rules(args).name}')"
 
 
-def configured_roi(cfg: Any) -> Optional[int]:
-    """Window size the model was validated with: run.val_roi, else data.patch_size, else None
-    (one window covering the whole volume, as validation during training does)."""
-    return cfg.run.val_roi or cfg.data.patch_size
-
-
 class Plan(NamedTuple):
     """One checkpoint to evaluate: its model, row label, window, and the input tuples it is
     tested on mapped to the table columns each fills (a T2 model's "own" is its T2 column)."""
@@ -273,8 +267,7 @@ def evaluate_cases(
             for plan in plans:
                 if inputs not in plan.specs:
                     continue
-                window = plan.roi or covering_roi(image.shape[2:])
-                prob = predict_volume(plan.model, image, roi_size=window, overlap=args.overlap,
+                prob = predict_volume(plan.model, image, roi_size=plan.roi, overlap=args.overlap,
                                       tta=args.tta, sw_batch_size=args.sw_batch_size,
                                       blend=args.blend, autocast_dtype=autocast)
                 pred3 = (prob[0] > args.threshold).cpu().numpy()  # (3, D, H, W) bool
@@ -423,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for k, path in enumerate(args.checkpoint):
             model, cfg = load_segmenter(path, dist.device)
             label = args.labels[k] if args.labels else cfg.run.name
-            roi = args.roi or configured_roi(cfg)
+            roi = args.roi or cfg.eval_roi
             rois.setdefault(label, roi or "whole volume")
             plans.append(Plan(path, label, model, roi,
                               input_specs(tuple(cfg.data.modalities), args.modalities)))

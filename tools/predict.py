@@ -54,7 +54,7 @@ from dgseg.atomic import atomic_write_bytes
 from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
 from dgseg.evaluation import input_channels
-from dgseg.inference import covering_roi, predict_volume
+from dgseg.inference import predict_volume
 from dgseg.transforms.labels import channels_to_labels
 
 # (1, C, D, H, W) float32 image -> (1, 3, D, H, W) WT/TC/ET probabilities
@@ -201,12 +201,11 @@ def load_predictor(args: argparse.Namespace) -> tuple[ProbFn, tuple[str, ...], s
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     model = model.to(device)
-    roi = args.roi or cfg.run.val_roi or cfg.data.patch_size  # None: one covering window
+    roi = args.roi or cfg.eval_roi  # None: one covering window
     autocast = torch.bfloat16 if args.amp == "bf16" else None
 
     def prob_fn(x: torch.Tensor) -> torch.Tensor:
-        window = roi or covering_roi(x.shape[2:])
-        return predict_volume(model, x.to(device), roi_size=window, overlap=args.overlap,
+        return predict_volume(model, x.to(device), roi_size=roi, overlap=args.overlap,
                               tta=args.tta, autocast_dtype=autocast)
 
     return prob_fn, channels, f"{cfg.run.name} ({'+'.join(train)}), inputs {'+'.join(channels)}"

@@ -39,7 +39,7 @@ from dgseg.checkpoint import (  # noqa: E402
     save_checkpoint,
     unwrap_model,
 )
-from dgseg.config import PRESETS, Config, apply_overrides, get_preset, model_kwargs  # noqa: E402
+from dgseg.config import PRESETS, Config, apply_overrides, get_preset  # noqa: E402
 from dgseg.distributed import (  # noqa: E402
     DistState,
     all_gather_objects,
@@ -102,7 +102,7 @@ def build_model(cfg: Config, dist: DistState) -> Tuple[torch.nn.Module, torch.nn
     from dgseg.models import build_model as build_network
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    net = build_network(**model_kwargs(cfg)).to(dist.device)
+    net = build_network(cfg.data.in_channels, cfg.model).to(dist.device)
     if cfg.run.channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     model = wrap_ddp(net, dist)
@@ -199,18 +199,11 @@ def build_optimizer(
     cfg: Config, net: torch.nn.Module, dist: DistState, steps_per_epoch: int
 ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     from dgseg.optim import build_optimizer as make_optimizer
+    from dgseg.optim import build_scheduler
 
-    o = cfg.optim
     # fused: one kernel for all parameters on GPU
-    optimizer = make_optimizer(net.parameters(), o, fused=dist.device.type == "cuda")
-    if o.schedule == "cosine":
-        t_max = o.epochs * steps_per_epoch if o.schedule_interval == "step" else o.epochs
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=t_max, eta_min=o.min_lr
-        )
-    else:
-        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    return optimizer, scheduler
+    optimizer = make_optimizer(net.parameters(), cfg.optim, fused=dist.device.type == "cuda")
+    return optimizer, build_scheduler(optimizer, cfg.optim, steps_per_epoch)
 
 
 # Fields the saved optimizer / scheduler state already encodes: changing them on --resume would
