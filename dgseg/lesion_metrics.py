@@ -59,7 +59,8 @@ missed lesion → Dice 0, HD95 = maximum distance; false positive counted", it c
 official sets; the combination is available as ``LesionRules(matching="bipartite",
 aggregate="penalized")`` but is not an official rule set, so it is not a preset.
 
-Distances use the exact Euclidean transform and surface code of :mod:`dgseg.metrics`
+Distances use the exact Euclidean transform of :mod:`dgseg.distance_transform` and the
+surface code of :mod:`dgseg.metrics`
 (spacing-aware, in mm), on the bounding box of each pair.
 """
 
@@ -76,14 +77,8 @@ import torch
 
 from dgseg.connected_components import CONNECTIVITIES, label_components
 from dgseg.constants import REGIONS
-from dgseg.metrics import (
-    _as_bool,
-    _bbox,
-    _check_spacing,
-    _points_mask,
-    _squared_edt_at,
-    _surface_points,
-)
+from dgseg.distance_transform import as_bool, check_spacing, squared_edt_at
+from dgseg.metrics import _bbox, _points_mask, _surface_points
 
 __all__ = [
     "LESION_RULES",
@@ -394,8 +389,8 @@ def _pair_distances(
     pts_p = _surface_points(_points_mask(pc, lo, hi))
     size = hi - lo
     zero = np.zeros(3, np.intp)
-    d_rp = np.sqrt(_squared_edt_at(_points_mask(pts_p, zero, size), pts_r, spacing))
-    d_pr = np.sqrt(_squared_edt_at(_points_mask(pts_r, zero, size), pts_p, spacing))
+    d_rp = np.sqrt(squared_edt_at(_points_mask(pts_p, zero, size), pts_r, spacing))
+    d_pr = np.sqrt(squared_edt_at(_points_mask(pts_r, zero, size), pts_p, spacing))
     return d_rp, d_pr
 
 
@@ -483,12 +478,12 @@ def lesion_scores(
         rules: a :data:`LESION_RULES` name or a :class:`LesionRules`; default "panoptica".
     """
     rules = get_lesion_rules(rules)
-    p, t = _as_bool(pred), _as_bool(truth)
+    p, t = as_bool(pred), as_bool(truth)
     if p.shape != t.shape or p.ndim != 3:
         raise ValueError(
             f"expected pred and truth of equal shape (D, H, W), got {p.shape} and {t.shape}"
         )
-    spacing = _check_spacing(spacing, 3)
+    spacing = check_spacing(spacing, 3)
     tol = min(spacing) if rules.nsd_tolerance is None else float(rules.nsd_tolerance)
     box = _bbox(p | t)
     if box is None:  # both empty
@@ -588,7 +583,7 @@ def lesion_region_metrics(
     Returns:
         ``{region: LesionScores.as_dict()}``.
     """
-    p, t = _as_bool(pred_r), _as_bool(truth_r)
+    p, t = as_bool(pred_r), as_bool(truth_r)
     if p.shape != t.shape or p.ndim != 4 or p.shape[0] != len(regions):
         raise ValueError(
             f"expected pred_r and truth_r of shape ({len(regions)}, D, H, W), got "
