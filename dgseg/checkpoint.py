@@ -56,11 +56,24 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
 def load_checkpoint(
     path: PathLike, map_location: Union[str, torch.device] = "cpu"
 ) -> Dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` with the safe unpickler."""
+    """Load a checkpoint written by :func:`save_checkpoint` with the safe unpickler.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line naming the file: truncated or corrupt, refused by the safe unpickler
+            (objects other than tensors and plain containers), or not a dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def load_segmenter(
@@ -70,13 +83,22 @@ def load_segmenter(
 
     The network is rebuilt from the checkpoint's own config. A domain-adversarial model predicts
     with its segmenter; the domain head plays no part in prediction and is dropped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line naming the file: unreadable, not a dgseg checkpoint, an invalid
+            config, or weights that do not fit the network of its config.
     """
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
         raise ValueError(f"{path} has no 'config' dict or no 'model' state: not a dgseg checkpoint")
-    cfg = Config.from_dict(ckpt["config"])
-    model = build_model(cfg.data.in_channels, cfg.model)
-    model.load_state_dict(ckpt["model"])
+    try:
+        cfg = Config.from_dict(ckpt["config"])
+        model = build_model(cfg.data.in_channels, cfg.model)
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:  # a bad config value; missing or misshapen weights
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: checkpoint does not fit its config ({first})") from e
     model = getattr(model, "segmenter", model)
     return model.to(device).eval(), cfg
 

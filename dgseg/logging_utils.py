@@ -1,10 +1,11 @@
-"""Rank-0 console output, the JSONL training log and the training-curves figure.
+"""Rank-0 console output, progress lines with an ETA, the JSONL training log and the curves figure.
 
 Everything a run prints goes through :func:`log`, which is silent on every rank but the main one;
 records of the progress line (epoch, step, loss, Dice, DANN λ, learning rate, samples/s, ETA) and
 of each validation are appended to ``log.jsonl`` one JSON object per line, so a run can be
 plotted or compared without parsing text. matplotlib is optional and imported only inside
-:func:`plot_curves`.
+:func:`plot_curves`. :class:`Progress` is the one progress line of every tool (preparation,
+evaluation, prediction, synthetic data), :func:`format_eta` the one duration format.
 """
 
 from __future__ import annotations
@@ -13,12 +14,21 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, TextIO, Union
 
 from dgseg.atomic import atomic_path
 
-__all__ = ["log", "format_eta", "format_progress", "JsonlWriter", "read_jsonl", "plot_curves"]
+__all__ = [
+    "log",
+    "format_eta",
+    "format_progress",
+    "Progress",
+    "JsonlWriter",
+    "read_jsonl",
+    "plot_curves",
+]
 
 
 def log(msg: str, *, is_main: bool = True) -> None:
@@ -42,6 +52,69 @@ def format_progress(rec: Dict[str, Any]) -> str:
         f"loss {rec['loss']:.4f} dice {rec['dice']:.3f} λ {rec['lambda']:.3f} "
         f"lr {rec['lr']:.2e} {rec['samples_per_s']:.1f} samples/s eta {format_eta(rec['eta_s'])}"
     )
+
+
+class Progress:
+    """One progress line: ``<label> <done>/<total> <unit>, <note>  <s> s each  ETA H:MM:SS``.
+
+    Written to ``stream`` (stderr) at most every ``every`` seconds and always for the last item;
+    on a terminal the line redraws itself, elsewhere (a log file) every update is a new line.
+    Seconds per item and the ETA use the mean over the items done so far.
+
+    Args:
+        total: number of items.
+        label: what runs, e.g. "prepare:" or "[eval]".
+        unit: what an item is, e.g. "cases".
+        enabled: False writes nothing (other ranks, ``--quiet``).
+        every: seconds between updates; default 0.2 on a terminal, 10 otherwise.
+    """
+
+    def __init__(self, total: int, *, label: str, unit: str = "", enabled: bool = True,
+                 every: Optional[float] = None, stream: Optional[TextIO] = None) -> None:
+        self.total, self.label, self.unit = max(int(total), 0), label, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and self.total > 0
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = (0.2 if self.tty else 10.0) if every is None else float(every)
+        self.done, self.note = 0, ""
+        self.start, self.last = time.monotonic(), -math.inf
+        self.shown = -1  # ``done`` at the last line written
+
+    def step(self, n: int = 1, *, note: str = "") -> None:
+        """``n`` more items done; ``note`` (e.g. the last item) goes into the line."""
+        self.done += n
+        self.note = note
+        self.show()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        each = elapsed / self.done if self.done else math.nan
+        unit = f" {self.unit}" if self.unit else ""
+        note = f", {self.note}" if self.note else ""
+        return (f"{self.label} {self.done}/{self.total}{unit}{note}  {each:.2f} s each  "
+                f"ETA {format_eta(each * (self.total - self.done))}")
+
+    def show(self, force: bool = False) -> None:
+        """Write the line if ``every`` seconds have passed (or ``force``, or all done)."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < self.every and self.done < self.total:
+            return
+        self.last, self.shown = now, self.done
+        text = self.line()
+        self.stream.write(f"\r{text}    " if self.tty else text + "\n")  # spaces: clear a longer line
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Write the final count if it was not shown; end a redrawn line."""
+        if not self.enabled:
+            return
+        if self.shown != self.done:
+            self.show(force=True)
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 class JsonlWriter:

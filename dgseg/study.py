@@ -7,7 +7,7 @@ the per-case evaluation records of several seeds per preset (``per_case.csv`` of
 
 * the write-up's table: rows = presets, columns = T1 / T1CE / T2 / FLAIR, each cell
   ``Mean - WT | TC | ET`` as mean ± sd over seeds of the per-seed means over test cases
-  (:func:`dgseg.evaluation.summarize`, the same code that ``tools/evaluate.py`` uses);
+  (:func:`dgseg.report.summarize`, the same code that ``tools/evaluate.py`` uses);
 * per cell a 95 % percentile-bootstrap CI over test cases of the seed-averaged per-case Dice
   (Efron & Tibshirani 1993, ch. 13);
 * a paired comparison of every preset against each baseline (no-aug, spatial-only): per test
@@ -33,7 +33,7 @@ import numpy as np
 
 from dgseg.atomic import atomic_write_text
 from dgseg.constants import MODALITIES, REGIONS
-from dgseg.evaluation import COLUMN_TITLES, format_table, summarize, write_json
+from dgseg.report import COLUMN_TITLES, format_table, summarize, write_json
 
 __all__ = [
     "BASELINES",
@@ -60,7 +60,7 @@ def read_records(path: str | Path, *, preset: str, seed: int) -> list[dict[str, 
     """Rows of one run's ``per_case.csv`` as records labelled ``preset`` / ``seed<seed>``.
 
     ``model`` becomes the preset and ``checkpoint`` the seed (the keys
-    :func:`dgseg.evaluation.summarize` groups by); metric columns become floats.
+    :func:`dgseg.report.summarize` groups by); metric columns become floats.
     """
     out = []
     with open(path, newline="") as f:
@@ -215,7 +215,7 @@ def aggregate(
 
     Returns:
         JSON-serialisable ``{"presets", "columns", "baselines", "n_boot", "alpha", "seed",
-        "summary" (dgseg.evaluation.summarize), "seeds": {preset: [seed names]},
+        "summary" (dgseg.report.summarize), "seeds": {preset: [seed names]},
         "comparisons": [paired_bootstrap results with preset, baseline, column, key]}``.
     """
     records = list(records)

@@ -16,7 +16,9 @@ from typing import Any, Union
 
 import numpy as np
 
-__all__ = ["LABEL_COLOURS", "best_slice", "overlay_slices", "save_overlay_grid"]
+from dgseg.report import COLUMN_TITLES
+
+__all__ = ["LABEL_COLOURS", "best_slice", "overlay_slices", "save_overlay_grid", "save_overlays"]
 
 # BraTS-2021 label value -> RGB (the usual red / green / yellow convention).
 LABEL_COLOURS = {1: (0.9, 0.1, 0.1), 2: (0.1, 0.8, 0.2), 4: (1.0, 0.9, 0.0)}
@@ -118,3 +120,27 @@ def save_overlay_grid(
         fig.savefig(f, format="png", dpi=dpi)
     tmp.replace(path)
     return path
+
+
+def save_overlays(overlays: Sequence[Mapping[str, Any]], folder: Union[str, Path]) -> str:
+    """One :func:`save_overlay_grid` PNG per (model, test column) of ``overlays`` (the first
+    checkpoint of each model: one seed is enough to look at); returns a line for the log.
+
+    ``overlays`` are :func:`overlay_slices` dicts with ``model``, ``checkpoint``, ``column`` and
+    ``case_id``. Without matplotlib nothing is written and the line says why.
+    """
+    folder = Path(folder)
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    first_ckpt: dict[str, str] = {}
+    for o in overlays:
+        first_ckpt.setdefault(o["model"], o["checkpoint"])
+        if o["checkpoint"] == first_ckpt[o["model"]]:  # one seed per model is enough to look at
+            groups.setdefault((o["model"], o["column"]), []).append(o)
+    try:
+        for (model, column), rows in groups.items():
+            rows = sorted(rows, key=lambda r: r["case_id"])
+            save_overlay_grid(folder / f"{model}_{column}.png", rows,
+                              title=f"{model} tested on {COLUMN_TITLES.get(column, column)}")
+    except ImportError as e:
+        return f"overlays skipped: {e}"
+    return f"overlays: {len(groups)} PNG(s) in {folder}"

@@ -107,3 +107,28 @@ def test_unwrap_model_strips_compile_prefix():
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+class _NotATensor:
+    pass
+
+
+def test_corrupt_or_refused_checkpoints_raise_one_line_naming_the_file(tmp_path):
+    from dgseg.checkpoint import load_segmenter
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02garbage")
+    refused = tmp_path / "refused.pt"
+    torch.save({"model": _NotATensor()}, refused)  # the safe unpickler refuses the class
+    for path in (corrupt, refused):
+        with pytest.raises(ValueError, match=f"{path.name}: not a readable checkpoint") as err:
+            load_checkpoint(path)
+        assert "\n" not in str(err.value)
+    not_dgseg = tmp_path / "plain.pt"
+    save_checkpoint(not_dgseg, {"epoch": 1})
+    with pytest.raises(ValueError, match="not a dgseg checkpoint"):
+        load_segmenter(not_dgseg)
+    cfg = PRESETS["tiny"]
+    save_checkpoint(tmp_path / "wrong.pt", {"model": {"w": torch.zeros(1)}, "config": cfg.to_dict()})
+    with pytest.raises(ValueError, match="wrong.pt: checkpoint does not fit its config"):
+        load_segmenter(tmp_path / "wrong.pt")

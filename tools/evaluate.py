@@ -46,43 +46,32 @@ regions WT, TC, ET, NETC, SNFH, RC); predictions then hold that set's own label 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from data_prep.layouts import discover_cases
-from dgseg.atomic import atomic_write_text
 from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
-from dgseg.data.dataset import ShardDataset
-from dgseg.data.manifest import load_manifest, scored_extent
-from dgseg.distributed import all_gather_objects, barrier, cleanup, init_distributed
-from dgseg.evaluation import (
-    COLUMN_TITLES,
-    METRIC_SETS,
-    METRIC_TITLES,
-    CaseJob,
+from dgseg.cross_modality import (
+    EvalSettings,
     OrderedPool,
+    Plan,
+    count_work,
     default_metric_workers,
-    format_table,
-    input_channels,
-    score_job,
-    score_label_files,
-    summarize,
-    summary_columns,
-    table_footer,
-    write_csv,
-    write_json,
+    evaluate_cases,
+    score_prediction_files,
 )
-from dgseg.inference import predict_volume
+from dgseg.data.manifest import load_manifest, scored_extent, split_cases
+from dgseg.distributed import DEVICES, all_gather_objects, barrier, cleanup, init_distributed
+from dgseg.evaluation import METRIC_SETS, input_specs
 from dgseg.lesion_metrics import LESION_RULES, LesionRules, get_lesion_rules
-from dgseg.transforms.labels import REGION_SETS, channels_to_labels
-from dgseg.viz import overlay_slices, save_overlay_grid
+from dgseg.logging_utils import Progress
+from dgseg.report import write_report
+from dgseg.transforms.labels import REGION_SETS
+from dgseg.viz import save_overlays
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -116,7 +105,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--overlays", type=int, default=0,
                    help="overlay PNG per test modality with this many cases (needs matplotlib)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--amp", choices=("none", "bf16"), default="none",
                    help="run the network under bf16 autocast (blending stays float32)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
@@ -155,281 +144,96 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-class Progress:
-    """Rank-0 progress line with throughput and ETA, at most one line every ``every`` seconds.
-
-    Counts predictions whose metrics are back: with metric workers the network runs ahead, and
-    the scored count is what the remaining time depends on. ``queued`` = metric jobs in flight.
-    With several ranks the counts are rank 0's share (the others run in step).
-    """
-
-    def __init__(self, total: int, *, enabled: bool, every: float = 2.0, scope: str = "") -> None:
-        self.total, self.enabled, self.every, self.scope = max(total, 1), enabled, every, scope
-        self.done, self.start, self.last = 0, time.monotonic(), 0.0
-
-    def step(self, what: str, n: int = 1, *, queued: int = 0) -> None:
-        self.done += n
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < self.every and self.done < self.total):
-            return
-        self.last = now
-        rate = (now - self.start) / max(self.done, 1)
-        eta = rate * max(self.total - self.done, 0)
-        print(f"[eval{self.scope}] {self.done}/{self.total} predictions scored, {what}  "
-              f"{rate:.2f} s each  {queued} metric job(s) queued  "
-              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
-
-
 def lesion_rules(args: argparse.Namespace) -> LesionRules:
     """The lesion-wise rules of ``--lesion-rules``, with ``--nsd-tolerance`` when given."""
     extra = {} if args.nsd_tolerance is None else {"nsd_tolerance": args.nsd_tolerance}
     return get_lesion_rules(args.lesion_rules, **extra)
 
 
-def table_title(metric: str, args: argparse.Namespace) -> str:
-    """What a table shows: legacy per-case or lesion-wise (with the rule set), and the metric."""
-    if metric in METRIC_SETS["legacy"]:
-        return f"Legacy per-case {METRIC_TITLES[metric]} (BraTS 2021 rules)"
-    return f"{METRIC_TITLES[metric]} (rules '{lesion_rules(args).name}')"
+def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace,
+                  footer: Sequence[str]) -> str:
+    """per_case.csv, summary.json and table.md in ``--out``; returns the printed tables."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("quiet",)}
+    settings["checkpoint"] = [str(c) for c in (args.checkpoint or [])]
+    raw = args.predictions is not None
+    return write_report(records, args.out, metric_set=args.metrics,
+                        lesion_rules=lesion_rules(args),
+                        regions=tuple(REGION_SETS[args.regions]) if raw else None,
+                        n_boot=args.bootstrap, seed=args.seed, split=args.split,
+                        scored="raw files" if raw else None, settings=settings, footer=footer)
 
 
-class Plan(NamedTuple):
-    """One checkpoint to evaluate: its model, row label, window, and the input tuples it is
-    tested on mapped to the table columns each fills (a T2 model's "own" is its T2 column)."""
-
-    path: Path
-    label: str
-    model: torch.nn.Module
-    roi: Optional[int]
-    specs: dict[tuple[str, ...], list[str]]
-
-
-def input_specs(train_modalities: tuple[str, ...],
-                modalities: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
-    """Distinct input tuples -> the table columns they fill, under the input rule."""
-    specs: dict[tuple[str, ...], list[str]] = {}
-    for column in [*modalities, "own"]:
-        inputs = input_channels(train_modalities, column)
-        if inputs is not None:
-            specs.setdefault(inputs, []).append(column)
-    return specs
-
-
-def evaluate_cases(
-    plans: list[Plan],
-    *,
-    args: argparse.Namespace,
-    rank: int,
-    world: int,
-    device: torch.device,
-    progress: Progress,
-    pool: OrderedPool,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-case records (and overlay slices) for this rank's share of the test cases.
-
-    Case by case, every checkpoint predicts every input tuple it is tested on; the case's
-    predictions go to ``pool`` as one :class:`CaseJob`, so the ground truth's side of HD95 is
-    prepared once per case, and the next case is predicted while workers score this one.
-    """
-    autocast = torch.bfloat16 if args.amp == "bf16" else None
-    all_inputs = list(dict.fromkeys(inputs for plan in plans for inputs in plan.specs))
-    datasets = {inputs: ShardDataset(args.data, split=args.split, modalities=inputs)
-                for inputs in all_inputs}
-    first = datasets[all_inputs[0]]
-    n = len(first) if args.max_cases is None else min(len(first), args.max_cases)
-    per_case = sum(len(plan.specs) for plan in plans)
-
-    records: list[dict[str, Any]] = []
-    overlays: list[dict[str, Any]] = []
-    columns_of: dict[str, list[list[str]]] = {}  # job tag -> table columns of each prediction
-
-    def collect(done: list[tuple[str, list[dict[str, Any]]]]) -> None:
-        for tag, rows in done:  # in submission order: deterministic record order
-            for row, columns in zip(rows, columns_of.pop(tag)):
-                records.extend({**row, "column": column} for column in columns)
-            progress.step(tag, len(rows), queued=pool.pending)
-
-    for i in range(rank, n, world):  # nnU-Net-style sharding: keys[rank::world]
-        meta = first.case_meta(i)
-        if not bool(meta.get("has_label", True)):  # nothing to score against
-            progress.step(f"skipped unlabelled case {i}", per_case, queued=pool.pending)
-            continue
-        preds: list[tuple[dict[str, Any], np.ndarray]] = []
-        columns: list[list[str]] = []
-        truth3: Optional[np.ndarray] = None
-        case_id = ""
-        for inputs in all_inputs:
-            sample = datasets[inputs][i]  # read once, predicted by every checkpoint using it
-            image = sample["image"].unsqueeze(0).to(device)  # (1, C, D, H, W)
-            if truth3 is None:
-                truth3 = (sample["label"] > 0.5).numpy()  # (3, D, H, W) bool
-                case_id = sample["case_id"]
-            for plan in plans:
-                if inputs not in plan.specs:
-                    continue
-                prob = predict_volume(plan.model, image, roi_size=plan.roi, overlap=args.overlap,
-                                      tta=args.tta, sw_batch_size=args.sw_batch_size,
-                                      blend=args.blend, autocast_dtype=autocast)
-                pred3 = (prob[0] > args.threshold).cpu().numpy()  # (3, D, H, W) bool
-                keys = {"model": plan.label, "checkpoint": str(plan.path), "column": "",
-                        "inputs": "+".join(inputs), "case_id": case_id}
-                preds.append((keys, pred3))
-                columns.append(plan.specs[inputs])
-                if i < args.overlays:
-                    sl = overlay_slices(sample["image"][0].numpy(), channels_to_labels(truth3),
-                                        channels_to_labels(pred3))  # test modality, best slice
-                    for column in plan.specs[inputs]:
-                        overlays.append({"model": plan.label, "checkpoint": str(plan.path),
-                                         "column": column, "case_id": case_id, **sl})
-        spacing = tuple(float(s) for s in np.asarray(meta["spacing"]).ravel())
-        tag = f"case {case_id}"
-        columns_of[tag] = columns
-        job = CaseJob.build(case_id, truth3, spacing, preds, metrics=args.metrics,
-                            lesion_rules=lesion_rules(args))
-        collect(pool.submit(tag, score_job, job))
-    collect(pool.drain())
-    return records, overlays
-
-
-def count_work(args: argparse.Namespace, plans: list[Plan], rank: int, world: int,
-               n_cases: int) -> int:
-    """Predictions this rank makes (the progress total)."""
-    n = n_cases if args.max_cases is None else min(n_cases, args.max_cases)
-    return sum(len(plan.specs) for plan in plans) * len(range(rank, n, world))
-
-
-def write_outputs(records: list[dict[str, Any]], overlays: list[dict[str, Any]],
-                  args: argparse.Namespace, extra_footer: Sequence[str]) -> str:
-    """Summary, tables and files on rank 0; returns the printed text."""
-    metrics = METRIC_SETS[args.metrics]
-    regions = tuple(REGION_SETS[args.regions]) if args.predictions is not None else None
-    summary = summarize(records, n_boot=args.bootstrap, seed=args.seed, metrics=metrics,
-                        lesion_rules=lesion_rules(args), **({"regions": regions} if regions else {}))
-    summary["split"] = args.split
-    summary["metric_set"] = args.metrics  # legacy | lesion | all: what the tables show
-    summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                           if k not in ("quiet",)}
-    summary["settings"]["checkpoint"] = [str(c) for c in (args.checkpoint or [])]
-    split = args.split if args.checkpoint else "raw files"
-    footer = table_footer(summary, split=split, extra=extra_footer)
-    text = "\n".join(
-        format_table(summary, metric=m, style="text", title=table_title(m, args),
-                     footer=footer if k == len(metrics) - 1 else ())
-        for k, m in enumerate(metrics))
-    md = ["# Cross-modality evaluation", ""]
-    md += [format_table(summary, metric=m, style="markdown", title=table_title(m, args))
-           for m in metrics]
-    md.append(format_ci_table(summary, metric=metrics[0], title=table_title(metrics[0], args)))
-    md += [f"{f}  " for f in footer]
-    out = args.out
-    write_csv(out / "per_case.csv", records)
-    write_json(out / "summary.json", summary)
-    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
-    if overlays:
-        print(write_overlays(overlays, out / "overlays"), file=sys.stderr)
-    return text
-
-
-def format_ci_table(summary: dict[str, Any], metric: str = "dice", title: str = "Dice") -> str:
-    """Markdown: mean Dice of the regions with its bootstrap CI, per model and column."""
-    cols = summary_columns(summary)
-    pct = f"{100 * (1 - summary['alpha']):.0f}%"
-    lines = [f"**Mean of {title} with {pct} bootstrap CI over cases**", "",
-             "| Model | " + " | ".join(COLUMN_TITLES.get(c, c) for c in cols) + " |",
-             "|" + "|".join("---" for _ in range(len(cols) + 1)) + "|"]
-    for m in summary["models"]:
-        cells = []
-        for c in cols:
-            col = m["columns"].get(c)
-            if col is None:
-                cells.append("x")
-            else:
-                d = col[f"{metric}_mean"]
-                cells.append(f"{d['mean']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]")
-        lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_overlays(overlays: list[dict[str, Any]], folder: Path) -> str:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    first_ckpt: dict[str, str] = {}
-    for o in overlays:
-        first_ckpt.setdefault(o["model"], o["checkpoint"])
-        if o["checkpoint"] == first_ckpt[o["model"]]:  # one seed per model is enough to look at
-            groups.setdefault((o["model"], o["column"]), []).append(o)
-    try:
-        for (model, column), rows in groups.items():
-            rows = sorted(rows, key=lambda r: r["case_id"])
-            save_overlay_grid(folder / f"{model}_{column}.png", rows,
-                              title=f"{model} tested on {COLUMN_TITLES.get(column, column)}")
-    except ImportError as e:
-        return f"overlays skipped: {e}"
-    return f"overlays: {len(groups)} PNG(s) in {folder}"
-
-
-def evaluate_predictions(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Records for NIfTI predictions (tools/predict.py output) vs the raw segmentations."""
-    cases, problems = discover_cases(args.data)
+def evaluate_predictions(args: argparse.Namespace) -> int:
+    """``--predictions``: NIfTI label maps (tools/predict.py output) vs the raw segmentations."""
+    cases, problems = discover_cases(args.data)  # ValueError: not a folder
     for cid, why in problems:
         print(f"skipped {cid}: {why}", file=sys.stderr)
-    labelled = [c for c in cases if c.has_label]
-    if args.max_cases is not None:
-        labelled = labelled[: args.max_cases]
-    records: list[dict[str, Any]] = []
-    name = args.predictions.name or str(args.predictions)
+    labelled = [(c.case_id, c.label_file, c.label_convention) for c in cases if c.has_label]
     with OrderedPool(args.metric_workers) as pool:
-        for c in labelled:
-            pred = args.predictions / f"{c.case_id}.nii.gz"
-            if not pred.is_file():
-                print(f"skipped {c.case_id}: no prediction {pred}", file=sys.stderr)
-                continue
-            score = functools.partial(
-                score_label_files, convention=c.label_convention, region_set=args.regions,
-                metrics=args.metrics, lesion_rules=lesion_rules(args), model=name,
-                checkpoint=str(args.predictions), column="nifti", inputs="nifti",
-                case_id=c.case_id,
-            )
-            done = pool.submit(f"case {c.case_id}", score, pred, c.label_file)
-            records += [row for _, row in done]
-        records += [row for _, row in pool.drain()]
-    return records
+        records, missing = score_prediction_files(
+            labelled[: args.max_cases], args.predictions, pool, region_set=args.regions,
+            metrics=args.metrics, lesion_rules=lesion_rules(args))
+    for cid, why in missing:
+        print(f"skipped {cid}: {why}", file=sys.stderr)
+    if not records:
+        print("no prediction could be scored", file=sys.stderr)
+        return 1
+    print(write_outputs(records, args, ["Column 'nifti': label maps in original image space vs "
+                                        "the raw segmentation files."]), end="")
+    return 0
+
+
+def load_plans(args: argparse.Namespace, device: torch.device) -> tuple[list[Plan], str]:
+    """One :class:`Plan` per ``--checkpoint`` and the footer text naming each model's window."""
+    plans: list[Plan] = []
+    rois: dict[str, Any] = {}
+    for k, path in enumerate(args.checkpoint):
+        model, cfg = load_segmenter(path, device)
+        label = args.labels[k] if args.labels else cfg.run.name
+        roi = args.roi or cfg.eval_roi
+        rois.setdefault(label, roi or "whole volume")
+        plans.append(Plan(path, label, model, roi,
+                          input_specs(tuple(cfg.data.modalities), args.modalities)))
+    return plans, ", ".join(f"{k} {v}" for k, v in rois.items())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.predictions is not None:
-        records = evaluate_predictions(args)
-        if not records:
-            print("no prediction could be scored", file=sys.stderr)
-            return 1
-        print(write_outputs(records, [], args, ["Column 'nifti': label maps in original image "
-                                                 "space vs the raw segmentation files."]), end="")
-        return 0
-
-    dist = init_distributed(args.device)
-    try:
-        n_cases = len(ShardDataset(args.data, split=args.split, modalities=("t2",)))
+    try:  # expected faults (missing folder or manifest, bad checkpoint): one line, exit 1
+        if args.predictions is not None:
+            return evaluate_predictions(args)
+        n_cases = len(split_cases(load_manifest(args.data), args.split))
         if n_cases == 0:
             raise ValueError(f"split {args.split!r} of {args.data} has no cases")
-        plans: list[Plan] = []
-        rois: dict[str, Any] = {}
-        for k, path in enumerate(args.checkpoint):
-            model, cfg = load_segmenter(path, dist.device)
-            label = args.labels[k] if args.labels else cfg.run.name
-            roi = args.roi or cfg.eval_roi
-            rois.setdefault(label, roi or "whole volume")
-            plans.append(Plan(path, label, model, roi,
-                              input_specs(tuple(cfg.data.modalities), args.modalities)))
-        total = count_work(args, plans, dist.rank, dist.world_size, n_cases)
+        dist = init_distributed(args.device)
+    except (OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            plans, roi_text = load_plans(args, dist.device)
+        except (OSError, ValueError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+        settings = EvalSettings(
+            split=args.split, max_cases=args.max_cases, overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size, blend=args.blend, tta=args.tta,
+            threshold=args.threshold, overlays=args.overlays, metrics=args.metrics,
+            lesion_rules=lesion_rules(args),
+            autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None)
+        total = count_work(plans, n_cases, args.max_cases, dist.rank, dist.world_size)
         scope = f" rank 0 of {dist.world_size}" if dist.world_size > 1 else ""
-        progress = Progress(total, enabled=dist.is_main and not args.quiet, scope=scope)
+        progress = Progress(total, label=f"[eval{scope}]", unit="predictions scored", every=2.0,
+                            enabled=dist.is_main and not args.quiet)
         if dist.is_main and not args.quiet:
             print(f"[eval] metrics in {args.metric_workers or 'no'} worker process(es) per rank",
                   file=sys.stderr, flush=True)
         with OrderedPool(args.metric_workers) as pool:
             records, overlays = evaluate_cases(
-                plans, args=args, rank=dist.rank, world=dist.world_size, device=dist.device,
-                progress=progress, pool=pool)
+                plans, args.data, settings, rank=dist.rank, world=dist.world_size,
+                device=dist.device, progress=progress, pool=pool)
+        progress.close()
         gathered = all_gather_objects((records, overlays))
         if dist.is_main:
             records = [r for rec, _ in gathered for r in rec]
@@ -437,12 +241,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Gathered by rank: put the rows back into a deterministic order.
             order = {str(p): k for k, p in enumerate(args.checkpoint)}
             records.sort(key=lambda r: (order[r["checkpoint"]], r["column"], r["case_id"]))
-            roi_text = ", ".join(f"{k} {v}" for k, v in rois.items())
             extra = [f"Sliding window: roi ({roi_text}), overlap {args.overlap}, "
                      f"{args.blend} blending, threshold {args.threshold}, TTA "
                      f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es).",
                      scored_extent(load_manifest(args.data), args.split)["text"]]
-            print(write_outputs(records, overlays, args, extra), end="")
+            print(write_outputs(records, args, extra), end="")
+            if overlays:
+                print(save_overlays(overlays, args.out / "overlays"), file=sys.stderr)
             print(f"wrote {args.out}/per_case.csv, summary.json, table.md", file=sys.stderr)
         # Nobody tears the process group down while rank 0 still writes: a gloo peer that
         # disappears mid-way can abort the writing process.
