@@ -9,7 +9,8 @@
 
        original index = stored index + offset        (offset may be negative when padded)
 
-   so :func:`restore_to_original` puts a stored-space prediction back where it came from.
+   so ``dgseg.data.window.restore_to_original`` puts a stored-space prediction back where it
+   came from (the window itself: ``dgseg.data.window.crop_window``).
 
 The label is cut from the same window of the original grid (window ∩ image), so every label voxel
 the window covers is kept, also one outside the brain box.
@@ -23,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from dgseg.constants import MODALITIES
+from dgseg.data.window import crop_window, overlap_slices
 
 from .loading import CaseError, LoadedCase
 
@@ -30,8 +32,6 @@ __all__ = [
     "PreparedCase",
     "preprocess_case",
     "brain_bbox",
-    "crop_window",
-    "restore_to_original",
     "zscore_nonzero",
     "nonzero_stats",
 ]
@@ -81,34 +81,6 @@ def brain_bbox(nonzero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         starts.append(prof[0])
         stops.append(prof[-1] + 1)
     return np.asarray(starts, np.int64), np.asarray(stops, np.int64)
-
-
-def crop_window(bbox_start: np.ndarray, bbox_stop: np.ndarray,
-                size: int | Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """(offset, shape) of the stored window: ``size`` voxels centred on the box, or the box.
-
-    The centre rounds down, so the result is deterministic and a box of even excess loses the
-    same number of voxels on both sides.
-    """
-    start = np.asarray(bbox_start, np.int64)
-    extent = np.asarray(bbox_stop, np.int64) - start
-    if size is None:
-        return start.copy(), extent
-    target = np.asarray([size] * 3 if np.isscalar(size) else list(size), np.int64)
-    if target.shape != (3,) or (target < 1).any():
-        raise ValueError(f"size must be a positive int or three positive ints, got {size!r}")
-    return start + (extent - target) // 2, target  # floor division also for padding (< 0)
-
-
-def _overlap(offset: np.ndarray, shape: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-    """Slices (source in the original grid, destination in the window) of window ∩ [lo, hi)."""
-    a = np.maximum(offset, lo)
-    b = np.minimum(offset + shape, hi)
-    if (b <= a).any():
-        return None, None
-    src = tuple(slice(int(x), int(y)) for x, y in zip(a, b))
-    dst = tuple(slice(int(x - o), int(y - o)) for x, y, o in zip(a, b, offset))
-    return src, dst
 
 
 def nonzero_stats(x: np.ndarray) -> tuple[int, float, float]:
@@ -191,7 +163,7 @@ def preprocess_case(loaded: LoadedCase, size: int | Sequence[int] | None = 128) 
 
     out = np.zeros((len(imgs), *wshape.tolist()), np.float32)  # (M, D, H, W)
     box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-    src, dst = _overlap(offset, wshape, start, stop)  # window ∩ brain box
+    src, dst = overlap_slices(offset, wshape, start, stop)  # window ∩ brain box
     for i, im in enumerate(imgs):
         name = names[i]
         n, mean, std = nonzero_stats(im[box])  # statistics of the whole brain of this modality
@@ -205,7 +177,7 @@ def preprocess_case(loaded: LoadedCase, size: int | Sequence[int] | None = 128) 
     label = None
     if loaded.label is not None:
         label = np.zeros(wshape.tolist(), np.uint8)  # (D, H, W)
-        lsrc, ldst = _overlap(offset, wshape, np.zeros(3, np.int64), shape)  # window ∩ image
+        lsrc, ldst = overlap_slices(offset, wshape, np.zeros(3, np.int64), shape)  # window ∩ image
         if lsrc is not None:
             label[ldst] = loaded.label[lsrc]
 
@@ -216,25 +188,3 @@ def preprocess_case(loaded: LoadedCase, size: int | Sequence[int] | None = 128) 
         spacing=np.asarray(loaded.spacing, np.float64),
         modalities=names,
     )
-
-
-def restore_to_original(stored: np.ndarray, offset: Sequence[int], original_shape: Sequence[int],
-                        fill: float = 0) -> np.ndarray:
-    """Put a stored-space array (..., D, H, W) back into the original grid (..., X, Y, Z).
-
-    Voxels outside the stored window get ``fill``; stored voxels outside the original grid (the
-    padding) are dropped. Works for label maps, probabilities and region channels alike.
-    """
-    stored = np.asarray(stored)
-    offset = np.asarray(offset, np.int64)
-    original_shape = np.asarray(original_shape, np.int64)
-    if offset.shape != (3,) or original_shape.shape != (3,) or stored.ndim < 3:
-        raise ValueError(f"need (..., D, H, W) with 3-element offset and original_shape, got "
-                         f"{stored.shape}, {offset.tolist()}, {original_shape.tolist()}")
-    lead = stored.shape[:-3]
-    out = np.full((*lead, *original_shape.tolist()), fill, dtype=stored.dtype)
-    src, dst = _overlap(offset, np.asarray(stored.shape[-3:], np.int64),
-                        np.zeros(3, np.int64), original_shape)
-    if src is not None:
-        out[(Ellipsis, *src)] = stored[(Ellipsis, *dst)]
-    return out

@@ -14,7 +14,6 @@ Label conventions written (docs/SPEC.md "Labels"): BraTS 2020/2021 {1 necrotic/n
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -30,6 +29,7 @@ from data_prep.layouts import MSD_DEFAULT_ORDER
 from data_prep.synthetic_anatomy import TISSUES, TUMOUR, build_anatomy, build_tumour, smooth_noise
 from dgseg.atomic import atomic_write_bytes, atomic_write_text
 from dgseg.constants import LABEL_CONVENTIONS, MODALITIES
+from dgseg.nifti import nifti_bytes
 
 __all__ = [
     "LAYOUTS",
@@ -198,13 +198,7 @@ def case_id_for(layout: str, index: int) -> str:
 
 def _nifti_bytes(arr: np.ndarray) -> bytes:
     """A gzip-compressed NIfTI-1 file of ``arr`` with a 1 mm identity affine, byte-reproducible."""
-    img = nib.Nifti1Image(arr, np.eye(4))
-    img.header.set_data_dtype(arr.dtype)
-    img.set_qform(np.eye(4), code=1)
-    img.set_sform(np.eye(4), code=1)
-    img.header.set_xyzt_units("mm")
-    # Level 1 like nibabel's default; mtime=0 so the same case gives the same bytes.
-    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
+    return nifti_bytes(arr, compresslevel=1)  # level 1 like nibabel's default
 
 
 def _in_convention(seg: np.ndarray, convention: str) -> np.ndarray:

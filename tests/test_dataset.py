@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from data_prep.preprocess import restore_to_original
 from dgseg.data.dataset import ShardDataset
 from dgseg.data.domains import assign_domains
 from dgseg.data.manifest import load_manifest, split_cases
+from dgseg.data.window import restore_to_original
 
 
 def _stored(root, case, name):

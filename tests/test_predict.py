@@ -1,4 +1,5 @@
-"""tools/predict.py: label maps back in the original space; evaluate/predict round trip."""
+"""dgseg/predict.py and tools/predict.py: label maps back in the original space; evaluate/predict
+round trip."""
 
 import importlib.util
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from dgseg.constants import MODALITIES
 from dgseg.evaluation import score_label_files
+from dgseg.predict import load_predictor, predict_prepared, write_label_nifti
 from dgseg.transforms.labels import labels_to_channels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +106,7 @@ def test_outside_the_stored_window_is_background(tmp_path):
     case_dir = write_raw_case(tmp_path / "raw", "BraTS2021_00001", seed=1)
     _, prep = _prepared(case_dir, 12)
     ones = lambda x: torch.ones(1, 3, *x.shape[2:])  # noqa: E731
-    full = predict.predict_prepared(prep, ones, ("t1", "flair"))
+    full = predict_prepared(prep, ones, ("t1", "flair"))
     assert full.shape == SHAPE
     expected = np.zeros(SHAPE, np.uint8)
     lo = np.asarray(prep.offset)
@@ -122,7 +124,7 @@ def test_channel_selection_follows_modality_order(tmp_path):
         seen["x"] = x
         return torch.zeros(1, 3, *x.shape[2:])
 
-    predict.predict_prepared(prep, spy, ("flair", "t1ce"))
+    predict_prepared(prep, spy, ("flair", "t1ce"))
     np.testing.assert_array_equal(seen["x"][0, 0].numpy(), prep.images[3])
     np.testing.assert_array_equal(seen["x"][0, 1].numpy(), prep.images[1])
 
@@ -130,14 +132,14 @@ def test_channel_selection_follows_modality_order(tmp_path):
 def test_nifti_bytes_header(tmp_path):
     labels = np.zeros((4, 5, 6), np.uint8)
     labels[1, 2, 3] = 4
-    path = predict.write_label_nifti(tmp_path / "a.nii.gz", labels, _affine())
+    path = write_label_nifti(tmp_path / "a.nii.gz", labels, _affine())
     img = nib.load(str(path))
     np.testing.assert_array_equal(np.asarray(img.dataobj), labels)
     np.testing.assert_allclose(img.affine, _affine(), atol=1e-6)
     assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
     # Deterministic bytes (gzip mtime fixed): re-running gives an identical file.
     first = path.read_bytes()
-    predict.write_label_nifti(path, labels, _affine())
+    write_label_nifti(path, labels, _affine())
     assert path.read_bytes() == first
 
 
@@ -193,14 +195,13 @@ def test_predict_cli_writes_cases_and_skips_bad_ones(tmp_path, capsys):
 
 def test_stacked_model_refuses_single_modality(tmp_path):
     ck = _tiny_checkpoint(tmp_path / "st" / "best.pt", MODALITIES, arch="unet3d", roi="none")
-    args = predict.parse_args(["--checkpoint", str(ck), "--input", str(tmp_path),
-                               "--output", str(tmp_path / "o"), "--modality", "t1"])
+    cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="own inputs"):
-        predict.load_predictor(args)
+        load_predictor(ck, cpu, modality="t1")
     args = predict.parse_args(["--checkpoint", str(ck), "--input", str(tmp_path),
                                "--output", str(tmp_path / "o"), "--size", "full"])
     assert args.size is None
-    prob_fn, channels, _ = predict.load_predictor(args)
+    prob_fn, channels, _ = load_predictor(args.checkpoint, cpu)
     assert channels == MODALITIES
     # No ROI configured: one window over the whole (odd-shaped) volume, padded to 32x32x32 for
     # the 5-level UNet and cropped back.
@@ -386,3 +387,20 @@ def test_single_file_and_multi_modality_models(tmp_path, capsys):
     for extra in ((), ("--modality", "t1ce")):
         assert _run(stacked, scan, tmp_path / "p", *extra) == 1
         _one_error_line(capsys, "stacked", "single file")
+
+
+def test_predict_tool_reports_expected_faults_in_one_line(tmp_path, capsys):
+    ck = _tiny_checkpoint(tmp_path / "m" / "best.pt", ("t2",))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    faults = [
+        ([str(bad), str(tmp_path)], "bad.pt"),
+        ([str(tmp_path / "none.pt"), str(tmp_path)], "none.pt"),
+        ([str(ck), str(tmp_path / "nowhere")], "nowhere"),
+    ]
+    for (checkpoint, source), where in faults:
+        rc = predict.main(["--checkpoint", checkpoint, "--input", source, "--output",
+                           str(tmp_path / "o"), "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1, err
+        assert err[0].startswith("error: ") and where in err[0], err

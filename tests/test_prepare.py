@@ -22,10 +22,11 @@ import pytest
 from data_prep.layouts import discover_cases, patient_id
 from data_prep.loading import load_raw_case
 from data_prep.pipeline import assign_splits, prepare, verify_output
-from data_prep.preprocess import crop_window, preprocess_case, restore_to_original
+from data_prep.preprocess import preprocess_case
 from data_prep.shards import ShardInvalid, check_shard
 from data_prep.synthetic import write_dataset
 from dgseg.constants import MODALITIES
+from dgseg.data.window import crop_window, restore_to_original
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (40, 44, 36)  # non-cubic: an axis mix-up changes results

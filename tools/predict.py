@@ -37,28 +37,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gzip
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-import nibabel as nib
-import numpy as np
 import torch
 
-from data_prep.layouts import discover_cases, single_file_case
+from data_prep.layouts import RawCase, discover_cases, single_file_case
 from data_prep.loading import CaseError, load_raw_case
-from data_prep.preprocess import preprocess_case, restore_to_original
-from dgseg.atomic import atomic_write_bytes
-from dgseg.checkpoint import load_segmenter
+from data_prep.preprocess import preprocess_case
 from dgseg.constants import MODALITIES
-from dgseg.evaluation import input_channels
-from dgseg.inference import predict_volume
-from dgseg.transforms.labels import channels_to_labels
-
-# (1, C, D, H, W) float32 image -> (1, 3, D, H, W) WT/TC/ET probabilities
-ProbFn = Callable[[torch.Tensor], torch.Tensor]
+from dgseg.distributed import DEVICES
+from dgseg.logging_utils import Progress
+from dgseg.predict import ProbFn, load_predictor, predict_to_file
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -81,7 +72,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--tta", action="store_true", help="8-fold flip test-time augmentation")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--amp", choices=("none", "bf16"), default="none",
                    help="run the network under bf16 autocast (blending stays float32)")
     args = p.parse_args(argv)
@@ -99,49 +90,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def stored_labels(image: np.ndarray, prob_fn: ProbFn, *, threshold: float = 0.5) -> np.ndarray:
-    """BraTS-2021 label map (D, H, W) uint8 of a stored-space image (C, D, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]  # (1, C, D, H, W)
-    prob = prob_fn(x)
-    if prob.shape[:2] != (1, 3) or prob.shape[2:] != x.shape[2:]:
-        raise ValueError(f"expected probabilities (1, 3, {tuple(x.shape[2:])}), got "
-                         f"{tuple(prob.shape)}")
-    pred3 = (prob[0] > threshold).cpu().numpy()  # (3, D, H, W) bool
-    return channels_to_labels(pred3)
-
-
-def label_nifti_bytes(labels: np.ndarray, affine: np.ndarray) -> bytes:
-    """A gzip-compressed NIfTI-1 file (uint8 labels, given affine as qform and sform, mm)."""
-    affine = np.asarray(affine, np.float64)
-    img = nib.Nifti1Image(np.asarray(labels, np.uint8), affine)
-    img.header.set_data_dtype(np.uint8)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)  # scanner coordinates, as BraTS images carry
-    img.set_sform(affine, code=1)
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-
-
-def write_label_nifti(path: Path, labels: np.ndarray, affine: np.ndarray) -> Path:
-    """Write ``labels`` with ``affine`` to ``path`` (.nii.gz) atomically."""
-    return atomic_write_bytes(path, label_nifti_bytes(labels, affine))
-
-
-def predict_prepared(
-    prepared: Any, prob_fn: ProbFn, channels: Sequence[str], *, threshold: float = 0.5
-) -> np.ndarray:
-    """Label map in the original voxel grid for a ``data_prep.preprocess.PreparedCase``.
-
-    ``channels`` names the modality of each input channel (from :func:`input_channels`); each
-    must be among ``prepared.modalities``.
-    """
-    idx = [tuple(prepared.modalities).index(m) for m in channels]
-    image = prepared.images[idx]  # (C, D, H, W), modalities in the model's channel order
-    labels = stored_labels(image, prob_fn, threshold=threshold)
-    # Outside the stored window there was no prediction: background.
-    return restore_to_original(labels, prepared.offset, prepared.original_shape, fill=0)
-
-
-def predict_case(raw: Any, prob_fn: ProbFn, channels: Sequence[str], out_dir: Path, *,
+def predict_case(raw: RawCase, prob_fn: ProbFn, channels: Sequence[str], out_dir: Path, *,
                  size: Optional[int] = 128, threshold: float = 0.5,
                  filename: str | None = None) -> Path:
     """Load, preprocess, segment and write one raw case; returns the written file.
@@ -149,11 +98,9 @@ def predict_case(raw: Any, prob_fn: ProbFn, channels: Sequence[str], out_dir: Pa
     Only the modalities in ``channels`` are read: the brain box and the z-scores are theirs.
     The file is ``out_dir / filename``, by default ``<case_id>.nii.gz``.
     """
-    loaded = load_raw_case(raw, modalities=channels)
-    prepared = preprocess_case(loaded, size=size)
-    labels = predict_prepared(prepared, prob_fn, channels, threshold=threshold)
-    name = filename or f"{raw.case_id}.nii.gz"
-    return write_label_nifti(out_dir / name, labels, prepared.affine)
+    prepared = preprocess_case(load_raw_case(raw, modalities=channels), size=size)
+    return predict_to_file(prepared, prob_fn, channels,
+                           out_dir / (filename or f"{raw.case_id}.nii.gz"), threshold=threshold)
 
 
 def is_single_file(path: Path) -> bool:
@@ -162,53 +109,12 @@ def is_single_file(path: Path) -> bool:
     return not path.is_dir() and (path.is_file() or name.endswith((".nii", ".nii.gz")))
 
 
-def choose_channels(
-    train: Sequence[str], modality: str | None, *, single_file: bool = False
-) -> tuple[str, ...]:
-    """Input channel modalities for a model trained on ``train`` and ``--modality``.
-
-    Raises:
-        ValueError: one line, when the combination cannot be fed (see the module docstring).
-    """
-    train = tuple(train)
-    stacked = set(train) >= set(MODALITIES)
-    if single_file and stacked:
-        raise ValueError(
-            f"the model was trained on all four modalities stacked ({'+'.join(train)}): "
-            "it cannot segment a single file; give a case folder"
-        )
-    channels = input_channels(train, modality or "own")
-    if channels is None:
-        raise ValueError(
-            f"the model was trained on all four modalities {train}; it needs its "
-            f"own inputs: omit --modality"
-        )
-    if single_file and len(set(channels)) != 1:
-        raise ValueError(
-            f"the model reads {'+'.join(train)}: pass --modality m to feed the single file "
-            "to every input channel"
-        )
-    return channels
-
-
-def load_predictor(args: argparse.Namespace) -> tuple[ProbFn, tuple[str, ...], str]:
-    """Probability function, input channel modalities and a description of the model."""
-    model, cfg = load_segmenter(args.checkpoint)
-    train = tuple(cfg.data.modalities)
-    channels = choose_channels(train, args.modality, single_file=is_single_file(args.input))
-    if args.device == "cuda" and not torch.cuda.is_available():
+def device_of(choice: str) -> torch.device:
+    """The ``--device`` to run on ("auto": CUDA when available)."""
+    if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    model = model.to(device)
-    roi = args.roi or cfg.eval_roi  # None: one covering window
-    autocast = torch.bfloat16 if args.amp == "bf16" else None
-
-    def prob_fn(x: torch.Tensor) -> torch.Tensor:
-        return predict_volume(model, x.to(device), roi_size=roi, overlap=args.overlap,
-                              tta=args.tta, autocast_dtype=autocast)
-
-    return prob_fn, channels, f"{cfg.run.name} ({'+'.join(train)}), inputs {'+'.join(channels)}"
+    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
 
 
 def file_error(path: Path, err: Exception) -> str:
@@ -243,7 +149,12 @@ def predict_file(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:  # first the model: its inputs say which modality files a case needs
-        prob_fn, channels, what = load_predictor(args)
+        device = device_of(args.device)
+        autocast = torch.bfloat16 if args.amp == "bf16" else None
+        prob_fn, channels, what = load_predictor(
+            args.checkpoint, device, modality=args.modality,
+            single_file=is_single_file(args.input), roi=args.roi, overlap=args.overlap,
+            tta=args.tta, autocast_dtype=autocast)
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
@@ -262,8 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(f"model {what}; {len(cases)} case(s) -> {args.output}", file=sys.stderr)
     done = 0
-    start = time.monotonic()
-    for k, raw in enumerate(cases, 1):
+    progress = Progress(len(cases), label="[predict]", unit="cases", every=0.0)
+    for raw in cases:
         try:
             path = predict_case(raw, prob_fn, channels, args.output, size=args.size,
                                 threshold=args.threshold)
@@ -271,11 +182,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line
             skipped.append((raw.case_id, reason))
             print(f"skip {raw.case_id}: {reason}", file=sys.stderr)
+            progress.step(note=f"skipped {raw.case_id}")
             continue
         done += 1
-        eta = (time.monotonic() - start) / k * (len(cases) - k)
-        print(f"[{k}/{len(cases)}] {path}  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
-              file=sys.stderr)
+        progress.step(note=str(path))
+    progress.close()
     print(f"predicted {done} case(s), skipped {len(skipped)}", file=sys.stderr)
     for cid, why in skipped:
         print(f"  skipped {cid}: {why}", file=sys.stderr)

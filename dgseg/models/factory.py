@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch.nn as nn
 
-from dgseg.config import ARCHS, ModelConfig
+from dgseg.config import ModelConfig
 from dgseg.layers.vffc import VFFC
 from dgseg.models.domain_adversarial import DomainAdversarialNet
 from dgseg.models.segresnet import SegResNet
