@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from dgseg.config import Config
 from dgseg.models import build_model
 
 __all__ = [
+    "training_state",
+    "check_resume",
     "save_checkpoint",
     "load_checkpoint",
     "load_segmenter",
@@ -45,6 +47,62 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def training_state(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: Config,
+    *,
+    epoch: int,
+    step: int,
+    best_metric: float,
+    rng: List[Dict[str, Any]],
+) -> Dict[str, Any]:
+    """Checkpoint dict (see dgseg.checkpoint); ``rng`` holds one entry per rank."""
+    return {
+        "model": unwrap_model(net).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "best_metric": best_metric,
+        "config": cfg.to_dict(),
+        "rng": rng,
+        "world_size": len(rng),
+    }
+
+
+# Fields the saved optimizer / scheduler state already encodes: changing them on --resume would
+# be silently ignored (lr) or bend the cosine and λ schedules (its length would no longer match).
+_FIXED_ON_RESUME = ("name", "amsgrad", "epochs", "lr", "min_lr", "schedule", "schedule_interval")
+
+
+def check_resume(ckpt: Dict[str, Any], cfg: Config, steps_per_epoch: int) -> None:
+    """Refuse a resume whose LR / λ schedule would differ from the one the checkpoint follows.
+
+    Raises:
+        ValueError: a changed optimizer or schedule field, or another number of steps per epoch.
+    """
+    saved = Config.from_dict(ckpt["config"]).optim
+    changed = [
+        f"optim.{k} {getattr(saved, k)} -> {getattr(cfg.optim, k)}"
+        for k in _FIXED_ON_RESUME
+        if getattr(saved, k) != getattr(cfg.optim, k)
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume cannot change {', '.join(changed)}: the optimizer and schedules "
+            "were built for the saved values; start a new run (another run.name) instead"
+        )
+    epoch, step = ckpt["epoch"], ckpt["step"]
+    if epoch > 0 and step != epoch * steps_per_epoch:
+        raise ValueError(
+            f"the checkpoint took {step // epoch} steps per epoch, this launch takes "
+            f"{steps_per_epoch} (another process count x batch size, or other data): λ and the "
+            "learning rate would jump; resume with the same global batch and data"
+        )
 
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "Config",
     "PRESETS",
     "apply_overrides",
+    "config_diff",
     "get_preset",
     "valid_keys",
 ]
@@ -407,6 +408,14 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
         changes.setdefault(section, {})[name] = _parse(text, hints[name], key)
     sections = {s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()}
     return dataclasses.replace(cfg, **sections)
+
+
+def config_diff(a: Config, b: Config) -> List[str]:
+    """``section.field: a -> b`` for every field where ``a`` and ``b`` differ."""
+    da, db = a.to_dict(), b.to_dict()
+    return [
+        f"{s}.{k}: {da[s][k]!r} -> {db[s][k]!r}" for s in da for k in da[s] if da[s][k] != db[s][k]
+    ]
 
 
 def _preset(name: str, **sections: Dict[str, Any]) -> Config:

@@ -31,6 +31,7 @@ from dgseg.logging_utils import JsonlWriter, format_progress, log
 __all__ = [
     "NonFiniteLossError",
     "autocast",
+    "check_cpu_bf16_depths",
     "grl_lambda",
     "forward_loss",
     "train_one_epoch",
@@ -55,6 +56,31 @@ def autocast(device: torch.device, amp: str) -> AbstractContextManager:
     if amp not in ("bf16", "none"):
         raise ValueError(f"amp={amp!r} is not one of ('bf16', 'none')")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[int]) -> None:
+    """Refuse CPU bf16 training where a feature map is 2 voxels deep.
+
+    oneDNN 3.12 (torch 2.13 CPU) computes the bf16 Conv3d (3³) weight gradient wrongly when the
+    input depth is 2: NaN or run-to-run different values (seen on AVX512-BF16 CPUs, e.g. a 16³
+    patch whose deepest SegResNet level is 2³). Inference is unaffected.
+    """
+    if cfg.run.amp != "bf16" or dist.device.type != "cpu":
+        return
+    levels = (
+        len(cfg.model.blocks_down)
+        if cfg.model.arch == "segresnet"
+        else len(cfg.model.unet_features)
+    )
+    depth = int(input_shape[0])
+    for level in range(levels):
+        if depth == 2:
+            raise ValueError(
+                f"input depth {input_shape[0]} gives a 2-voxel-deep feature map at level {level}; "
+                "CPU bf16 Conv3d weight gradients are wrong for that shape (oneDNN). Use another "
+                "data.patch_size or --set run.amp=none"
+            )
+        depth = (depth + 1) // 2  # stride-2 conv, kernel 3, padding 1
 
 
 def grl_lambda(step: int, total_steps: int, lambda_max: float) -> float:

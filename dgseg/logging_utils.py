@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Union
 
-from dgseg.atomic import atomic_path
+from dgseg.atomic import atomic_path, atomic_write_text
 
 __all__ = [
     "log",
@@ -27,6 +27,7 @@ __all__ = [
     "Progress",
     "JsonlWriter",
     "read_jsonl",
+    "trim_jsonl",
     "plot_curves",
 ]
 
@@ -143,6 +144,15 @@ def read_jsonl(path: Union[str, "os.PathLike[str]"]) -> List[Dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def trim_jsonl(path: Union[str, "os.PathLike[str]"], step: int) -> None:
+    """Drop records written after the checkpoint we resume from (the interrupted epoch)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def plot_curves(

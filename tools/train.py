@@ -18,7 +18,6 @@ delete its folder (or pick another ``run.name``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -29,18 +28,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
-
-from dgseg.atomic import atomic_write_text  # noqa: E402
-from dgseg.checkpoint import (  # noqa: E402
+from dgseg.atomic import atomic_write_text
+from dgseg.checkpoint import (
     capture_rng_state,
+    check_resume,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
-    unwrap_model,
+    training_state,
 )
-from dgseg.config import PRESETS, Config, apply_overrides, get_preset  # noqa: E402
-from dgseg.distributed import (  # noqa: E402
+from dgseg.config import PRESETS, Config, apply_overrides, config_diff, get_preset
+from dgseg.data.dataset import ShardDataset
+from dgseg.data.manifest import load_manifest, split_cases
+from dgseg.distributed import (
     DistState,
     all_gather_objects,
     barrier,
@@ -48,8 +48,12 @@ from dgseg.distributed import (  # noqa: E402
     init_distributed,
     wrap_ddp,
 )
-from dgseg.engine import NonFiniteLossError, train_one_epoch, validate  # noqa: E402
-from dgseg.logging_utils import JsonlWriter, log, plot_curves, read_jsonl  # noqa: E402
+from dgseg.engine import NonFiniteLossError, check_cpu_bf16_depths, train_one_epoch, validate
+from dgseg.logging_utils import JsonlWriter, log, plot_curves, trim_jsonl
+from dgseg.losses import SegLoss
+from dgseg.models import build_model as build_network
+from dgseg.optim import build_optimizer as make_optimizer
+from dgseg.optim import build_scheduler
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -99,8 +103,6 @@ def seed_everything(seed: int) -> None:
 
 def build_model(cfg: Config, dist: DistState) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """(unwrapped network on the device, the module the step calls: DDP and/or compiled)."""
-    from dgseg.models import build_model as build_network
-
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     net = build_network(cfg.data.in_channels, cfg.model).to(dist.device)
     if cfg.run.channels_last:
@@ -113,8 +115,6 @@ def build_model(cfg: Config, dist: DistState) -> Tuple[torch.nn.Module, torch.nn
 
 def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler, DataLoader, Any]:
     """Training dataset, its DistributedSampler and DataLoader, and the validation dataset."""
-    from dgseg.data.dataset import ShardDataset
-
     d = cfg.data
     train_ds = ShardDataset(
         d.root,
@@ -131,8 +131,6 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
         rank=dist.rank,
         intensity_augs=d.intensity_augs,
     )
-    from dgseg.data.manifest import load_manifest, split_cases
-
     val_ds = None  # no validation cases: no validation, no best.pt
     if split_cases(load_manifest(d.root), d.val_split, d.fold):
         val_ds = ShardDataset(d.root, split=d.val_split, modalities=d.modalities, seed=cfg.run.seed,
@@ -170,107 +168,12 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
     return train_ds, sampler, loader, val_ds
 
 
-def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[int]) -> None:
-    """Refuse CPU bf16 training where a feature map is 2 voxels deep.
-
-    oneDNN 3.12 (torch 2.13 CPU) computes the bf16 Conv3d (3³) weight gradient wrongly when the
-    input depth is 2: NaN or run-to-run different values (seen on AVX512-BF16 CPUs, e.g. a 16³
-    patch whose deepest SegResNet level is 2³). Inference is unaffected.
-    """
-    if cfg.run.amp != "bf16" or dist.device.type != "cpu":
-        return
-    levels = (
-        len(cfg.model.blocks_down)
-        if cfg.model.arch == "segresnet"
-        else len(cfg.model.unet_features)
-    )
-    depth = int(input_shape[0])
-    for level in range(levels):
-        if depth == 2:
-            raise ValueError(
-                f"input depth {input_shape[0]} gives a 2-voxel-deep feature map at level {level}; "
-                "CPU bf16 Conv3d weight gradients are wrong for that shape (oneDNN). Use another "
-                "data.patch_size or --set run.amp=none"
-            )
-        depth = (depth + 1) // 2  # stride-2 conv, kernel 3, padding 1
-
-
 def build_optimizer(
     cfg: Config, net: torch.nn.Module, dist: DistState, steps_per_epoch: int
 ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    from dgseg.optim import build_optimizer as make_optimizer
-    from dgseg.optim import build_scheduler
-
     # fused: one kernel for all parameters on GPU
     optimizer = make_optimizer(net.parameters(), cfg.optim, fused=dist.device.type == "cuda")
     return optimizer, build_scheduler(optimizer, cfg.optim, steps_per_epoch)
-
-
-# Fields the saved optimizer / scheduler state already encodes: changing them on --resume would
-# be silently ignored (lr) or bend the cosine and λ schedules (its length would no longer match).
-_FIXED_ON_RESUME = ("name", "amsgrad", "epochs", "lr", "min_lr", "schedule", "schedule_interval")
-
-
-def check_resume_schedule(ckpt: Dict[str, Any], cfg: Config, steps_per_epoch: int) -> None:
-    """Refuse a resume whose LR / λ schedule would differ from the one the checkpoint follows."""
-    saved = Config.from_dict(ckpt["config"]).optim
-    changed = [
-        f"optim.{k} {getattr(saved, k)} -> {getattr(cfg.optim, k)}"
-        for k in _FIXED_ON_RESUME
-        if getattr(saved, k) != getattr(cfg.optim, k)
-    ]
-    if changed:
-        raise SystemExit(
-            f"error: --resume cannot change {', '.join(changed)}: the optimizer and schedules "
-            "were built for the saved values; start a new run (another run.name) instead"
-        )
-    epoch, step = ckpt["epoch"], ckpt["step"]
-    if epoch > 0 and step != epoch * steps_per_epoch:
-        raise SystemExit(
-            f"error: the checkpoint took {step // epoch} steps per epoch, this launch takes "
-            f"{steps_per_epoch} (another process count x batch size, or other data): λ and the "
-            "learning rate would jump; resume with the same global batch and data"
-        )
-
-
-def make_state(
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    cfg: Config,
-    *,
-    epoch: int,
-    step: int,
-    best_metric: float,
-    rng: List[Dict[str, Any]],
-) -> Dict[str, Any]:
-    """Checkpoint dict (see dgseg.checkpoint); ``rng`` holds one entry per rank."""
-    return {
-        "model": unwrap_model(net).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "best_metric": best_metric,
-        "config": cfg.to_dict(),
-        "rng": rng,
-        "world_size": len(rng),
-    }
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (the interrupted epoch)."""
-    if not path.exists():
-        return
-    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def _config_diff(a: Config, b: Config) -> List[str]:
-    da, db = a.to_dict(), b.to_dict()
-    return [
-        f"{s}.{k}: {da[s][k]!r} -> {db[s][k]!r}" for s in da for k in da[s] if da[s][k] != db[s][k]
-    ]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -283,10 +186,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     last_path = run_dir / "last.pt"
     ckpt, diff = None, []
     if args.resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        # The run continues with its saved config; this command's --set items apply on top.
-        saved = apply_overrides(Config.from_dict(ckpt["config"]), args.overrides)
-        diff = _config_diff(saved, cfg)
+        try:  # a corrupt or refused file, or not a dgseg checkpoint: one line, no traceback
+            ckpt = load_checkpoint(last_path)
+            if not isinstance(ckpt.get("config"), dict):
+                raise ValueError(f"{last_path}: no 'config' dict: not a dgseg checkpoint")
+            # The run continues with its saved config; this command's --set items apply on top.
+            saved = apply_overrides(Config.from_dict(ckpt["config"]), args.overrides)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume: {e}") from None
+        diff = config_diff(saved, cfg)
         cfg = saved
     elif last_path.exists():
         # No --overwrite: a new run that kept the old last.pt would, after a failed first epoch,
@@ -295,6 +203,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"error: {last_path} exists; pass --resume to continue it, or delete {run_dir} (or "
             "set another run.name) to start again"
         )
+
+    try:  # no data folder or manifest: one line before any process starts work
+        load_manifest(cfg.data.root)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: data.root: {e}") from None
 
     dist = init_distributed(cfg.run.device)
     try:
@@ -323,20 +236,22 @@ def _train(
         torch.backends.cudnn.allow_tf32 = True
     net, model = build_model(cfg, dist)
     seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
-    train_ds, sampler, loader, val_ds = build_loaders(cfg, dist)
-    shape = (cfg.data.patch_size,) * 3 if cfg.data.patch_size else train_ds[0]["image"].shape[1:]
-    check_cpu_bf16_depths(cfg, dist, shape)
+    try:  # settings the data cannot run with: one line, no traceback
+        train_ds, sampler, loader, val_ds = build_loaders(cfg, dist)
+        shape = (cfg.data.patch_size,) * 3 if cfg.data.patch_size else train_ds[0]["image"].shape[1:]
+        check_cpu_bf16_depths(cfg, dist, shape)
+        if ckpt is not None:
+            check_resume(ckpt, cfg, len(loader))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     steps_per_epoch = len(loader)
     total_steps = cfg.optim.epochs * steps_per_epoch
     optimizer, scheduler = build_optimizer(cfg, net, dist, steps_per_epoch)
-    from dgseg.losses import SegLoss
-
     loss_fn = SegLoss(bce_weight=cfg.loss.bce_weight, squared_pred=cfg.loss.squared_pred)
 
     start_epoch, step, best = 0, 0, -1.0
     log_path = run_dir / "log.jsonl"
     if ckpt is not None:
-        check_resume_schedule(ckpt, cfg, steps_per_epoch)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -352,7 +267,7 @@ def _train(
                 is_main=is_main,
             )
         if is_main:
-            _trim_log(log_path, step)
+            trim_jsonl(log_path, step)
         log(f"resumed {run_dir / 'last.pt'} at epoch {start_epoch}, step {step}", is_main=is_main)
         if diff:
             log(
@@ -410,7 +325,7 @@ def _train(
         # Every rank's RNG streams, so that a resumed run replays them exactly.
         rng = all_gather_objects(capture_rng_state())
         if is_main:
-            state = make_state(
+            state = training_state(
                 net, optimizer, scheduler, cfg, epoch=done, step=step, best_metric=best, rng=rng
             )
             save_checkpoint(run_dir / "last.pt", state)
