@@ -40,7 +40,6 @@ import hashlib
 import json
 import math
 import multiprocessing as mp
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -52,6 +51,7 @@ from dgseg import __version__
 from dgseg.atomic import atomic_write_json, atomic_write_text, remove_stale_temps
 from dgseg.constants import MODALITIES
 from dgseg.data.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, load_manifest
+from dgseg.logging_utils import Progress
 
 from .layouts import RawCase, discover_cases
 from .loading import CaseError, load_raw_case
@@ -227,48 +227,6 @@ def _build_shard(out_dir: str, task: _ShardTask, fingerprint: dict, size, storag
 # Parent side
 
 
-class _Progress:
-    """One progress line with rate and ETA on stderr (redrawn on a terminal, else every 10 s)."""
-
-    def __init__(self, total: int, *, enabled: bool = True, stream=None) -> None:
-        self.total, self.done, self.bad = total, 0, 0
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and total > 0
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.monotonic()
-        self.last = 0.0
-        self.shown = -1  # ``done`` at the last line written
-
-    def tick(self, ok: bool) -> None:
-        self.done += 1
-        self.bad += 0 if ok else 1
-        self.show()
-
-    def show(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self.last < (0.2 if self.tty else 10.0) and self.done < self.total:
-            return
-        self.last, self.shown = now, self.done
-        dt = now - self.t0
-        rate = self.done / dt if dt > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
-        line = (f"prepare: {self.done}/{self.total} cases ({self.bad} skipped) "
-                f"{rate:.2f} cases/s ETA {eta_s}")
-        self.stream.write(("\r" + line + " " * 4) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            if self.shown != self.done:
-                self.show(force=True)
-            if self.tty:
-                self.stream.write("\n")
-                self.stream.flush()
-
-
 def assign_splits(patients: dict[str, str], fractions: Sequence[float], seed: int
                   ) -> dict[str, str]:
     """Case id -> "train" | "val" | "test", patient-level and deterministic from ``seed``.
@@ -305,8 +263,22 @@ def _fingerprint(size, storage: dict) -> dict:
             "size": size, **storage}
 
 
+class _Tally:
+    """Cases done, skipped ones counted, on one :class:`dgseg.logging_utils.Progress` line."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar, self.skipped = bar, 0
+
+    def tick(self, ok: bool) -> None:
+        self.skipped += 0 if ok else 1
+        self.bar.step(note=f"{self.skipped} skipped")
+
+    def show(self) -> None:
+        self.bar.show()
+
+
 def _run_tasks(out_dir: Path, tasks: list[_ShardTask], fingerprint: dict, size, storage: dict,
-               workers: int, progress: _Progress) -> tuple[dict[int, tuple], dict[int, str]]:
+               workers: int, progress: _Tally) -> tuple[dict[int, tuple], dict[int, str]]:
     """Build shards; returns ({index: (records, skipped)}, {index: failure reason})."""
     results: dict[int, tuple] = {}
     failures: dict[int, str] = {}
@@ -446,9 +418,10 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
 
     if todo:  # an old manifest would describe shards about to change: readers must not trust it
         (out / "manifest.json").unlink(missing_ok=True)
-    bar = _Progress(sum(len(t.plan) for t in todo), enabled=progress)
+    bar = Progress(sum(len(t.plan) for t in todo), label="prepare:", unit="cases",
+                   enabled=progress)
     bar.show(force=True)
-    built, failures = _run_tasks(out, todo, fingerprint, size, storage, workers, bar)
+    built, failures = _run_tasks(out, todo, fingerprint, size, storage, workers, _Tally(bar))
     bar.close()
     results.update(built)
 

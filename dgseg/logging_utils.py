@@ -92,7 +92,8 @@ class Progress:
         each = elapsed / self.done if self.done else math.nan
         unit = f" {self.unit}" if self.unit else ""
         note = f", {self.note}" if self.note else ""
-        return (f"{self.label} {self.done}/{self.total}{unit}{note}  {each:.2f} s each  "
+        rate = f"{each:.2f}" if self.done else "-"
+        return (f"{self.label} {self.done}/{self.total}{unit}{note}  {rate} s each  "
                 f"ETA {format_eta(each * (self.total - self.done))}")
 
     def show(self, force: bool = False) -> None:

@@ -19,37 +19,24 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from data_prep.synthetic import LAYOUTS, case_seed, make_case, save_montage, write_dataset
-except ImportError:  # running from a checkout that is not pip-installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from data_prep.synthetic import LAYOUTS, case_seed, make_case, save_montage, write_dataset
+from data_prep.synthetic import LAYOUTS, case_seed, make_case, save_montage, write_dataset
+from dgseg.logging_utils import Progress, format_eta
 
 
-def _format_seconds(s: float) -> str:
-    s = int(round(s))
-    if s >= 3600:
-        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-    return f"{s // 60}:{s % 60:02d}"
+class _Report:
+    """``write_dataset``'s progress callback as a :class:`dgseg.logging_utils.Progress` line."""
 
-
-class Progress:
-    """One self-overwriting status line on stderr: done/total, seconds per case, ETA."""
-
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.start = time.perf_counter()
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.start = time.monotonic()
 
     def __call__(self, done: int, total: int, case_id: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (total - done)
-        self.stream.write(
-            f"\r{done:>{len(str(total))}}/{total} cases  {elapsed / done:.2f} s/case  "
-            f"ETA {_format_seconds(eta)}  last {case_id}   "  # spaces clear a longer line
-        )
+        if self.bar is None:
+            self.bar = Progress(total, label="synthetic", unit="cases")
+        self.bar.step(done - self.bar.done, note=f"last {case_id}")
         if done == total:
-            self.stream.write(f"\ndone in {_format_seconds(elapsed)}\n")
-        self.stream.flush()
+            self.bar.close()
+            print(f"done in {format_eta(time.monotonic() - self.start)}", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ids = write_dataset(args.output, args.n_cases, shape=args.shape, seed=args.seed,
                             layout=args.layout, workers=args.workers,
-                            start_index=args.start_index, progress=Progress())
+                            start_index=args.start_index, progress=_Report())
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

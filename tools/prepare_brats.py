@@ -25,16 +25,16 @@ BraTS 2021 layout, under ``OUTPUT/synthetic_source``) and prepares it at ``--siz
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_prep.pipeline import EVAL_SIZES, prepare  # noqa: E402
-from data_prep.shards import COMPRESSIONS, STORAGE_DEFAULTS  # noqa: E402
-from dgseg.atomic import atomic_write_json  # noqa: E402
-from dgseg.constants import DEFAULT_DATA_ROOT  # noqa: E402
+from data_prep.pipeline import EVAL_SIZES, prepare
+from data_prep.shards import COMPRESSIONS, STORAGE_DEFAULTS
+from data_prep.synthetic import write_dataset
+from dgseg.atomic import atomic_write_json
+from dgseg.constants import DEFAULT_DATA_ROOT
 
 SYNTHETIC_CASES = 12
 SYNTHETIC_SHAPE = (80, 80, 52)  # a third of 240x240x155: the whole brain fits in 64^3
@@ -122,14 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def synthetic_source(folder: Path, n_cases: int, *, quiet: bool = False) -> Path:
     """Generate (once) the built-in synthetic cases under ``folder``; return it."""
-    from data_prep.synthetic import write_dataset
-
     marker = folder / ".complete.json"
     want = {"n_cases": n_cases, "shape": list(SYNTHETIC_SHAPE), "seed": SYNTHETIC_SEED,
             "layout": "brats2021"}
     try:
-        import json
-
         if json.loads(marker.read_text()) == want:
             return folder  # already there: same files, same mtimes, so shards are re-used
     except (OSError, ValueError):

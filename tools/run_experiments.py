@@ -46,12 +46,18 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-TOOLS = REPO / "tools"
-sys.path.insert(0, str(REPO))  # run from a source checkout
+import torch
 
-from dgseg.atomic import atomic_write_json  # noqa: E402
-from dgseg.config import PRESETS, apply_overrides, get_preset  # noqa: E402
+from dgseg.atomic import atomic_write_json
+from dgseg.config import PRESETS, apply_overrides, get_preset
+from dgseg.data.manifest import load_manifest, scored_extent
+from dgseg.evaluation import EVAL_RULE
+from dgseg.logging_utils import format_eta
+from dgseg.study import BASELINES, read_records, write_study
+from dgseg.study import aggregate as aggregate_records
+
+REPO = Path(__file__).resolve().parents[1]  # children run this checkout's tools and package
+TOOLS = REPO / "tools"
 
 # The matrix that answers the write-up's question: baselines, the controls, each ingredient of
 # the method alone and together, the original network, and the write-up's other experiments.
@@ -190,20 +196,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def cpu_amp() -> str:
     """bf16 where oneDNN has native bf16, float32 elsewhere (as tools/demo.py decides)."""
-    import torch
-
     try:
         return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
     except (AttributeError, RuntimeError):
         return "none"
-
-
-def clock(seconds: float) -> str:
-    """``75.2`` -> ``"1:15"``, ``3725`` -> ``"1:02:05"``."""
-    s = int(round(seconds))
-    return (
-        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-    )
 
 
 def say(text: str) -> None:
@@ -359,19 +355,19 @@ def prepare_synthetic(args: argparse.Namespace) -> None:
         for line in tail(args.out / "prepare.log"):
             say(f"    | {line}")
         raise SystemExit(f"error: preparing the synthetic data failed (exit {code})")
-    say(f"[data] ready in {clock(wall)}")
+    say(f"[data] ready in {format_eta(wall)}")
 
 
 def run_one(args: argparse.Namespace, run: Run) -> Optional[str]:
     """Train then evaluate one run; None on success, else a one-line reason."""
     code, train_s = execute(train_command(args, run), run.folder / "train.log")
     if code != 0:
-        return f"train exit {code} after {clock(train_s)}; log: {run.folder / 'train.log'}"
+        return f"train exit {code} after {format_eta(train_s)}; log: {run.folder / 'train.log'}"
     if not checkpoint(run).exists():
         return f"training left no checkpoint in {run.folder}"
     code, eval_s = execute(eval_command(args, run), run.folder / "eval.log")
     if code != 0:
-        return f"evaluate exit {code} after {clock(eval_s)}; log: {run.folder / 'eval.log'}"
+        return f"evaluate exit {code} after {format_eta(eval_s)}; log: {run.folder / 'eval.log'}"
     atomic_write_json(
         run.folder / "done.json",
         {
@@ -386,11 +382,6 @@ def run_one(args: argparse.Namespace, run: Run) -> Optional[str]:
 
 def aggregate(args: argparse.Namespace, runs: Sequence[Run]) -> Optional[Path]:
     """Aggregate every finished run of the matrix into <out>/study/."""
-    from dgseg.data.manifest import load_manifest, scored_extent
-    from dgseg.evaluation import EVAL_RULE
-    from dgseg.study import BASELINES, read_records, write_study
-    from dgseg.study import aggregate as aggregate_records
-
     finished = [r for r in runs if status(args, r) == "done"]
     if not finished:
         say("[study] no finished run to aggregate")
@@ -482,17 +473,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if reason is None:
                 done = json.loads((r.folder / "done.json").read_text())
                 say(
-                    f"{head} done    {r.name} in {clock(wall)} (train {clock(done['train_s'])}, "
-                    f"eval {clock(done['eval_s'])}); {left} left, ETA {clock(eta)}"
+                    f"{head} done    {r.name} in {format_eta(wall)} (train {format_eta(done['train_s'])}, "
+                    f"eval {format_eta(done['eval_s'])}); {left} left, ETA {format_eta(eta)}"
                 )
             else:
                 failed.append((r, reason))
-                say(f"{head} FAILED  {r.name}: {reason}; {left} left, ETA {clock(eta)}")
+                say(f"{head} FAILED  {r.name}: {reason}; {left} left, ETA {format_eta(eta)}")
                 log = r.folder / ("eval.log" if "evaluate" in reason else "train.log")
                 for line in tail(log):
                     say(f"    | {line}")
         say(
-            f"[matrix] {len(walls)} run(s) in {clock(time.monotonic() - t_start)}, "
+            f"[matrix] {len(walls)} run(s) in {format_eta(time.monotonic() - t_start)}, "
             f"{len(failed)} failed"
         )
     else:
