@@ -22,7 +22,7 @@ from torch import nn
 
 from dgseg.atomic import atomic_path
 from dgseg.config import Config
-from dgseg.models import build_model
+from dgseg.models import build_model, segmenter_of
 
 __all__ = [
     "training_state",
@@ -157,7 +157,7 @@ def load_segmenter(
     except (ValueError, RuntimeError) as e:  # a bad config value; missing or misshapen weights
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"{path}: checkpoint does not fit its config ({first})") from e
-    model = getattr(model, "segmenter", model)
+    model = segmenter_of(model)
     return model.to(device).eval(), cfg
 
 

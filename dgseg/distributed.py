@@ -23,7 +23,6 @@ __all__ = [
     "DistState",
     "init_distributed",
     "cleanup",
-    "all_reduce_mean",
     "all_reduce_sum",
     "all_reduce_min",
     "all_gather_objects",
@@ -107,13 +106,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
     return out
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean of ``t`` over all ranks (a new tensor; ``t`` itself when single-process)."""
-    if not _active():
-        return t
-    return all_reduce_sum(t) / tdist.get_world_size()
 
 
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,11 @@ from torch import nn
 
 from dgseg.config import Config
 from dgseg.distributed import DistState, all_reduce_min, all_reduce_sum
+from dgseg.inference import sliding_window_inference
+from dgseg.layers import dann_lambda
 from dgseg.logging_utils import JsonlWriter, format_progress, log
+from dgseg.metrics import dice_per_region
+from dgseg.models import segmenter_of
 
 __all__ = [
     "NonFiniteLossError",
@@ -85,8 +89,6 @@ def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[in
 
 def grl_lambda(step: int, total_steps: int, lambda_max: float) -> float:
     """DANN λ at 0-based ``step`` of ``total_steps``: λmax·(2/(1+e^(−10p))−1), p = step/total."""
-    from dgseg.layers import dann_lambda
-
     return dann_lambda(step / max(total_steps, 1), lambda_max)
 
 
@@ -141,8 +143,6 @@ def forward_loss(
 
 def _batch_dice(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of the hard Dice averaged over WT/TC/ET (no host sync)."""
-    from dgseg.metrics import dice_per_region
-
     with torch.no_grad():
         return dice_per_region(logits.detach() > 0, label > 0.5).mean(1).sum()  # sigmoid > 0.5
 
@@ -311,16 +311,14 @@ def validate(
     case), then per-region Dice sums and the case count are all-reduced.
 
     Args:
-        model: the *unwrapped* module (not DDP, whose forward may issue collectives).
+        model: the *unwrapped* module (not DDP, whose forward may issue collectives); a
+            domain-adversarial model is validated through its segmenter (``segmenter_of``).
         dataset: item i → {"image": (C,D,H,W), "label": (3,D,H,W)}; whole stored volumes.
         indices: cases to use (default: all).
 
     Returns:
         {"dice_WT", "dice_TC", "dice_ET", "dice_mean", "n_cases"}.
     """
-    from dgseg.inference import sliding_window_inference
-    from dgseg.metrics import dice_per_region
-
     was_training = model.training
     model.eval()
     dev = dist.device
@@ -330,12 +328,13 @@ def validate(
     mine = list(indices)[dist.rank :: dist.world_size]
     sums = torch.zeros(4, device=dev, dtype=torch.float64)  # WT, TC, ET, cases
 
+    segmenter = segmenter_of(model)  # logits only: the domain head plays no part here
+
     def predictor(x: torch.Tensor) -> torch.Tensor:
         if cfg.run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(dev, cfg.run.amp):
-            out = model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+            return segmenter(x)
 
     for i in mine:
         item = dataset[i]

@@ -32,7 +32,7 @@ __all__ = [
     "predict_volume",
 ]
 
-Predictor = Callable[[Tensor], Union[Tensor, Sequence[Tensor]]]
+Predictor = Callable[[Tensor], Tensor]  # (N, C, *roi) -> logits (N, K, *roi)
 RoiSize = Union[int, Sequence[int]]
 
 # Gaussian sigma as a fraction of the ROI edge (nnU-Net and MONAI use 1/8).
@@ -114,8 +114,8 @@ def sliding_window_inference(
     """Predict a whole volume with overlapping ROI windows and blend the logits.
 
     Args:
-        predictor: callable (N, C, *roi) -> logits (N, K, *roi); a tuple/list output (e.g. a
-            domain-adversarial model returning (seg_logits, domain_logits)) uses its first item.
+        predictor: callable (N, C, *roi) -> logits (N, K, *roi), e.g. a segmenter
+            (``dgseg.models.segmenter_of`` a domain-adversarial model).
         image: (B, C, D, H, W). Axes shorter than the ROI are zero-padded symmetrically (zero is
             the background of z-scored images) and cropped back afterwards.
         roi_size: window size, int or (d, h, w); None: one window covering the volume
@@ -162,8 +162,9 @@ def sliding_window_inference(
         ]
         crops = torch.cat([image[(..., *s)] for s in slices], dim=0)  # (n*B, C, d, h, w)
         pred = predictor(crops)
-        if isinstance(pred, (tuple, list)):
-            pred = pred[0]
+        if not isinstance(pred, Tensor):
+            raise TypeError(f"predictor must return a logits tensor, got {type(pred).__name__} "
+                            "(predict with dgseg.models.segmenter_of(model))")
         if pred.dim() != 5 or tuple(pred.shape[2:]) != roi or pred.shape[0] != crops.shape[0]:
             raise ValueError(
                 f"predictor returned shape {tuple(pred.shape)} for input {tuple(crops.shape)}; "

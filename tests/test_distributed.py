@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     import torch.distributed as tdist
 
-    from dgseg.distributed import all_reduce_mean, cleanup, wrap_ddp
+    from dgseg.distributed import all_reduce_sum, cleanup, wrap_ddp
     from dgseg.engine import forward_loss, validate
     from dgseg.losses import SegLoss
     from dgseg.metrics import dice_score
@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int) -> None:
     try:
         assert (dist.rank, dist.world_size, dist.is_main) == (rank, world, rank == 0)
         assert tdist.get_backend() == "gloo"
-        assert all_reduce_mean(torch.tensor([float(rank)])).item() == pytest.approx(0.5)
+        assert all_reduce_sum(torch.tensor([float(rank)])).item() == pytest.approx(1.0)
 
         # --- 2 ranks x batch 1 through DDP == 1 process x batch 2 --------------------------
         image, label, domain = _inputs()

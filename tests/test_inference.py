@@ -105,10 +105,10 @@ def test_sw_batch_size_and_batch_do_not_change_the_result():
     torch.testing.assert_close(single, ref[1:], rtol=1e-5, atol=1e-6)
 
 
-def test_tuple_output_uses_first_item():
+def test_a_predictor_returning_a_tuple_is_refused():
     image = torch.randn(1, 2, 6, 6, 6)
-    out = sliding_window_inference(lambda x: (pointwise(x), torch.zeros(1)), image, 4)
-    torch.testing.assert_close(out, pointwise(image), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="segmenter_of"):
+        sliding_window_inference(lambda x: (pointwise(x), torch.zeros(1)), image, 4)
 
 
 def test_bad_arguments_raise_value_error():

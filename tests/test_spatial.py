@@ -66,15 +66,12 @@ def test_rot90_aligned_and_exact():
 
 def test_rot90_keep_shape_on_non_cubic():
     image, label = _pair(shape=(4, 6, 8))
-    shapes = set()
+    changed = 0
     for seed in range(30):
         im, lb = random_rot90(image, label, torch.Generator().manual_seed(seed), p=1.0)
-        assert im.shape == image.shape and _aligned(im, lb)
-        im, _ = random_rot90(
-            image, None, torch.Generator().manual_seed(seed), p=1.0, keep_shape=False
-        )
-        shapes.add(tuple(im.shape))
-    assert len(shapes) > 1  # quarter turns do swap axes when allowed
+        assert im.shape == image.shape and _aligned(im, lb)  # quarter turns become half turns
+        changed += not torch.equal(im, image)
+    assert changed > 0
 
 
 def _ball(shape, centre, radius):

@@ -107,17 +107,15 @@ def test_spectral_transform_gradcheck_float64_odd_size():
 # --- local Fourier unit: tiling and odd sizes ------------------------------------------------
 
 
-@pytest.mark.parametrize("split_depth", [False, True])
-def test_lfu_output_tiles_2x2(split_depth):
+def test_lfu_output_tiles_2x2():
     torch.manual_seed(0)
-    st = SpectralTransform(32, 32, norm="none", lfu_split_depth=split_depth)
+    st = SpectralTransform(32, 32, norm="none")
     h = torch.randn(1, 16, 6, 8, 10)
     y = st._local_fourier(st.lfu, h)  # (1, 16, 6, 8, 10)
     assert y.shape == h.shape
     torch.testing.assert_close(y[..., :4, :], y[..., 4:, :], rtol=0, atol=0)  # period H/2
     torch.testing.assert_close(y[..., :5], y[..., 5:], rtol=0, atol=0)  # period W/2
-    depth_periodic = torch.equal(y[:, :, :3], y[:, :, 3:])
-    assert depth_periodic == split_depth
+    assert not torch.equal(y[:, :, :3], y[:, :, 3:])  # D is not split
 
 
 def test_lfu_odd_size_is_replicate_padded_then_cropped():
@@ -176,10 +174,10 @@ def test_vffc_ratio_zero_equals_its_local_conv_path():
 
 
 @pytest.mark.parametrize("size", [(5, 7, 9), (6, 8, 10), (3, 1, 2), (2, 1, 3)])
-@pytest.mark.parametrize("ratio, split_depth", [(0.0, False), (0.5, False), (1.0, True)])
-def test_vffc_shapes_odd_and_non_cubic(size, ratio, split_depth):
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_vffc_shapes_odd_and_non_cubic(size, ratio):
     torch.manual_seed(0)
-    vffc = VFFC(16, ratio=ratio, n_blocks=2, lfu_split_depth=split_depth)
+    vffc = VFFC(16, ratio=ratio, n_blocks=2)
     x = torch.randn(1, 16, *size)
     y = vffc(x)
     assert y.shape == x.shape

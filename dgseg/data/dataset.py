@@ -90,8 +90,7 @@ def region_channels(label: torch.Tensor) -> torch.Tensor:
 
 def augment(image: torch.Tensor, label: torch.Tensor | None, g: torch.Generator, *, curve: int = 0,
             intensity: str = "none", flip: bool = False, rot90: bool = False,
-            rotation_degrees: float = 0.0,
-            bezier_scaling: str = "minmax") -> tuple[torch.Tensor, torch.Tensor | None]:
+            rotation_degrees: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Training transforms in SPEC order: Bezier curve ``curve`` (0 = none), the intensity
     augmentation ``intensity`` (a name of ``dgseg.transforms.sdg``), then the spatial ones.
 
@@ -101,7 +100,7 @@ def augment(image: torch.Tensor, label: torch.Tensor | None, g: torch.Generator,
         g: the sample's generator.
     """
     if curve:
-        image = bezier_domain_transform(image, curve, g, scaling=bezier_scaling)
+        image = bezier_domain_transform(image, curve, g)
     if intensity != "none":
         image = intensity_augment(intensity, image, label, g)
     if flip:
@@ -145,7 +144,6 @@ class ShardDataset(Dataset):
         num_domains: K for "partition" (at most 3: identity, increasing, decreasing).
         seed: seeds domains and per-sample randomness.
         rank: distributed rank, part of the per-sample seed.
-        bezier_scaling: "minmax" or "percentile" scaling of the brain to [-1, 1] before the curve.
         intensity_augs: names of ``dgseg.transforms.sdg`` augmentations; each training sample
             draws one uniformly (after its Bezier curve, if any), and its index becomes the
             sample's domain label. Empty: none.
@@ -160,7 +158,7 @@ class ShardDataset(Dataset):
                  patch_size: int | Sequence[int] | None = None, flip: bool = False,
                  rot90: bool = False, rotation_degrees: float = 0.0, bezier: str = "none",
                  num_domains: int = 3, seed: int = 0, rank: int = 0,
-                 bezier_scaling: str = "minmax", intensity_augs: Sequence[str] = (),
+                 intensity_augs: Sequence[str] = (),
                  fold: int | None = None) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
@@ -181,9 +179,6 @@ class ShardDataset(Dataset):
         if unknown:
             raise ValueError(f"unknown intensity augmentation(s) {unknown}; valid: "
                              f"{INTENSITY_AUGS}")
-        if bezier_scaling not in ("minmax", "percentile"):
-            raise ValueError(f"bezier_scaling must be 'minmax' or 'percentile', got "
-                             f"{bezier_scaling!r}")
         if not 0.0 <= float(rotation_degrees) <= 180.0:
             raise ValueError(f"rotation_degrees must lie in [0, 180], got {rotation_degrees!r}")
         for name, v in (("seed", seed), ("rank", rank)):
@@ -202,7 +197,6 @@ class ShardDataset(Dataset):
         self.flip, self.rot90 = bool(flip), bool(rot90)
         self.rotation_degrees = float(rotation_degrees)
         self.bezier = bezier if self.train else "none"
-        self.bezier_scaling = bezier_scaling
         self.intensity_augs = intensity_augs if self.train else ()
         self.num_domains = int(num_domains)
         self.seed, self.rank = int(seed), int(rank)
@@ -349,8 +343,7 @@ class ShardDataset(Dataset):
         if self.train:
             img, lab = augment(img, lab, g, curve=kind, intensity=intensity, flip=self.flip,
                                rot90=self.rot90,
-                               rotation_degrees=self.rotation_degrees,
-                               bezier_scaling=self.bezier_scaling)
+                               rotation_degrees=self.rotation_degrees)
         return {
             "image": img.contiguous(),
             "label": region_channels(lab),  # (3, D, H, W) float32 WT, TC, ET

@@ -12,8 +12,8 @@ Herculaneum Papyri", ICCV Workshops 2023. Read top to bottom:
   ``h = ReLU(norm(conv1x1(x)))`` with half the output channels, then ``conv1x1(h + FU(h) +
   LFU(h))``. The local Fourier unit (LFU) takes the first C/4 channels of ``h``, cuts H and W into
   2x2 patches (order top-left, bottom-left, top-right, bottom-right), stacks them on channels,
-  applies a Fourier unit and tiles the result 2x2 back; ``lfu_split_depth=True`` also halves D
-  (2x2x2 patches of the first C/8 channels).
+  applies a Fourier unit and tiles the result 2x2 back (D is not split, as in the published 2D
+  unit applied to volumes).
 - ``FFC`` (FFC Eq. 1-2): channels split into a local part (first ``1 - ratio``) and a global part
   (last ``ratio``); ``Y_l = conv_l2l(X_l) + conv_g2l(X_g)``, ``Y_g = conv_l2g(X_l) + ST(X_g)``.
 - ``VFFCBlock``: residual block of two ``FFC -> norm -> ReLU`` stages on both branches,
@@ -99,7 +99,6 @@ class SpectralTransform(nn.Module):
         *,
         stride: int = 1,
         lfu: bool = True,
-        lfu_split_depth: bool = False,
         norm: str = "group",
     ) -> None:
         super().__init__()
@@ -113,8 +112,7 @@ class SpectralTransform(nn.Module):
             nn.Conv3d(in_channels, mid, 1, bias=False), make_norm(norm, mid), nn.ReLU()
         )
         self.fu = FourierUnit(mid, mid, norm=norm)
-        self.split_depth = lfu_split_depth
-        n_patches = 8 if lfu_split_depth else 4
+        n_patches = 4  # 2x2 patches of H and W
         self.lfu_channels = mid // n_patches  # channels of h cut into patches
         self.lfu: Optional[FourierUnit] = None
         if lfu:
@@ -128,16 +126,15 @@ class SpectralTransform(nn.Module):
 
     def _local_fourier(self, lfu: FourierUnit, h: torch.Tensor) -> torch.Tensor:
         size = h.shape[-3:]
-        dims = (-3, -2, -1) if self.split_depth else (-2, -1)
         xs = h[:, : self.lfu_channels]  # (B, c, D, H, W)
         # pad odd axes by one replicated voxel at the end so each splits into equal halves
-        pad = [0, size[2] % 2, 0, size[1] % 2, 0, size[0] % 2 if self.split_depth else 0]
+        pad = [0, size[2] % 2, 0, size[1] % 2, 0, 0]
         if any(pad):
-            xs = F.pad(xs, pad, mode="replicate")  # (B, c, D', H', W') with even split axes
-        for dim in dims:  # H then W gives TL, BL, TR, BR (the published order); D goes first
+            xs = F.pad(xs, pad, mode="replicate")  # (B, c, D, H', W') with even H', W'
+        for dim in (-2, -1):  # H then W gives TL, BL, TR, BR (the published order)
             xs = torch.cat(torch.chunk(xs, 2, dim=dim), dim=1)  # channels x2, that axis / 2
-        xs = lfu(xs)  # (B, C/2, D'/2 or D, H'/2, W'/2)
-        xs = xs.repeat(1, 1, 2 if self.split_depth else 1, 2, 2)  # (B, C/2, D', H', W')
+        xs = lfu(xs)  # (B, C/2, D, H'/2, W'/2)
+        xs = xs.repeat(1, 1, 1, 2, 2)  # (B, C/2, D, H', W')
         return xs[..., : size[0], : size[1], : size[2]]  # crop the padding back off
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +163,6 @@ class FFC(nn.Module):
         kernel_size: int = 3,
         stride: int = 1,
         lfu: bool = True,
-        lfu_split_depth: bool = False,
         norm: str = "group",
         padding_mode: str = "zeros",
     ) -> None:
@@ -193,7 +189,7 @@ class FFC(nn.Module):
         self.convg2g = None
         if self.in_g and self.out_g:
             self.convg2g = SpectralTransform(self.in_g, self.out_g, stride=stride, lfu=lfu,
-                                             lfu_split_depth=lfu_split_depth, norm=norm)
+                                             norm=norm)
 
     def forward(self, x: Union[torch.Tensor, Branches]) -> Union[torch.Tensor, Branches]:
         if isinstance(x, torch.Tensor):
@@ -225,13 +221,12 @@ class VFFCBlock(nn.Module):
         *,
         ratio: float = 0.5,
         lfu: bool = True,
-        lfu_split_depth: bool = False,
         norm: str = "group",
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        kw = dict(ratio_gin=ratio, ratio_gout=ratio, lfu=lfu, lfu_split_depth=lfu_split_depth,
-                  norm=norm, padding_mode=padding_mode)
+        kw = dict(ratio_gin=ratio, ratio_gout=ratio, lfu=lfu, norm=norm,
+                  padding_mode=padding_mode)
         self.ffc1 = FFC(channels, channels, **kw)
         self.ffc2 = FFC(channels, channels, **kw)
         c_l, c_g = self.ffc1.out_l, self.ffc1.out_g
@@ -264,7 +259,6 @@ class VFFC(nn.Module):
         ratio: float = 0.5,
         n_blocks: int = 1,
         lfu: bool = True,
-        lfu_split_depth: bool = False,
         norm: str = "group",
         padding_mode: str = "zeros",
     ) -> None:
@@ -275,8 +269,7 @@ class VFFC(nn.Module):
             raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
         self.channels, self.ratio = channels, ratio
         self.blocks = nn.ModuleList(
-            VFFCBlock(channels, ratio=ratio, lfu=lfu, lfu_split_depth=lfu_split_depth,
-                      norm=norm, padding_mode=padding_mode)
+            VFFCBlock(channels, ratio=ratio, lfu=lfu, norm=norm, padding_mode=padding_mode)
             for _ in range(n_blocks)
         )
         self.n_global = self.blocks[0].ffc1.in_g

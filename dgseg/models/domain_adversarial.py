@@ -7,7 +7,8 @@ layer scaled by ``grl_lambda``, to a domain classifier. Minimising
 while the reversed gradient pushes the encoder towards domain-invariant features.
 
 The domain head always runs (even at ``grl_lambda = 0``) so the autograd graph is the same every
-step, which keeps DDP's ``find_unused_parameters`` off.
+step, which keeps DDP's ``find_unused_parameters`` off. Validation and inference never see the
+domain head: they run :func:`segmenter_of` the model, which always returns the logits tensor.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 from dgseg.layers.grl import DomainClassifier, grad_reverse
 
-__all__ = ["DomainAdversarialNet"]
+__all__ = ["DomainAdversarialNet", "segmenter_of"]
 
 
 class DomainAdversarialNet(nn.Module):
@@ -68,3 +69,9 @@ class DomainAdversarialNet(nn.Module):
         seg_logits = self.segmenter.decode(feat, skips)  # (B, out, D, H, W)
         domain_logits = self.domain_classifier(grad_reverse(feat, grl_lambda))  # (B, K)
         return seg_logits, domain_logits
+
+
+def segmenter_of(model: nn.Module) -> nn.Module:
+    """The network that maps images to segmentation logits: the segmenter of a
+    :class:`DomainAdversarialNet`, else ``model`` itself (validation and inference call it)."""
+    return model.segmenter if isinstance(model, DomainAdversarialNet) else model

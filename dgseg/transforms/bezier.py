@@ -18,11 +18,10 @@ curve is not a function of x. Domains (docs/SPEC.md, "Domains"):
 One curve is stored as a lookup table (LUT) of f at ``lut_size`` evenly spaced x in [−1, 1] and
 applied by linear interpolation: O(LUT) to build, O(voxels) to apply, on any device.
 
-Intensity pipeline for domains 1 and 2, per channel: brain voxels are scaled to [−1, 1] by
-min–max over the brain (``scaling="minmax"``, the default: the curve sees the whole brain range
-and stays strictly monotone on it) or by the 0.5 / 99.5 brain percentiles, clipped
-(``scaling="percentile"``: robust to a few outliers, but saturates the tails); the curve is
-applied; the result is z-scored again over the brain (mean 0, std 1); background stays 0.
+Intensity pipeline for domains 1 and 2, per channel: the brain (voxels where any channel is
+nonzero) is scaled to [−1, 1] by its min–max (the curve sees the whole brain range and stays
+strictly monotone on it); the curve is applied; the result is z-scored again over the brain
+(mean 0, std 1); background stays 0.
 """
 
 from __future__ import annotations
@@ -31,10 +30,6 @@ import numpy as np
 import torch
 
 __all__ = ["bezier_curve", "bezier_lut", "apply_lut", "bezier_domain_transform"]
-
-_SCALINGS = ("minmax", "percentile")
-_PERCENTILES = (0.005, 0.995)  # robust range for scaling="percentile"
-
 
 def bezier_curve(v: float, *, n_samples: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
     """Densely sampled, sorted curve of control points (−1,−1), (−v,v), (v,−v), (1,1).
@@ -106,17 +101,9 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(u)
 
 
-def _scale_to_unit(values: torch.Tensor, scaling: str) -> torch.Tensor:
-    """Brain intensities (N,) → [−1, 1] by min–max or clipped robust percentiles."""
-    if scaling == "minmax":
-        lo, hi = values.min(), values.max()
-    else:
-        q = torch.tensor(_PERCENTILES, device=values.device, dtype=values.dtype)
-        if values.numel() > (1 << 24):  # torch.quantile refuses more: subsample evenly
-            values_q = values[:: values.numel() // (1 << 24) + 1]
-        else:
-            values_q = values
-        lo, hi = torch.quantile(values_q, q)
+def _scale_to_unit(values: torch.Tensor) -> torch.Tensor:
+    """Brain intensities (N,) → [−1, 1] by their min–max."""
+    lo, hi = values.min(), values.max()
     span = hi - lo
     if span <= 0:  # constant brain: no contrast to map, put it at the curve's centre
         return torch.zeros_like(values)
@@ -133,8 +120,6 @@ def bezier_domain_transform(
     curve: int,
     generator: torch.Generator,
     *,
-    brain_mask: torch.Tensor | None = None,
-    scaling: str = "minmax",
     lut_size: int = 4096,
 ) -> torch.Tensor:
     """Apply a random domain curve to every channel of a (C, D, H, W) image.
@@ -143,8 +128,6 @@ def bezier_domain_transform(
         image: (C, D, H, W) float tensor, any device (z-scored, background 0 in dgseg).
         curve: 0 identity, 1 increasing (v ~ U(−1, 1)), 2 decreasing mirror (w ~ U(−1, 1)).
         generator: source of every random draw; each channel gets its own curve.
-        brain_mask: (D, H, W) or (C, D, H, W) bool; default: voxels where any channel is nonzero.
-        scaling: "minmax" or "percentile" (0.5 / 99.5, clipped) scaling of the brain to [−1, 1].
         lut_size: LUT entries per curve.
 
     Returns:
@@ -156,31 +139,21 @@ def bezier_domain_transform(
         raise ValueError(
             f"curve must be 0 (identity), 1 (increasing) or 2 (decreasing), got {curve}"
         )
-    if scaling not in _SCALINGS:
-        raise ValueError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
     if image.ndim != 4:
         raise ValueError(f"expected image of shape (C, D, H, W), got {tuple(image.shape)}")
     if not image.is_floating_point():
         raise ValueError(f"image must be a float tensor, got {image.dtype}")
     if curve == 0:
         return image
-    if brain_mask is None:
-        brain_mask = (image != 0).any(dim=0)  # (D, H, W)
-    brain_mask = brain_mask.to(device=image.device, dtype=torch.bool)
-    if brain_mask.shape not in (image.shape[1:], image.shape):
-        raise ValueError(
-            f"brain_mask shape {tuple(brain_mask.shape)} matches neither (D, H, W) nor (C, D, H, W)"
-            f" of image {tuple(image.shape)}"
-        )
+    mask = (image != 0).any(dim=0)  # (D, H, W) brain: nonzero in any channel
     out = torch.zeros_like(image)
     for c in range(image.shape[0]):
-        mask = brain_mask if brain_mask.ndim == 3 else brain_mask[c]  # (D, H, W)
         # draw even for an empty brain so every channel consumes the same randomness
         v = _uniform(generator, -1.0, 1.0)
         values = image[c][mask]  # (N,) brain voxels
         if values.numel() == 0:
             continue
         lut = bezier_lut(v, decreasing=curve == 2, lut_size=lut_size)
-        mapped = apply_lut(_scale_to_unit(values.float(), scaling), lut)
+        mapped = apply_lut(_scale_to_unit(values.float()), lut)
         out[c][mask] = _zscore(mapped).to(image.dtype)
     return out

@@ -63,14 +63,11 @@ def random_rot90(
     generator: torch.Generator,
     *,
     p: float = 0.5,
-    keep_shape: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """With probability ``p``, rotate by k·90° (k ∈ {1, 2, 3}) in a random plane of two axes.
 
-    Args:
-        keep_shape: in a plane whose two sizes differ, a quarter turn would swap them; with
-            ``keep_shape`` (default, so batches of equal shapes still collate) such a draw
-            becomes a half turn (k = 2) instead.
+    In a plane whose two sizes differ a quarter turn would swap them, so such a draw becomes a
+    half turn (k = 2): the shape is kept and batches of equal shapes still collate.
     """
     _check(image, label, p)
     u = _rand(generator, 3)
@@ -78,7 +75,7 @@ def random_rot90(
         return image, label
     dims = _PLANES[min(int(u[1] * 3), 2)]
     k = 1 + min(int(u[2] * 3), 2)
-    if keep_shape and image.shape[dims[0]] != image.shape[dims[1]] and k != 2:
+    if image.shape[dims[0]] != image.shape[dims[1]] and k != 2:
         k = 2
     image = torch.rot90(image, k, dims)
     label = None if label is None else torch.rot90(label, k, dims)
