@@ -14,7 +14,6 @@ Label conventions written (docs/SPEC.md "Labels"): BraTS 2020/2021 {1 necrotic/n
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -30,6 +29,7 @@ from data_prep.synthetic_anatomy import TISSUES, TUMOUR, build_anatomy, build_tu
 from dgseg.atomic import atomic_write_bytes, atomic_write_text
 from dgseg.constants import LABEL_CONVENTIONS, MODALITIES
 from dgseg.nifti import nifti_bytes
+from dgseg.viz import save_montage as viz_montage
 
 __all__ = [
     "LAYOUTS",
@@ -317,7 +317,8 @@ def _read_case_dir(folder: Path) -> tuple[dict, np.ndarray | None]:
 
 
 def save_montage(cases, path, *, dpi: int = 80) -> None:
-    """PNG montage: one axial slice (largest tumour area) per case x modality, plus labels.
+    """PNG montage of synthetic cases (``dgseg.viz.save_montage``): one axial slice per case x
+    modality, plus the labels.
 
     Args:
         cases: case folders (BraTS 2020/2021/2023 layouts) or ``(images, seg)`` pairs as
@@ -327,59 +328,5 @@ def save_montage(cases, path, *, dpi: int = 80) -> None:
 
     Needs matplotlib (``pip install dgseg[viz]``).
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # the viz extra is optional
-        raise ImportError("save_montage needs matplotlib: pip install 'dgseg[viz]'") from err
     loaded = [_read_case_dir(Path(c)) if isinstance(c, (str, os.PathLike)) else c for c in cases]
-    if not loaded:
-        raise ValueError("save_montage needs at least one case")
-    colours = {1: (1.0, 0.15, 0.1), 2: (0.2, 0.9, 0.2), 4: (1.0, 0.9, 0.1)}  # BraTS colours
-    fig = Figure(figsize=(2.0 * (len(MODALITIES) + 1), 2.0 * len(loaded)))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(loaded), len(MODALITIES) + 1, squeeze=False)
-    for row, (images, seg) in enumerate(loaded):
-        brain = np.any([images[m] != 0 for m in MODALITIES], axis=0)
-        area = (seg > 0).sum(axis=(0, 1)) if seg is not None else brain.sum(axis=(0, 1))
-        z = int(np.argmax(area))
-        xs, ys = np.nonzero(brain[:, :, z])
-        if xs.size == 0:
-            xs, ys = np.array([0, brain.shape[0] - 1]), np.array([0, brain.shape[1] - 1])
-        crop = (slice(max(xs.min() - 3, 0), xs.max() + 4),
-                slice(max(ys.min() - 3, 0), ys.max() + 4))  # the brain plus a margin
-        for col, mod in enumerate(MODALITIES):
-            sl = images[mod][:, :, z][crop].astype(np.float32)
-            vals = sl[brain[:, :, z][crop]]
-            hi = np.percentile(vals, 99.5) if vals.size else 1.0
-            axes[row, col].imshow(np.rot90(sl), cmap="gray", vmin=0, vmax=hi)  # anterior up
-            if row == 0:
-                axes[row, col].set_title(mod.upper(), fontsize=11, color="white")
-        base = images["flair"][:, :, z][crop].astype(np.float32)
-        base = np.clip(base / max(np.percentile(base[base > 0], 99.5), 1.0), 0, 1) \
-            if (base > 0).any() else base
-        rgb = np.repeat(base[..., None], 3, axis=-1)
-        if seg is not None:
-            lab = seg[:, :, z][crop]
-            for value, colour in colours.items():
-                rgb[lab == value] = 0.45 * rgb[lab == value] + 0.55 * np.asarray(colour)
-        axes[row, -1].imshow(np.rot90(rgb))
-        if row == 0:
-            axes[row, -1].set_title("labels", fontsize=11, color="white")
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    fig.subplots_adjust(left=0.005, right=0.995, top=0.96, bottom=0.005, wspace=0.02, hspace=0.02)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, facecolor="black")
-    data = buf.getvalue()
-    try:  # a 256-colour palette keeps the PNG ~35% smaller; Pillow comes with matplotlib
-        from PIL import Image
-
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        img = img.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-        buf = io.BytesIO()
-        img.save(buf, format="png", optimize=True)
-        data = buf.getvalue()
-    except ImportError:
-        pass
-    atomic_write_bytes(Path(path), data)
+    viz_montage(loaded, path, dpi=dpi)

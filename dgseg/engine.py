@@ -184,8 +184,18 @@ def train_one_epoch(
     totals = torch.zeros(5, device=dev, dtype=torch.float64)
     first_bad = torch.full((), math.inf, device=dev, dtype=torch.float64)
     t_epoch = t_window = time.perf_counter()
-    steps_in_window = steps_in_epoch = 0
+    steps_in_window = steps_in_epoch = n = 0
     lambd = 0.0
+
+    def report(now: float) -> None:
+        """Progress line and log record of the steps since the last report (all ranks reduce)."""
+        rec = _window_record(window, cfg, dist, epoch, step, total_steps, lambd, optimizer)
+        rec["samples_per_s"] = steps_in_window * n * dist.world_size / max(now - t_window, 1e-9)
+        rec["eta_s"] = (now - t_epoch) / max(steps_in_epoch, 1) * (total_steps - step)
+        log(format_progress(rec), is_main=dist.is_main)
+        if writer is not None:
+            writer.write(rec)
+
     for batch in loader:
         lambd = grl_lambda(step, total_steps, cfg.loss.lambda_max) if cfg.model.grl else 0.0
         out = forward_loss(
@@ -228,27 +238,14 @@ def train_one_epoch(
         if step % cfg.run.log_every == 0:
             _check_finite(first_bad, epoch)
             totals += window
-            rec = _window_record(window, cfg, dist, epoch, step, total_steps, lambd, optimizer)
             now = time.perf_counter()
-            dt = now - t_window
-            rec["samples_per_s"] = steps_in_window * n * dist.world_size / max(dt, 1e-9)
-            rec["eta_s"] = (now - t_epoch) / steps_in_epoch * (total_steps - step)
-            log(format_progress(rec), is_main=dist.is_main)
-            if writer is not None:
-                writer.write(rec)
+            report(now)
             window.zero_()
             t_window, steps_in_window = now, 0
     _check_finite(first_bad, epoch)
     totals += window
     if steps_in_window:  # the tail of the epoch also gets a record
-        rec = _window_record(window, cfg, dist, epoch, step, total_steps, lambd, optimizer)
-        now = time.perf_counter()
-        n_per_step = cfg.optim.batch_size * dist.world_size
-        rec["samples_per_s"] = steps_in_window * n_per_step / max(now - t_window, 1e-9)
-        rec["eta_s"] = (now - t_epoch) / max(steps_in_epoch, 1) * (total_steps - step)
-        log(format_progress(rec), is_main=dist.is_main)
-        if writer is not None:
-            writer.write(rec)
+        report(time.perf_counter())
     totals = all_reduce_sum(totals).tolist()
     count = max(totals[4], 1.0)
     summary = {

@@ -1,11 +1,11 @@
-"""Rank-0 console output, progress lines with an ETA, the JSONL training log and the curves figure.
+"""Rank-0 console output, progress lines with an ETA and the JSONL training log.
 
 Everything a run prints goes through :func:`log`, which is silent on every rank but the main one;
 records of the progress line (epoch, step, loss, Dice, DANN λ, learning rate, samples/s, ETA) and
 of each validation are appended to ``log.jsonl`` one JSON object per line, so a run can be
-plotted or compared without parsing text. matplotlib is optional and imported only inside
-:func:`plot_curves`. :class:`Progress` is the one progress line of every tool (preparation,
-evaluation, prediction, synthetic data), :func:`format_eta` the one duration format.
+plotted (``dgseg.viz.plot_curves``) or compared without parsing text. :class:`Progress` is the
+one progress line of every tool (preparation, evaluation, prediction, synthetic data),
+:func:`format_eta` the one duration format.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Union
 
-from dgseg.atomic import atomic_path, atomic_write_text
+from dgseg.atomic import atomic_write_text
 
 __all__ = [
     "log",
@@ -28,7 +28,6 @@ __all__ = [
     "JsonlWriter",
     "read_jsonl",
     "trim_jsonl",
-    "plot_curves",
 ]
 
 
@@ -154,48 +153,3 @@ def trim_jsonl(path: Union[str, "os.PathLike[str]"], step: int) -> None:
         return
     keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def plot_curves(
-    jsonl: Union[str, "os.PathLike[str]"], png: Union[str, "os.PathLike[str]"]
-) -> Optional[Path]:
-    """Loss / Dice / λ / lr curves from ``log.jsonl`` into ``png``; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on training nodes
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    records = read_jsonl(jsonl)
-    train = [r for r in records if r.get("kind") == "train"]
-    val = [r for r in records if r.get("kind") == "val"]
-    if not train:
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    steps = [r["step"] for r in train]
-    axes[0].plot(steps, [r["loss"] for r in train], label="train loss")
-    axes[0].set_xlabel("step")
-    axes[0].set_title("loss")
-    axes[1].plot(steps, [r["dice"] for r in train], label="train Dice (patch)", alpha=0.6)
-    if val:
-        vsteps = [r["step"] for r in val]
-        for region in ("WT", "TC", "ET"):
-            vals = [r[f"dice_{region}"] for r in val]
-            axes[1].plot(vsteps, vals, marker="o", label=f"val {region}")
-        axes[1].plot(vsteps, [r["dice_mean"] for r in val], "k-", marker="s", label="val mean")
-    axes[1].set_xlabel("step")
-    axes[1].set_ylim(0, 1)
-    axes[1].set_title("Dice")
-    axes[1].legend(fontsize=7)
-    axes[2].plot(steps, [r["lambda"] for r in train], label="GRL λ")
-    ax_lr = axes[2].twinx()
-    ax_lr.plot(steps, [r["lr"] for r in train], "r--", label="lr")
-    axes[2].set_xlabel("step")
-    axes[2].set_title("λ (blue) and lr (red, right axis)")
-    fig.tight_layout()
-    png = Path(png)
-    with atomic_path(png, fsync=False) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return png

@@ -17,7 +17,7 @@ the per-case evaluation records of several seeds per preset (``per_case.csv`` of
   A difference is marked when its CI excludes 0.
 
 Everything here is a pure function of the records; :func:`write_study` writes markdown, CSV,
-JSON and, with matplotlib, one grouped bar chart. ``tools/run_experiments.py`` runs the matrix.
+JSON and, with matplotlib, one grouped bar chart (``dgseg.viz.plot_study_bars``). ``tools/run_experiments.py`` runs the matrix.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 from dgseg.atomic import atomic_write_text
 from dgseg.constants import MODALITIES, REGIONS
 from dgseg.report import COLUMN_TITLES, format_table, summarize, write_json
+from dgseg.viz import plot_study_bars
 
 __all__ = [
     "BASELINES",
@@ -45,7 +46,6 @@ __all__ = [
     "format_markdown",
     "table_rows",
     "paired_rows",
-    "plot_bars",
     "write_study",
 ]
 
@@ -371,44 +371,6 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def plot_bars(result: Mapping[str, Any], path: str | Path) -> Path:
-    """Grouped bar chart: groups = target modality, bars = presets, height = mean Dice over seeds,
-    error bars = sd over seeds. Raises ImportError without matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = result["summary"]["models"]
-    columns = result["columns"]
-    width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(
-        figsize=(max(6.0, 1.2 * len(columns) * max(len(models), 1) * 0.35), 4.0), dpi=120
-    )
-    for k, m in enumerate(models):
-        xs, ys, es = [], [], []
-        for j, c in enumerate(columns):
-            if c in m["columns"]:
-                stat = m["columns"][c]["dice_mean"]
-                xs.append(j + (k - (len(models) - 1) / 2) * width)
-                ys.append(stat["mean"])
-                es.append(stat["sd"])
-        ax.bar(xs, ys, width * 0.95, yerr=es, capsize=2, label=m["model"])
-    ax.set_xticks(range(len(columns)))
-    ax.set_xticklabels([COLUMN_TITLES.get(c, c) for c in columns])
-    ax.set_xlabel("test modality")
-    ax.set_ylabel("mean Dice (WT, TC, ET)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Mean Dice per target modality (error bars: sd over seeds)")
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
 def write_study(
     result: Mapping[str, Any], folder: str | Path, *, footer: Sequence[str] = ()
 ) -> dict[str, Path]:
@@ -424,7 +386,7 @@ def write_study(
         "json": write_json(folder / "study.json", {**result, "footer": list(footer)}),
     }
     try:
-        paths["png"] = plot_bars(result, folder / "study.png")
+        paths["png"] = plot_study_bars(result, folder / "study.png", titles=COLUMN_TITLES)
     except ImportError:
         pass
     return paths

@@ -11,7 +11,6 @@ def test_progress_line_jsonl_and_curves(tmp_path):
         JsonlWriter,
         format_eta,
         format_progress,
-        plot_curves,
         read_jsonl,
     )
 
@@ -61,6 +60,8 @@ def test_progress_line_jsonl_and_curves(tmp_path):
     assert [r["step"] for r in read_jsonl(log)] == [40, 80, 80]
     JsonlWriter(tmp_path / "other.jsonl", enabled=False).write(rec)  # non-main ranks write nothing
     assert not (tmp_path / "other.jsonl").exists()
+    from dgseg.viz import plot_curves
+
     png = plot_curves(log, tmp_path / "curves.png")
     try:
         import matplotlib  # noqa: F401

@@ -1,10 +1,15 @@
 """Figures (dgseg/viz.py): overlay slices and PNGs."""
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -28,4 +33,36 @@ def test_overlay_slice_choice_and_png(tmp_path):
         return
     path = save_overlay_grid(tmp_path / "o.png", [{"case_id": "a", **sl}] * 2, title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="needs matplotlib")
+def test_figures_leave_the_global_matplotlib_state_alone(tmp_path):
+    """Every figure is a bare Figure written atomically: no pyplot, no backend switch."""
+    code = f"""
+import json, sys
+import matplotlib
+matplotlib.use("svg")
+import numpy as np
+from dgseg.viz import plot_curves, plot_study_bars, save_montage, save_overlay_grid
+log = {str(tmp_path / "log.jsonl")!r}
+with open(log, "w") as f:
+    f.write(json.dumps({{"kind": "train", "step": 1, "loss": 1.0, "dice": 0.1, "lambda": 0.0,
+                         "lr": 1e-3}}) + "\\n")
+assert plot_curves(log, {str(tmp_path / "c.png")!r}) is not None
+col = {{"dice_mean": {{"mean": 0.5, "sd": 0.1}}}}
+result = {{"columns": ["t1"], "summary": {{"models": [{{"model": "m", "columns": {{"t1": col}}}}]}}}}
+plot_study_bars(result, {str(tmp_path / "b.png")!r}, titles={{"t1": "T1"}})
+sl = {{"image": np.ones((4, 5)), "truth": np.zeros((4, 5)), "pred": np.zeros((4, 5))}}
+save_overlay_grid({str(tmp_path / "o.png")!r}, [{{"case_id": "a", **sl}}])
+imgs = {{m: np.ones((6, 6, 4), np.int16) for m in ("t1", "t1ce", "t2", "flair")}}
+save_montage([(imgs, np.zeros((6, 6, 4), np.uint8))], {str(tmp_path / "m.png")!r})
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name in ("c", "b", "o", "m"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp"))

@@ -69,7 +69,7 @@ from dgseg.distributed import DEVICES, all_gather_objects, barrier, cleanup, ini
 from dgseg.evaluation import METRIC_SETS, input_specs
 from dgseg.lesion_metrics import LESION_RULES, LesionRules, get_lesion_rules
 from dgseg.logging_utils import Progress
-from dgseg.report import write_report
+from dgseg.report import COLUMN_TITLES, write_report
 from dgseg.transforms.labels import REGION_SETS
 from dgseg.viz import save_overlays
 
@@ -247,7 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      scored_extent(load_manifest(args.data), args.split)["text"]]
             print(write_outputs(records, args, extra), end="")
             if overlays:
-                print(save_overlays(overlays, args.out / "overlays"), file=sys.stderr)
+                print(save_overlays(overlays, args.out / "overlays", titles=COLUMN_TITLES),
+                      file=sys.stderr)
             print(f"wrote {args.out}/per_case.csv, summary.json, table.md", file=sys.stderr)
         # Nobody tears the process group down while rank 0 still writes: a gloo peer that
         # disappears mid-way can abort the writing process.

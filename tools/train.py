@@ -49,11 +49,12 @@ from dgseg.distributed import (
     wrap_ddp,
 )
 from dgseg.engine import NonFiniteLossError, check_cpu_bf16_depths, train_one_epoch, validate
-from dgseg.logging_utils import JsonlWriter, log, plot_curves, trim_jsonl
+from dgseg.logging_utils import JsonlWriter, log, trim_jsonl
 from dgseg.losses import SegLoss
 from dgseg.models import build_model as build_network
 from dgseg.optim import build_optimizer as make_optimizer
 from dgseg.optim import build_scheduler
+from dgseg.viz import plot_curves
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
