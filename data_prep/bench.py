@@ -27,14 +27,21 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import h5py
+import nibabel as nib
 import numpy as np
+import torch
 
 from dgseg.constants import MODALITIES
+from dgseg.data.dataset import ShardDataset, augment, region_channels
+from dgseg.data.window import crop_window
+from dgseg.transforms.labels import convert_labels
 
 from .layouts import discover_cases
 from .loading import load_raw_case
-from .preprocess import preprocess_case
-from .shards import ShardWriter
+from .pipeline import prepare
+from .preprocess import brain_bbox, preprocess_case, zscore_nonzero
+from .shards import STORAGE_DEFAULTS, ShardWriter
+from .synthetic import write_dataset
 
 __all__ = ["bench_storage", "bench_loader", "bench_prepare", "STORAGE_VARIANTS"]
 
@@ -62,8 +69,6 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
 def _raw_cases(input_dir, work: Path, n_cases: int, shape: Sequence[int], seed: int):
     """Discovered cases of ``input_dir``, or freshly generated synthetic ones."""
     if input_dir is None:
-        from .synthetic import write_dataset  # only needed without real data
-
         input_dir = work / "raw"
         write_dataset(input_dir, n_cases, shape=tuple(shape), seed=seed, layout="brats2021")
     cases, _ = discover_cases(input_dir)
@@ -137,13 +142,6 @@ class _NiftiBaseline:
         self.raws, self.modalities, self.size = list(raws), tuple(modalities), size
 
     def load(self, i: int):
-        import nibabel as nib
-        import torch
-
-        from dgseg.transforms.labels import convert_labels
-
-        from .preprocess import brain_bbox, crop_window, zscore_nonzero
-
         raw = self.raws[i]
         vols = {m: np.asanyarray(nib.load(str(raw.files[m])).dataobj) for m in
                 dict.fromkeys(self.modalities)}
@@ -174,12 +172,6 @@ def bench_loader(work_dir: Path | str | None = None, *, input_dir: Path | str | 
     "io": no transforms (pure loading); "aug": Bezier partition curves + flips + 90-degree turns
     (+ 10-degree rotation under "aug_rot"), applied identically after both loaders.
     """
-    import torch
-
-    from dgseg.data.dataset import ShardDataset, augment, region_channels
-
-    from .pipeline import prepare
-
     torch.set_num_threads(1)  # a DataLoader worker's setting
     settings = {
         "io": dict(),
@@ -242,8 +234,6 @@ def bench_prepare(work_dir: Path | str | None = None, *, input_dir: Path | str |
     Wall-clock and CPU-time ratios both: on a shared machine the CPU ratio is the steadier one
     (wall time also holds the shard's fsync).
     """
-    from .shards import STORAGE_DEFAULTS
-
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
         _, raws = _raw_cases(input_dir, work, n_cases, shape, seed)

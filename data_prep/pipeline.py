@@ -14,9 +14,10 @@ that failed are recorded inside their shard with the reason, so they are not re-
 ``manifest.json`` is removed before any shard is rebuilt and written last, so a folder with a
 manifest is always complete and consistent.
 
-Output. ``manifest.json`` (format and version: ``dgseg.data.manifest``): preparation parameters, shard list,
-and per case its shard, split, layout, source-file SHA-256, stored-array CRC-32s, geometry and
-WT/TC/ET voxel counts. ``skipped.json``: ``{case_id: one-line reason}``. Both written atomically.
+Output. ``manifest.json`` (format and version: ``dgseg.data.manifest``): preparation parameters,
+shard list, and per case its shard, split, layout, source-file SHA-256, stored-array CRC-32s,
+geometry and WT/TC/ET voxel counts. ``skipped.json``: ``{case_id: one-line reason}``. Both
+written atomically.
 
 Splits. Patient-level (BraTS 2023 time points of one patient stay together), deterministic from
 the seed: patients are ordered by SHA-256 of ``"<seed>:<patient>"`` and cut at the requested

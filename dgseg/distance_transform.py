@@ -44,7 +44,7 @@ def as_bool(mask: ArrayLike) -> np.ndarray:
 
 
 def check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
-    """``spacing`` as ``ndim`` floats (a scalar is broadcast); ValueError unless positive, finite."""
+    """``spacing`` as ``ndim`` floats (a scalar is broadcast); ValueError unless all > 0, finite."""
     spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, float), (ndim,)))
     if any(not np.isfinite(s) or s <= 0 for s in spacing):
         raise ValueError(f"spacing must be positive and finite, got {spacing}")

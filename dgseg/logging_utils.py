@@ -104,7 +104,8 @@ class Progress:
             return
         self.last, self.shown = now, self.done
         text = self.line()
-        self.stream.write(f"\r{text}    " if self.tty else text + "\n")  # spaces: clear a longer line
+        # a redrawn line ends in spaces that clear the rest of a longer earlier one
+        self.stream.write(f"\r{text}    " if self.tty else text + "\n")
         self.stream.flush()
 
     def close(self) -> None:

@@ -17,7 +17,8 @@ the per-case evaluation records of several seeds per preset (``per_case.csv`` of
   A difference is marked when its CI excludes 0.
 
 Everything here is a pure function of the records; :func:`write_study` writes markdown, CSV,
-JSON and, with matplotlib, one grouped bar chart (``dgseg.viz.plot_study_bars``). ``tools/run_experiments.py`` runs the matrix.
+JSON and, with matplotlib, one grouped bar chart (``dgseg.viz.plot_study_bars``).
+``tools/run_experiments.py`` runs the matrix.
 """
 
 from __future__ import annotations

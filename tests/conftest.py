@@ -27,6 +27,34 @@ def tiny_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def raw_sets(tmp_path_factory) -> Path:
+    """The same 3 synthetic cases (same seed) written in the 2021, 2023 and MSD layouts
+    (``prepared_data.SHAPE``); read-only."""
+    from data_prep.synthetic import write_dataset
+    from prepared_data import SHAPE
+
+    root = tmp_path_factory.mktemp("raw")
+    for layout in ("brats2021", "brats2023", "msd"):
+        write_dataset(root / layout, 3, shape=SHAPE, seed=3, layout=layout)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared_sets(raw_sets, tmp_path_factory):
+    """(folder, {layout: PrepareResult}): each layout of ``raw_sets`` prepared at
+    ``prepared_data.SIZE``; read-only."""
+    from data_prep.pipeline import prepare
+    from prepared_data import SIZE
+
+    out = tmp_path_factory.mktemp("prepared")
+    results = {}
+    for layout in ("brats2021", "brats2023", "msd"):
+        results[layout] = prepare(raw_sets / layout, out / layout, size=SIZE, workers=1,
+                                  cases_per_shard=2, progress=False)
+    return out, results
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: on tiny tensors more threads only add contention on a small machine."""

@@ -51,7 +51,8 @@ with open(log, "w") as f:
                          "lr": 1e-3}}) + "\\n")
 assert plot_curves(log, {str(tmp_path / "c.png")!r}) is not None
 col = {{"dice_mean": {{"mean": 0.5, "sd": 0.1}}}}
-result = {{"columns": ["t1"], "summary": {{"models": [{{"model": "m", "columns": {{"t1": col}}}}]}}}}
+models = [{{"model": "m", "columns": {{"t1": col}}}}]
+result = {{"columns": ["t1"], "summary": {{"models": models}}}}
 plot_study_bars(result, {str(tmp_path / "b.png")!r}, titles={{"t1": "T1"}})
 sl = {{"image": np.ones((4, 5)), "truth": np.zeros((4, 5)), "pred": np.zeros((4, 5))}}
 save_overlay_grid({str(tmp_path / "o.png")!r}, [{{"case_id": "a", **sl}}])

@@ -473,8 +473,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if reason is None:
                 done = json.loads((r.folder / "done.json").read_text())
                 say(
-                    f"{head} done    {r.name} in {format_eta(wall)} (train {format_eta(done['train_s'])}, "
-                    f"eval {format_eta(done['eval_s'])}); {left} left, ETA {format_eta(eta)}"
+                    f"{head} done    {r.name} in {format_eta(wall)} "
+                    f"(train {format_eta(done['train_s'])}, eval {format_eta(done['eval_s'])}); "
+                    f"{left} left, ETA {format_eta(eta)}"
                 )
             else:
                 failed.append((r, reason))

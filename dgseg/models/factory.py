@@ -25,7 +25,7 @@ __all__ = ["build_model"]
 def build_model(
     in_channels: int, config: Optional[ModelConfig] = None, **changes: Any
 ) -> nn.Module:
-    """The network ``config`` describes, reading ``in_channels`` channels (``cfg.data.in_channels``).
+    """The network ``config`` describes, with ``in_channels`` inputs (``cfg.data.in_channels``).
 
     ``changes`` replace fields of ``config`` (default ``ModelConfig()``): ``build_model(1,
     arch="unet3d")`` is the default 3D U-Net. Tuple fields also accept lists (configs read from
