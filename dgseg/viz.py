@@ -5,6 +5,7 @@
   the input image, the image with the BraTS labels of the truth, and with those of the prediction
   (1 necrotic / non-enhancing core red, 2 edema green, 4 enhancing yellow: :data:`LABEL_COLOURS`);
 * :func:`plot_curves` -- loss, Dice, GRL λ and learning rate of a training run's ``log.jsonl``;
+* :func:`plot_domain_losses` -- segmentation and domain losses of several runs on one figure;
 * :func:`plot_study_bars` -- mean Dice per target modality of a seeded ablation (``dgseg.study``);
 * :func:`save_montage` -- one slice per case and modality of synthetic cases, plus the labels.
 
@@ -19,6 +20,7 @@ This module imports neither torch nor matplotlib at import time.
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +39,7 @@ __all__ = [
     "save_overlay_grid",
     "save_overlays",
     "plot_curves",
+    "plot_domain_losses",
     "plot_study_bars",
     "save_montage",
 ]
@@ -210,6 +213,38 @@ def plot_curves(
     ax_lr.plot(steps, [r["lr"] for r in train], "r--", label="lr")
     axes[2].set_xlabel("step")
     axes[2].set_title("λ (blue) and lr (red, right axis)")
+    fig.tight_layout()
+    return _save(fig, png, dpi=100)
+
+
+def plot_domain_losses(runs: Sequence[tuple[str, PathLike]], png: PathLike) -> Optional[Path]:
+    """Segmentation loss of every run, and the domain cross-entropy through the GRL with its λ
+    of the adversarial ones, from their ``log.jsonl``; None without matplotlib."""
+    try:
+        fig = _figure(figsize=(11, 3.6))
+    except ImportError:
+        return None
+    axes = fig.subplots(1, 2)
+    any_domain = False
+    for name, log in runs:
+        train = [r for r in read_jsonl(log) if r.get("kind") == "train"] if Path(log).exists() \
+            else []
+        if not train:
+            continue
+        steps = [r["step"] for r in train]
+        axes[0].plot(steps, [r.get("seg_loss", r["loss"]) for r in train], label=name)
+        if any(r.get("lambda", 0.0) > 0 for r in train):
+            any_domain = True
+            axes[1].plot(steps, [r["domain_loss"] for r in train], label=f"{name} domain CE")
+            axes[1].plot(steps, [r["lambda"] for r in train], "--", label=f"{name} λ")
+    axes[0].set_title("segmentation loss (Dice + BCE)")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    axes[1].set_title("domain cross-entropy through the GRL, and λ")
+    axes[1].set_xlabel("step")
+    if any_domain:
+        axes[1].axhline(math.log(3), color="grey", lw=0.8, ls=":", label="ln 3 (chance, 3 domains)")
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, png, dpi=100)
 

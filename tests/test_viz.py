@@ -44,12 +44,14 @@ import json, sys
 import matplotlib
 matplotlib.use("svg")
 import numpy as np
-from dgseg.viz import plot_curves, plot_study_bars, save_montage, save_overlay_grid
+from dgseg.viz import (plot_curves, plot_domain_losses, plot_study_bars, save_montage,
+                       save_overlay_grid)
 log = {str(tmp_path / "log.jsonl")!r}
 with open(log, "w") as f:
     f.write(json.dumps({{"kind": "train", "step": 1, "loss": 1.0, "dice": 0.1, "lambda": 0.0,
                          "lr": 1e-3}}) + "\\n")
 assert plot_curves(log, {str(tmp_path / "c.png")!r}) is not None
+assert plot_domain_losses([("a", log)], {str(tmp_path / "d.png")!r}) is not None
 col = {{"dice_mean": {{"mean": 0.5, "sd": 0.1}}}}
 models = [{{"model": "m", "columns": {{"t1": col}}}}]
 result = {{"columns": ["t1"], "summary": {{"models": models}}}}
@@ -64,6 +66,6 @@ assert "matplotlib.pyplot" not in sys.modules
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    for name in ("c", "b", "o", "m"):
+    for name in ("c", "d", "b", "o", "m"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp"))
