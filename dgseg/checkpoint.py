@@ -60,7 +60,7 @@ def training_state(
     best_metric: float,
     rng: List[Dict[str, Any]],
 ) -> Dict[str, Any]:
-    """Checkpoint dict (see dgseg.checkpoint); ``rng`` holds one entry per rank."""
+    """The checkpoint dict of a training run (module docstring); ``rng``: one entry per rank."""
     return {
         "model": unwrap_model(net).state_dict(),
         "optimizer": optimizer.state_dict(),

@@ -239,8 +239,10 @@ def _train(
     seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
     try:  # settings the data cannot run with: one line, no traceback
         train_ds, sampler, loader, val_ds = build_loaders(cfg, dist)
-        patch = cfg.data.patch_size
-        shape = (patch,) * 3 if patch else train_ds[0]["image"].shape[1:]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    shape = (cfg.data.patch_size,) * 3 if cfg.data.patch_size else train_ds[0]["image"].shape[1:]
+    try:  # a shape CPU bf16 gets wrong, or a resume that would bend the schedules
         check_cpu_bf16_depths(cfg, dist, shape)
         if ckpt is not None:
             check_resume(ckpt, cfg, len(loader))
