@@ -430,7 +430,7 @@ _SDG_PRESETS = (
     ("resynth", "resynthesis"),
 )
 # The augmentations of the recommended preset `segresnet_t2_sdg` (one drawn per sample).
-SDG_RECOMMENDED = ("resynthesis", "location_scale", "gin")
+SDG_RECOMMENDED = ("location_scale", "resynthesis")
 
 # One preset per experiment of the write-up's tables, plus the two ablations (GRL only, VFFC only),
 # the spatial-only control, the original network, and a tiny one for tests and the CPU demo. The
