@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from dgseg.constants import MODALITIES
+from dgseg.precision import AMP_CHOICES
 
 __all__ = [
     "DataConfig",
@@ -37,7 +38,6 @@ __all__ = [
 
 _ARCHS = ("segresnet", "unet3d")
 _BEZIER = ("none", "partition", "pair", "random")
-_AMP = ("bf16", "none")
 _SCHEDULES = ("cosine", "constant")
 _INTERVALS = ("step", "epoch")
 _DEVICES = ("auto", "cpu", "cuda")
@@ -172,7 +172,7 @@ class RunConfig:
     out: str = "runs"  # parent folder of the run folder
     seed: int = 0  # sampler / model-init seed (same on every rank); RNG seed is seed + rank
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda"
-    amp: str = "bf16"  # "bf16" autocast (CUDA and CPU) | "none" (float32)
+    amp: str = "auto"  # "auto": bf16 where native (dgseg.precision), else fp32 | "bf16" | "none"
     channels_last: bool = False  # channels_last_3d memory format for model and inputs
     compile: bool = False  # torch.compile the model (state dicts are saved unwrapped)
     deterministic: bool = False  # cuDNN deterministic kernels instead of cudnn.benchmark
@@ -186,7 +186,7 @@ class RunConfig:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"run.name={self.name!r} must be a plain folder name")
         _check_choice("run.device", self.device, _DEVICES)
-        _check_choice("run.amp", self.amp, _AMP)
+        _check_choice("run.amp", self.amp, AMP_CHOICES)
         _check_positive("run.val_every", self.val_every)
         if self.val_roi is not None:
             _check_positive("run.val_roi", self.val_roi)

@@ -51,10 +51,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def autocast(device: torch.device, amp: str) -> AbstractContextManager:
-    """bf16 autocast on CUDA or CPU for ``amp == "bf16"``, a disabled context otherwise."""
-    if amp not in ("bf16", "none"):
-        raise ValueError(f"amp={amp!r} is not one of ('bf16', 'none')")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    """bf16 autocast for ``amp`` "bf16" (or "auto" where bf16 is native), disabled otherwise."""
+    from dgseg.precision import resolve_amp
+
+    resolved, _ = resolve_amp(amp, device)  # the capability probe is cached
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved == "bf16")
 
 
 def grl_lambda(step: int, total_steps: int, lambda_max: float) -> float:

@@ -39,6 +39,7 @@ from dgseg.atomic import atomic_write_text  # noqa: E402
 from dgseg.layers import dann_lambda  # noqa: E402
 from dgseg.losses import SegLoss  # noqa: E402
 from dgseg.models import build_model  # noqa: E402
+from dgseg.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp  # noqa: E402
 
 SECTIONS = ("train", "vffc", "bezier", "data", "inference", "scaling")
 
@@ -67,6 +68,8 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -174,7 +177,10 @@ def count_step_flops(name: str, size: int, batch: int, device: torch.device) -> 
 def bench_train(args, device: torch.device) -> list[dict]:
     rows = []
     size = args.size
-    variants = [(False, False), (True, False), (False, True), (True, True)]
+    # bf16 rows only where it is the chosen precision: emulated bf16 (a CPU without native
+    # bf16) is many times slower than fp32 and would dominate the run for no information.
+    precisions = (False, True) if args.amp == "bf16" else (False,)
+    variants = [(amp, cl) for cl in (False, True) for amp in precisions]
     for name in args.models:
         flops = count_step_flops(name, size, args.batch, device) if args.flops else None
         for amp, cl in variants:
@@ -281,7 +287,7 @@ def bench_inference(args, device: torch.device) -> list[dict]:
     model = build_model(1, arch="segresnet", init_filters=16).to(device).eval()
     roi = args.roi
     x = torch.randn(1, 1, 240, 240, 155, device=device)
-    amp = device.type == "cuda" or args.cpu_bf16
+    amp = args.amp == "bf16"
 
     @torch.no_grad()
     def run() -> torch.Tensor:
@@ -298,7 +304,7 @@ def bench_inference(args, device: torch.device) -> list[dict]:
 
 # ----------------------------------------------------------------------------- scaling
 def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int, port: int,
-                queue) -> None:
+                queue, amp: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -313,7 +319,7 @@ def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int,
     y = (torch.randn(b, 3, size, size, size) > 0.5).float()
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             seg = model(x)
         loss = loss_fn(seg, y)
         opt.zero_grad(set_to_none=True)
@@ -345,7 +351,8 @@ def bench_scaling(args) -> list[dict]:
             port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
         queue = ctx.SimpleQueue()
-        mp.start_processes(_ddp_worker, args=(world, size, global_batch, steps, port, queue),
+        mp.start_processes(_ddp_worker, args=(world, size, global_batch, steps, port, queue,
+                                                     args.amp == "bf16"),
                            nprocs=world, start_method="spawn")
         per_step[world] = queue.get()
         print(f"  scaling: {world} process(es), global batch {global_batch}, {size}^3: "
@@ -372,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-cases", type=int, default=4)
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--quick", action="store_true", help="skip channels-last variants")
-    p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast for CPU inference")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="bf16 rows and bf16 inference: auto = where the device has native bf16")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -383,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     args.batch = args.batch or (2 if device.type == "cuda" else 1)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    args.amp, why = resolve_amp(args.amp, device)
+    print(describe(args.amp, why))
 
     recorded = {k: (v.name if isinstance(v, Path) else str(v)) for k, v in vars(args).items()}
     result = {"machine": machine_info(device), "args": recorded,

@@ -335,12 +335,9 @@ def train_overrides(s: DemoSettings, *, seed: int, device: str, amp: str,
 
 def default_amp() -> str:
     """bf16 autocast where oneDNN has native bf16 (3× faster here); float32 elsewhere."""
-    import torch
+    from dgseg.precision import resolve_amp
 
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
-    except (AttributeError, RuntimeError):
-        return "none"
+    return resolve_amp("auto", "cpu")[0]
 
 
 # ------------------------------------------------------------------------------------- stages

@@ -47,6 +47,7 @@ from dgseg.distributed import (  # noqa: E402
 )
 from dgseg.engine import NonFiniteLossError, train_one_epoch, validate  # noqa: E402
 from dgseg.logging_utils import JsonlWriter, log, plot_curves, read_jsonl  # noqa: E402
+from dgseg.precision import describe, resolve_amp  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -174,7 +175,7 @@ def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[in
     input depth is 2: NaN or run-to-run different values (seen on AVX512-BF16 CPUs, e.g. a 16³
     patch whose deepest SegResNet level is 2³). Inference is unaffected.
     """
-    if cfg.run.amp != "bf16" or dist.device.type != "cpu":
+    if dist.device.type != "cpu" or resolve_amp(cfg.run.amp, dist.device)[0] != "bf16":
         return
     levels = (
         len(cfg.model.blocks_down)
@@ -320,6 +321,8 @@ def _train(
     diff: List[str],
 ) -> int:
     is_main = dist.is_main
+    amp, why = resolve_amp(cfg.run.amp, dist.device)  # the engine's autocast resolves the same
+    log(describe(amp, why), is_main=is_main)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.run.deterministic  # autotune fixed-size convs
         torch.backends.cudnn.deterministic = cfg.run.deterministic
@@ -379,7 +382,7 @@ def _train(
         f"run {run_dir} | {cfg.model.arch} ({n_params / 1e6:.2f} M params) | "
         f"{len(train_ds)} train / {len(val_ds or [])} {cfg.data.val_split} cases | "
         f"{dist.world_size} process(es) on {dist.device} | batch {cfg.optim.batch_size}/process | "
-        f"{steps_per_epoch} steps/epoch | amp {cfg.run.amp}",
+        f"{steps_per_epoch} steps/epoch | amp {amp}",
         is_main=is_main,
     )
     if start_epoch >= cfg.optim.epochs:
