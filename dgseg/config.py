@@ -173,7 +173,7 @@ class RunConfig:
     seed: int = 0  # sampler / model-init seed (same on every rank); RNG seed is seed + rank
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda"
     amp: str = "auto"  # "auto": bf16 where native (dgseg.precision), else fp32 | "bf16" | "none"
-    channels_last: bool = False  # channels_last_3d memory format for model and inputs
+    channels_last: Optional[bool] = None  # channels_last_3d; None ("auto"): on CPU for big maps
     compile: bool = False  # torch.compile the model (state dicts are saved unwrapped)
     deterministic: bool = False  # cuDNN deterministic kernels instead of cudnn.benchmark
     val_every: int = 1  # validate every N epochs (and always after the last one)
@@ -310,9 +310,9 @@ def _parse(text: str, tp: Any, key: str) -> Any:
     text = text.strip()
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]: "none"/"null" means None
-        if text.lower() in ("none", "null"):
-            return None
         inner = [a for a in args if a is not type(None)][0]
+        if text.lower() in ("none", "null") or (inner is bool and text.lower() == "auto"):
+            return None  # Optional[bool] fields read None as "auto"
         return _parse(text, inner, key)
     if origin is tuple:  # "1,2,2,4" or "(1, 2, 2, 4)" or "[t1ce,t2]"
         body = text.strip("()[] ")

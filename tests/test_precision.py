@@ -148,3 +148,24 @@ def test_training_with_the_default_config_runs_in_fp32(tiny_shards, tmp_path, mo
     text = capsys.readouterr().out
     assert "precision: fp32 (auto: CPU without native bf16" in text and "amp none" in text
     assert seen and all(not enabled for _, enabled in seen)  # train steps and validation
+
+
+def test_channels_last_auto_follows_device_and_map_size():
+    from dgseg.precision import CHANNELS_LAST_MIN_VALUES, resolve_channels_last
+
+    big, small = (64, 64, 64), (32, 32, 32)
+    assert 16 * 64**3 >= CHANNELS_LAST_MIN_VALUES > 8 * 32**3
+    assert resolve_channels_last(None, CPU, channels=16, spatial=big)[0] is True
+    assert resolve_channels_last(None, CPU, channels=8, spatial=small)[0] is False
+    assert resolve_channels_last(None, "cuda", channels=16, spatial=(128,) * 3)[0] is False
+    assert resolve_channels_last(False, CPU, channels=16, spatial=big) == (False, "requested")
+    assert resolve_channels_last(True, "cuda", channels=8, spatial=small) == (True, "requested")
+
+
+def test_channels_last_config_default_is_auto_and_old_bools_load():
+    assert Config().run.channels_last is None
+    assert apply_overrides(Config(), ["run.channels_last=auto"]).run.channels_last is None
+    assert apply_overrides(Config(), ["run.channels_last=true"]).run.channels_last is True
+    d = Config().to_dict()
+    d["run"]["channels_last"] = False  # checkpoints from before "auto"
+    assert Config.from_dict(d).run.channels_last is False

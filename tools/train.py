@@ -45,7 +45,12 @@ from dgseg.distributed import (  # noqa: E402
     init_distributed,
     wrap_ddp,
 )
-from dgseg.engine import NonFiniteLossError, train_one_epoch, validate  # noqa: E402
+from dgseg.engine import (  # noqa: E402
+    NonFiniteLossError,
+    channels_last_choice,
+    train_one_epoch,
+    validate,
+)
 from dgseg.logging_utils import JsonlWriter, log, plot_curves, read_jsonl  # noqa: E402
 from dgseg.precision import describe, resolve_amp  # noqa: E402
 
@@ -98,13 +103,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def build_model(cfg: Config, dist: DistState) -> Tuple[torch.nn.Module, torch.nn.Module]:
+def build_model(
+    cfg: Config, dist: DistState, *, channels_last: bool = False
+) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """(unwrapped network on the device, the module the step calls: DDP and/or compiled)."""
     from dgseg.models import build_model as build_network
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     net = build_network(**model_kwargs(cfg)).to(dist.device)
-    if cfg.run.channels_last:
+    if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     model = wrap_ddp(net, dist)
     if cfg.run.compile:
@@ -328,11 +335,14 @@ def _train(
         torch.backends.cudnn.deterministic = cfg.run.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 paths (FFT unit, heads) on TF32
         torch.backends.cudnn.allow_tf32 = True
-    net, model = build_model(cfg, dist)
-    seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
     train_ds, sampler, loader, val_ds = build_loaders(cfg, dist)
     shape = (cfg.data.patch_size,) * 3 if cfg.data.patch_size else train_ds[0]["image"].shape[1:]
     check_cpu_bf16_depths(cfg, dist, shape)
+    channels_last, why = channels_last_choice(cfg, dist.device, shape)  # as the engine decides
+    log(f"memory format: {'channels-last' if channels_last else 'contiguous'} ({why})",
+        is_main=is_main)
+    net, model = build_model(cfg, dist, channels_last=channels_last)
+    seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
     steps_per_epoch = len(loader)
     total_steps = cfg.optim.epochs * steps_per_epoch
     optimizer, scheduler = build_optimizer(cfg, net, dist, steps_per_epoch)

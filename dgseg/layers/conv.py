@@ -99,7 +99,8 @@ class _OneDNNConv3d(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.conf
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], has_bias and need[2]]
         # A oneDNN-layout input makes convolution_backward choose the oneDNN backend.
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad.contiguous(memory_format=_layout(x)),
