@@ -66,6 +66,8 @@ def conv_path(
     groups: int,
 ) -> str:
     """The kernel :func:`conv3d` uses for these arguments: "onednn", "pointwise" or "native"."""
+    if _compiling():  # first: the compiler sees an ordinary convolution (and no ContextVar)
+        return "native"
     if (
         not _ROUTING.get()
         or x.device.type != "cpu"
@@ -73,7 +75,6 @@ def conv_path(
         or weight.dtype != torch.float32
         or x.dim() != 5
         or torch.is_autocast_enabled("cpu")
-        or _compiling()  # let the compiler see an ordinary convolution
     ):
         return "native"
     k = tuple(weight.shape[2:])
