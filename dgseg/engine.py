@@ -31,6 +31,8 @@ from dgseg.logging_utils import JsonlWriter, format_progress, log
 __all__ = [
     "NonFiniteLossError",
     "autocast",
+    "channels_last_choice",
+    "use_channels_last",
     "grl_lambda",
     "forward_loss",
     "train_one_epoch",
@@ -51,10 +53,29 @@ class NonFiniteLossError(RuntimeError):
 
 
 def autocast(device: torch.device, amp: str) -> AbstractContextManager:
-    """bf16 autocast on CUDA or CPU for ``amp == "bf16"``, a disabled context otherwise."""
-    if amp not in ("bf16", "none"):
-        raise ValueError(f"amp={amp!r} is not one of ('bf16', 'none')")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    """bf16 autocast for ``amp`` "bf16" (or "auto" where bf16 is native), disabled otherwise."""
+    from dgseg.precision import resolve_amp
+
+    resolved, _ = resolve_amp(amp, device)  # the capability probe is cached
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved == "bf16")
+
+
+def channels_last_choice(
+    cfg: Config, device: torch.device, spatial: Sequence[int]
+) -> Tuple[bool, str]:
+    """``run.channels_last`` for an input of ``spatial`` size, and why (dgseg.precision)."""
+    from dgseg.precision import resolve_channels_last
+
+    m = cfg.model
+    width = m.init_filters if m.arch == "segresnet" else m.unet_features[0]
+    return resolve_channels_last(
+        cfg.run.channels_last, device, channels=width, spatial=tuple(spatial)
+    )
+
+
+def use_channels_last(cfg: Config, device: torch.device, spatial: Sequence[int]) -> bool:
+    """Whether an input of ``spatial`` size runs channels-last (:func:`channels_last_choice`)."""
+    return channels_last_choice(cfg, device, spatial)[0]
 
 
 def grl_lambda(step: int, total_steps: int, lambda_max: float) -> float:
@@ -171,7 +192,7 @@ def train_one_epoch(
             domain_weight=cfg.loss.domain_weight,
             device=dev,
             amp=cfg.run.amp,
-            channels_last=cfg.run.channels_last,
+            channels_last=use_channels_last(cfg, dev, batch["image"].shape[2:]),
         )
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
@@ -305,7 +326,7 @@ def validate(
     sums = torch.zeros(4, device=dev, dtype=torch.float64)  # WT, TC, ET, cases
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        if cfg.run.channels_last:
+        if use_channels_last(cfg, dev, x.shape[2:]):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(dev, cfg.run.amp):
             out = model(x)

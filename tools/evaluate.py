@@ -81,6 +81,7 @@ from dgseg.evaluation import (
 )
 from dgseg.inference import covering_roi, predict_volume
 from dgseg.lesion_metrics import LESION_RULES, LesionRules, get_lesion_rules
+from dgseg.precision import AMP_CHOICES, describe, resolve_amp
 from dgseg.transforms.labels import REGION_SETS, channels_to_labels
 from dgseg.viz import overlay_slices, save_overlay_grid
 
@@ -117,8 +118,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="overlay PNG per test modality with this many cases (needs matplotlib)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="run the network under bf16 autocast (blending stays float32)")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="bf16 autocast for the network (blending stays float32); auto: bf16 "
+                   "where the device has native bf16, else fp32")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--metric-workers", type=int, default=None,
@@ -237,7 +239,7 @@ def evaluate_cases(
     predictions go to ``pool`` as one :class:`CaseJob`, so the ground truth's side of HD95 is
     prepared once per case, and the next case is predicted while workers score this one.
     """
-    autocast = torch.bfloat16 if args.amp == "bf16" else None
+    autocast = torch.bfloat16 if resolve_amp(args.amp, device)[0] == "bf16" else None
     all_inputs = list(dict.fromkeys(inputs for plan in plans for inputs in plan.specs))
     datasets = {inputs: ShardDataset(args.data, split=args.split, modalities=inputs)
                 for inputs in all_inputs}
@@ -414,6 +416,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     dist = init_distributed(args.device)
+    args.amp, why = resolve_amp(args.amp, dist.device)  # summary.json records what ran
+    if dist.is_main:
+        print(f"[eval] {describe(args.amp, why)}", file=sys.stderr, flush=True)
     try:
         n_cases = len(ShardDataset(args.data, split=args.split, modalities=("t2",)))
         if n_cases == 0:

@@ -55,6 +55,7 @@ from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
 from dgseg.evaluation import input_channels
 from dgseg.inference import covering_roi, predict_volume
+from dgseg.precision import AMP_CHOICES, describe, resolve_amp
 from dgseg.transforms.labels import channels_to_labels
 
 # (1, C, D, H, W) float32 image -> (1, 3, D, H, W) WT/TC/ET probabilities
@@ -82,8 +83,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tta", action="store_true", help="8-fold flip test-time augmentation")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="run the network under bf16 autocast (blending stays float32)")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="bf16 autocast for the network (blending stays float32); auto: bf16 "
+                   "where the device has native bf16, else fp32")
     args = p.parse_args(argv)
     if args.size != "full":
         try:
@@ -202,7 +204,9 @@ def load_predictor(args: argparse.Namespace) -> tuple[ProbFn, tuple[str, ...], s
     device = torch.device("cuda" if use_cuda else "cpu")
     model = model.to(device)
     roi = args.roi or cfg.run.val_roi or cfg.data.patch_size  # None: one covering window
-    autocast = torch.bfloat16 if args.amp == "bf16" else None
+    amp, why = resolve_amp(args.amp, device)
+    print(describe(amp, why), file=sys.stderr, flush=True)
+    autocast = torch.bfloat16 if amp == "bf16" else None
 
     def prob_fn(x: torch.Tensor) -> torch.Tensor:
         window = roi or covering_roi(x.shape[2:])

@@ -48,8 +48,14 @@ from dgseg.distributed import (  # noqa: E402
     init_distributed,
     wrap_ddp,
 )
-from dgseg.engine import NonFiniteLossError, train_one_epoch, validate  # noqa: E402
+from dgseg.engine import (  # noqa: E402
+    NonFiniteLossError,
+    channels_last_choice,
+    train_one_epoch,
+    validate,
+)
 from dgseg.logging_utils import JsonlWriter, log, plot_curves, read_jsonl  # noqa: E402
+from dgseg.precision import describe, resolve_amp  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -97,13 +103,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def build_model(cfg: Config, dist: DistState) -> Tuple[torch.nn.Module, torch.nn.Module]:
+def build_model(
+    cfg: Config, dist: DistState, *, channels_last: bool = False
+) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """(unwrapped network on the device, the module the step calls: DDP and/or compiled)."""
     from dgseg.models import build_model as build_network
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     net = build_network(**model_kwargs(cfg)).to(dist.device)
-    if cfg.run.channels_last:
+    if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     model = wrap_ddp(net, dist)
     if cfg.run.compile:
@@ -177,7 +185,7 @@ def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[in
     input depth is 2: NaN or run-to-run different values (seen on AVX512-BF16 CPUs, e.g. a 16³
     patch whose deepest SegResNet level is 2³). Inference is unaffected.
     """
-    if cfg.run.amp != "bf16" or dist.device.type != "cpu":
+    if dist.device.type != "cpu" or resolve_amp(cfg.run.amp, dist.device)[0] != "bf16":
         return
     levels = (
         len(cfg.model.blocks_down)
@@ -323,16 +331,21 @@ def _train(
     diff: List[str],
 ) -> int:
     is_main = dist.is_main
+    amp, why = resolve_amp(cfg.run.amp, dist.device)  # the engine's autocast resolves the same
+    log(describe(amp, why), is_main=is_main)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.run.deterministic  # autotune fixed-size convs
         torch.backends.cudnn.deterministic = cfg.run.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 paths (FFT unit, heads) on TF32
         torch.backends.cudnn.allow_tf32 = True
-    net, model = build_model(cfg, dist)
-    seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
     train_ds, sampler, loader, val_ds = build_loaders(cfg, dist)
     shape = (cfg.data.patch_size,) * 3 if cfg.data.patch_size else train_ds[0]["image"].shape[1:]
     check_cpu_bf16_depths(cfg, dist, shape)
+    channels_last, why = channels_last_choice(cfg, dist.device, shape)  # as the engine decides
+    log(f"memory format: {'channels-last' if channels_last else 'contiguous'} ({why})",
+        is_main=is_main)
+    net, model = build_model(cfg, dist, channels_last=channels_last)
+    seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
     steps_per_epoch = len(loader)
     total_steps = cfg.optim.epochs * steps_per_epoch
     optimizer, scheduler = build_optimizer(cfg, net, dist, steps_per_epoch)
@@ -382,7 +395,7 @@ def _train(
         f"run {run_dir} | {cfg.model.arch} ({n_params / 1e6:.2f} M params) | "
         f"{len(train_ds)} train / {len(val_ds or [])} {cfg.data.val_split} cases | "
         f"{dist.world_size} process(es) on {dist.device} | batch {cfg.optim.batch_size}/process | "
-        f"{steps_per_epoch} steps/epoch | amp {cfg.run.amp}",
+        f"{steps_per_epoch} steps/epoch | amp {amp}",
         is_main=is_main,
     )
     if start_epoch >= cfg.optim.epochs:
