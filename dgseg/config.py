@@ -28,6 +28,7 @@ from dgseg.distributed import DEVICES
 from dgseg.layers.vffc import NORMS, PADDING_MODES
 from dgseg.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
 from dgseg.transforms.sdg import INTENSITY_AUGS
+from dgseg.precision import AMP_CHOICES
 
 __all__ = [
     "ARCHS",
@@ -47,7 +48,6 @@ __all__ = [
 # Choice lists live with the code that acts on them (dgseg.layers.vffc, dgseg.optim, ...); the
 # architectures with ModelConfig, which dgseg.models.build_model turns into a network.
 ARCHS = ("segresnet", "unet3d")
-_AMP = ("bf16", "none")
 
 
 def _check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
@@ -197,8 +197,8 @@ class RunConfig:
     out: str = "runs"  # parent folder of the run folder
     seed: int = 0  # sampler / model-init seed (same on every rank); RNG seed is seed + rank
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda"
-    amp: str = "bf16"  # "bf16" autocast (CUDA and CPU) | "none" (float32)
-    channels_last: bool = False  # channels_last_3d memory format for model and inputs
+    amp: str = "auto"  # "auto": bf16 where native (dgseg.precision), else fp32 | "bf16" | "none"
+    channels_last: Optional[bool] = None  # channels_last_3d; None ("auto"): on CPU for big maps
     compile: bool = False  # torch.compile the model (state dicts are saved unwrapped)
     deterministic: bool = False  # cuDNN deterministic kernels instead of cudnn.benchmark
     val_every: int = 1  # validate every N epochs (and always after the last one)
@@ -211,7 +211,7 @@ class RunConfig:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"run.name={self.name!r} must be a plain folder name")
         _check_choice("run.device", self.device, DEVICES)
-        _check_choice("run.amp", self.amp, _AMP)
+        _check_choice("run.amp", self.amp, AMP_CHOICES)
         _check_positive("run.val_every", self.val_every)
         if self.val_roi is not None:
             _check_positive("run.val_roi", self.val_roi)
@@ -361,9 +361,9 @@ def _parse(text: str, tp: Any, key: str) -> Any:
     text = text.strip()
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]: "none"/"null" means None
-        if text.lower() in ("none", "null"):
-            return None
         inner = [a for a in args if a is not type(None)][0]
+        if text.lower() in ("none", "null") or (inner is bool and text.lower() == "auto"):
+            return None  # Optional[bool] fields read None as "auto"
         return _parse(text, inner, key)
     if origin is tuple:  # "1,2,2,4" or "(1, 2, 2, 4)" or "[t1ce,t2]"
         body = text.strip("()[] ")
@@ -436,7 +436,7 @@ _SDG_PRESETS = (
     ("resynth", "resynthesis"),
 )
 # The augmentations of the recommended preset `segresnet_t2_sdg` (one drawn per sample).
-SDG_RECOMMENDED = ("resynthesis", "location_scale", "gin")
+SDG_RECOMMENDED = ("location_scale", "resynthesis")
 
 # One preset per experiment of the write-up's tables, plus the two ablations (GRL only, VFFC only),
 # the spatial-only control, the original network, and a tiny one for tests and the CPU demo. The

@@ -31,11 +31,14 @@ from dgseg.layers import dann_lambda
 from dgseg.logging_utils import JsonlWriter, format_progress, log
 from dgseg.metrics import dice_per_region
 from dgseg.models import segmenter_of
+from dgseg.precision import resolve_amp
 
 __all__ = [
     "NonFiniteLossError",
     "autocast",
     "check_cpu_bf16_depths",
+    "channels_last_choice",
+    "use_channels_last",
     "grl_lambda",
     "forward_loss",
     "train_one_epoch",
@@ -56,10 +59,27 @@ class NonFiniteLossError(RuntimeError):
 
 
 def autocast(device: torch.device, amp: str) -> AbstractContextManager:
-    """bf16 autocast on CUDA or CPU for ``amp == "bf16"``, a disabled context otherwise."""
-    if amp not in ("bf16", "none"):
-        raise ValueError(f"amp={amp!r} is not one of ('bf16', 'none')")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    """bf16 autocast for ``amp`` "bf16" (or "auto" where bf16 is native), disabled otherwise."""
+    resolved, _ = resolve_amp(amp, device)  # the capability probe is cached
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved == "bf16")
+
+
+def channels_last_choice(
+    cfg: Config, device: torch.device, spatial: Sequence[int]
+) -> Tuple[bool, str]:
+    """``run.channels_last`` for an input of ``spatial`` size, and why (dgseg.precision)."""
+    from dgseg.precision import resolve_channels_last
+
+    m = cfg.model
+    width = m.init_filters if m.arch == "segresnet" else m.unet_features[0]
+    return resolve_channels_last(
+        cfg.run.channels_last, device, channels=width, spatial=tuple(spatial)
+    )
+
+
+def use_channels_last(cfg: Config, device: torch.device, spatial: Sequence[int]) -> bool:
+    """Whether an input of ``spatial`` size runs channels-last (:func:`channels_last_choice`)."""
+    return channels_last_choice(cfg, device, spatial)[0]
 
 
 def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[int]) -> None:
@@ -69,7 +89,7 @@ def check_cpu_bf16_depths(cfg: Config, dist: DistState, input_shape: Sequence[in
     input depth is 2: NaN or run-to-run different values (seen on AVX512-BF16 CPUs, e.g. a 16³
     patch whose deepest SegResNet level is 2³). Inference is unaffected.
     """
-    if cfg.run.amp != "bf16" or dist.device.type != "cpu":
+    if dist.device.type != "cpu" or resolve_amp(cfg.run.amp, dist.device)[0] != "bf16":
         return
     levels = (
         len(cfg.model.blocks_down)
@@ -207,7 +227,7 @@ def train_one_epoch(
             domain_weight=cfg.loss.domain_weight,
             device=dev,
             amp=cfg.run.amp,
-            channels_last=cfg.run.channels_last,
+            channels_last=use_channels_last(cfg, dev, batch["image"].shape[2:]),
         )
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
@@ -328,7 +348,7 @@ def validate(
     segmenter = segmenter_of(model)  # logits only: the domain head plays no part here
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        if cfg.run.channels_last:
+        if use_channels_last(cfg, dev, x.shape[2:]):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(dev, cfg.run.amp):
             return segmenter(x)

@@ -43,7 +43,7 @@ def test_write_up_hyper_parameters_are_the_defaults():
     cfg = Config()
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs) == (1e-4, 1e-5, 100)
     assert cfg.optim.batch_size == 1 and cfg.optim.schedule == "cosine"
-    assert cfg.run.amp == "bf16" and cfg.model.vffc_norm == "group"
+    assert cfg.run.amp == "auto" and cfg.model.vffc_norm == "group"
 
 
 def test_presets_name_the_experiments_of_the_write_up():

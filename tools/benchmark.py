@@ -16,6 +16,11 @@ Sections:
   scaling    DDP with 1 vs 2 CPU processes (gloo), same global batch
   lesion     lesion-wise Dice/HD95/NSD of a synthetic 240x240x155 case, 3 regions, 1 thread
              (goal <= 2 s per case and rule set), beside the legacy per-case metrics
+
+``--peer monai`` adds MONAI's SegResNet (same widths, GroupNorm, input; MONAI imported only here)
+timed interleaved with dgseg's SegResNet: MONAI fp32, dgseg with PyTorch's plain kernels, and
+dgseg's default (resolved ``amp``, channels-last where "auto" picks it, dgseg's kernel paths);
+ratios are dgseg / MONAI fp32. ``--sections`` may be empty (``--sections --peer monai``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from dgseg.losses import SegLoss  # noqa: E402
 from dgseg.config import OptimConfig  # noqa: E402
 from dgseg.models import build_model  # noqa: E402
 from dgseg.optim import build_optimizer  # noqa: E402
+from dgseg.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp  # noqa: E402
 
 SECTIONS = ("train", "vffc", "bezier", "data", "inference", "scaling", "lesion")
 
@@ -71,6 +77,8 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -178,7 +186,10 @@ def count_step_flops(name: str, size: int, batch: int, device: torch.device) -> 
 def bench_train(args, device: torch.device) -> list[dict]:
     rows = []
     size = args.size
-    variants = [(False, False), (True, False), (False, True), (True, True)]
+    # bf16 rows only where it is the chosen precision: emulated bf16 (a CPU without native
+    # bf16) is many times slower than fp32 and would dominate the run for no information.
+    precisions = (False, True) if args.amp == "bf16" else (False,)
+    variants = [(amp, cl) for cl in (False, True) for amp in precisions]
     for name in args.models:
         flops = count_step_flops(name, size, args.batch, device) if args.flops else None
         for amp, cl in variants:
@@ -221,6 +232,125 @@ def bench_vffc(train_rows: list[dict]) -> list[dict]:
                         "overhead_ratio": ratio, "goal": 1.10, "goal_met": ratio <= 1.10})
             print(f"  vffc overhead {prec} {fmt}: {ratio:.3f} (goal <= 1.10)")
     return out
+
+
+# ----------------------------------------------------------------------------- peer (MONAI)
+def monai_to_dgseg_state(state: dict) -> dict:
+    """MONAI SegResNet state-dict keys -> dgseg SegResNet keys (same tensors, same order)."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        k = key.replace("convInit.conv.", "conv_init.")
+        k = re.sub(r"\.(conv[12])\.conv\.", r".\1.", k)  # ResBlock convs
+        k = re.sub(r"^up_samples\.(\d+)\.0\.conv\.", r"up_samples.\1.conv.", k)
+        k = k.replace("conv_final.0.", "final.norm.").replace("conv_final.2.conv.", "final.conv.")
+        out[k] = value
+    return out
+
+
+def _peer_step(net: torch.nn.Module, device: torch.device, x: torch.Tensor, y: torch.Tensor, *,
+               amp: bool, channels_last: bool, native: bool) -> Callable[[], None]:
+    from dgseg.layers.conv import native_conv3d
+
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    net = net.to(device).to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-5,
+                            fused=device.type == "cuda")
+    loss_fn = SegLoss()
+
+    def step() -> None:
+        with native_conv3d() if native else nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                seg = net(x)
+            loss = loss_fn(seg, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return step
+
+
+def bench_peer(args, device: torch.device) -> list[dict]:
+    """dgseg vs MONAI's SegResNet (same widths, GroupNorm, input), timed interleaved.
+
+    Each round runs one step of every variant in turn, so that a busy machine slows all of them
+    alike; the ratios are of the per-variant medians over the rounds.
+    """
+    try:
+        from monai.networks.nets import SegResNet as MonaiSegResNet
+    except ImportError:
+        raise RuntimeError("--peer monai needs MONAI (pip install monai); it is not a dgseg "
+                           "dependency and is imported only here") from None
+    from dgseg.config import Config, apply_overrides
+    from dgseg.engine import use_channels_last
+    from dgseg.models import SegResNet
+
+    size, batch = args.size, args.batch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, size, size, size, generator=g).to(device)
+    y = (torch.randn(batch, 3, size, size, size, generator=g) > 0.5).float().to(device)
+
+    def monai_net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return MonaiSegResNet(spatial_dims=3, init_filters=16, in_channels=1, out_channels=3)
+
+    def dgseg_net() -> torch.nn.Module:  # MONAI's initial weights: the same function
+        net = SegResNet(1, 3, init_filters=16)
+        net.load_state_dict(monai_to_dgseg_state(monai_net().state_dict()))
+        return net
+
+    # Same network: identical outputs from identical weights (float32 rounding aside).
+    with torch.no_grad():
+        xs = torch.randn(1, 1, 32, 32, 32, generator=g)
+        diff = (monai_net().eval()(xs) - dgseg_net().eval()(xs)).abs().max().item()
+    bf16 = args.amp == "bf16"
+    cfg = apply_overrides(Config(), [f"run.amp={args.amp}"])  # dgseg's defaults otherwise
+    cl = use_channels_last(cfg, device, (size, size, size))
+    variants = {  # name -> (step, precision, layout)
+        "monai_fp32": (_peer_step(monai_net(), device, x, y, amp=False, channels_last=False,
+                                  native=True), "fp32", "contiguous"),
+        "dgseg_plain_fp32": (_peer_step(dgseg_net(), device, x, y, amp=False,
+                                        channels_last=False, native=True), "fp32", "contiguous"),
+        "dgseg_default": (_peer_step(dgseg_net(), device, x, y, amp=bf16, channels_last=cl,
+                                     native=False), "bf16" if bf16 else "fp32",
+                          "channels_last_3d" if cl else "contiguous"),
+    }
+    if bf16:
+        variants["monai_bf16"] = (_peer_step(monai_net(), device, x, y, amp=True,
+                                             channels_last=False, native=True), "bf16",
+                                  "contiguous")
+    for step, _, _ in variants.values():
+        for _ in range(args.warmup):
+            step()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for _ in range(args.repeats):
+        for name, (step, _, _) in variants.items():
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    ref = statistics.median(times["monai_fp32"])
+    rows = []
+    for name, (_, precision, layout) in variants.items():
+        med = statistics.median(times[name])
+        row = {"section": "peer", "variant": name, "size": size, "batch": batch,
+               "precision": precision, "memory_format": layout, "median_s": med,
+               "min_s": min(times[name]), "max_s": max(times[name]), "times_s": times[name],
+               "ratio_to_monai_fp32": med / ref}
+        rows.append(row)
+        print(f"  peer {name:18s} {precision:4s} {layout:16s} {med * 1e3:9.1f} ms "
+              f"(min {row['min_s'] * 1e3:.1f})  x{row['ratio_to_monai_fp32']:.2f} of MONAI fp32")
+    rows.append({"section": "peer_check", "max_abs_output_diff_same_weights": diff,
+                 "monai": __import__("monai").__version__, "rounds": args.repeats,
+                 "loadavg_before": load,
+                 "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None})
+    print(f"  peer: same weights give outputs equal to {diff:.1e}; "
+          f"load average {load} -> {rows[-1]['loadavg_after']}")
+    return rows
 
 
 # ----------------------------------------------------------------------------- Bezier
@@ -285,7 +415,7 @@ def bench_inference(args, device: torch.device) -> list[dict]:
     model = build_model(1, arch="segresnet", init_filters=16).to(device).eval()
     roi = args.roi
     x = torch.randn(1, 1, 240, 240, 155, device=device)
-    amp = device.type == "cuda" or args.cpu_bf16
+    amp = args.amp == "bf16"
 
     @torch.no_grad()
     def run() -> torch.Tensor:
@@ -302,7 +432,7 @@ def bench_inference(args, device: torch.device) -> list[dict]:
 
 # ----------------------------------------------------------------------------- scaling
 def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int, port: int,
-                queue) -> None:
+                queue, amp: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -317,7 +447,7 @@ def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int,
     y = (torch.randn(b, 3, size, size, size) > 0.5).float()
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             seg = model(x)
         loss = loss_fn(seg, y)
         opt.zero_grad(set_to_none=True)
@@ -349,7 +479,8 @@ def bench_scaling(args) -> list[dict]:
             port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
         queue = ctx.SimpleQueue()
-        mp.start_processes(_ddp_worker, args=(world, size, global_batch, steps, port, queue),
+        mp.start_processes(_ddp_worker, args=(world, size, global_batch, steps, port, queue,
+                                                     args.amp == "bf16"),
                            nprocs=world, start_method="spawn")
         per_step[world] = queue.get()
         print(f"  scaling: {world} process(es), global batch {global_batch}, {size}^3: "
@@ -418,25 +549,35 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 64 on CPU, 128 on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 2 on CUDA")
     p.add_argument("--roi", type=int, default=128, help="sliding-window ROI for inference")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: PyTorch's, one per core)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                    help="networks for the training-step section")
     p.add_argument("--data-cases", type=int, default=4)
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--quick", action="store_true", help="skip channels-last variants")
-    p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast for CPU inference")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="bf16 rows and bf16 inference: auto = where the device has native bf16")
+    p.add_argument("--peer", choices=("monai",), default=None,
+                   help="also time MONAI's SegResNet against dgseg's, interleaved in this process "
+                   "(MONAI must be installed; it is not a dgseg dependency)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.size = args.size or (128 if device.type == "cuda" else 64)
     args.batch = args.batch or (2 if device.type == "cuda" else 1)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    args.amp, why = resolve_amp(args.amp, device)
+    print(describe(args.amp, why))
 
     recorded = {k: (v.name if isinstance(v, Path) else str(v)) for k, v in vars(args).items()}
     result = {"machine": machine_info(device), "args": recorded,
@@ -449,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         train_rows = bench_train(args, device)
         result["results"] += train_rows
         result["results"] += bench_vffc(train_rows)
+    if args.peer == "monai":
+        print("[peer]")
+        result["results"] += bench_peer(args, device)
     for name, fn in (("bezier", lambda: bench_bezier(args, device)),
                      ("data", lambda: bench_data(args)),
                      ("inference", lambda: bench_inference(args, device)),

@@ -72,6 +72,7 @@ from dgseg.logging_utils import Progress
 from dgseg.report import COLUMN_TITLES, write_report
 from dgseg.transforms.labels import REGION_SETS
 from dgseg.viz import save_overlays
+from dgseg.precision import AMP_CHOICES, describe, resolve_amp
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -106,8 +107,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="overlay PNG per test modality with this many cases (needs matplotlib)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="run the network under bf16 autocast (blending stays float32)")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="bf16 autocast for the network (blending stays float32); auto: bf16 "
+                   "where the device has native bf16, else fp32")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--metric-workers", type=int, default=None,
@@ -210,6 +212,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    args.amp, why = resolve_amp(args.amp, dist.device)  # summary.json records what ran
+    if dist.is_main:
+        print(f"[eval] {describe(args.amp, why)}", file=sys.stderr, flush=True)
     try:
         try:
             plans, roi_text = load_plans(args, dist.device)

@@ -50,6 +50,7 @@ from dgseg.constants import MODALITIES
 from dgseg.distributed import DEVICES
 from dgseg.logging_utils import Progress
 from dgseg.predict import ProbFn, load_predictor, predict_to_file
+from dgseg.precision import AMP_CHOICES, describe, resolve_amp
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -73,8 +74,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tta", action="store_true", help="8-fold flip test-time augmentation")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="run the network under bf16 autocast (blending stays float32)")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="bf16 autocast for the network (blending stays float32); auto: bf16 "
+                   "where the device has native bf16, else fp32")
     args = p.parse_args(argv)
     if args.size != "full":
         try:
@@ -150,7 +152,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:  # first the model: its inputs say which modality files a case needs
         device = device_of(args.device)
-        autocast = torch.bfloat16 if args.amp == "bf16" else None
+        amp, why = resolve_amp(args.amp, device)
+        print(describe(amp, why), file=sys.stderr, flush=True)
+        autocast = torch.bfloat16 if amp == "bf16" else None
         prob_fn, channels, what = load_predictor(
             args.checkpoint, device, modality=args.modality,
             single_file=is_single_file(args.input), roi=args.roi, overlap=args.overlap,

@@ -48,13 +48,20 @@ from dgseg.distributed import (
     init_distributed,
     wrap_ddp,
 )
-from dgseg.engine import NonFiniteLossError, check_cpu_bf16_depths, train_one_epoch, validate
+from dgseg.engine import (
+    NonFiniteLossError,
+    channels_last_choice,
+    check_cpu_bf16_depths,
+    train_one_epoch,
+    validate,
+)
 from dgseg.logging_utils import JsonlWriter, log, trim_jsonl
 from dgseg.losses import SegLoss
 from dgseg.models import build_model as build_network
 from dgseg.optim import build_optimizer as make_optimizer
 from dgseg.optim import build_scheduler
 from dgseg.viz import plot_curves
+from dgseg.precision import describe, resolve_amp
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -102,11 +109,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def build_model(cfg: Config, dist: DistState) -> Tuple[torch.nn.Module, torch.nn.Module]:
+def build_model(
+    cfg: Config, dist: DistState, *, channels_last: bool = False
+) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """(unwrapped network on the device, the module the step calls: DDP and/or compiled)."""
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     net = build_network(cfg.data.in_channels, cfg.model).to(dist.device)
-    if cfg.run.channels_last:
+    if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     model = wrap_ddp(net, dist)
     if cfg.run.compile:
@@ -230,13 +239,13 @@ def _train(
     diff: List[str],
 ) -> int:
     is_main = dist.is_main
+    amp, why = resolve_amp(cfg.run.amp, dist.device)  # the engine's autocast resolves the same
+    log(describe(amp, why), is_main=is_main)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.run.deterministic  # autotune fixed-size convs
         torch.backends.cudnn.deterministic = cfg.run.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 paths (FFT unit, heads) on TF32
         torch.backends.cudnn.allow_tf32 = True
-    net, model = build_model(cfg, dist)
-    seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
     try:  # settings the data cannot run with: one line, no traceback
         train_ds, sampler, loader, val_ds = build_loaders(cfg, dist)
     except ValueError as e:
@@ -248,6 +257,11 @@ def _train(
             check_resume(ckpt, cfg, len(loader))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    channels_last, why = channels_last_choice(cfg, dist.device, shape)  # as the engine decides
+    log(f"memory format: {'channels-last' if channels_last else 'contiguous'} ({why})",
+        is_main=is_main)
+    net, model = build_model(cfg, dist, channels_last=channels_last)
+    seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
     steps_per_epoch = len(loader)
     total_steps = cfg.optim.epochs * steps_per_epoch
     optimizer, scheduler = build_optimizer(cfg, net, dist, steps_per_epoch)
@@ -294,7 +308,7 @@ def _train(
         f"run {run_dir} | {cfg.model.arch} ({n_params / 1e6:.2f} M params) | "
         f"{len(train_ds)} train / {len(val_ds or [])} {cfg.data.val_split} cases | "
         f"{dist.world_size} process(es) on {dist.device} | batch {cfg.optim.batch_size}/process | "
-        f"{steps_per_epoch} steps/epoch | amp {cfg.run.amp}",
+        f"{steps_per_epoch} steps/epoch | amp {amp}",
         is_main=is_main,
     )
     if start_epoch >= cfg.optim.epochs:

@@ -10,8 +10,10 @@ parameter count), written out for 3D only:
 - ``UpSample``: 1x1x1 convolution halving the channels, then trilinear x2 upsampling.
 - ``FinalConv``: ``GN -> ReLU -> Conv1x1x1`` (with bias) to the output channels.
 
-No operation here is in-place: the deepest features are read by both the decoder and a domain
-classifier head, and an in-place ReLU or ``+=`` on a shared tensor would corrupt autograd.
+The only in-place operation is the ReLU on GroupNorm's fresh output (``group_norm_relu``): the
+deepest features are read by both the decoder and a domain classifier head, and an in-place ReLU
+or ``+=`` on a shared tensor would corrupt autograd. Convolutions are ``dgseg.layers.conv.Conv3d``
+(``nn.Conv3d`` with the fast CPU kernel path; same parameters and state-dict keys).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dgseg.layers.conv import Conv3d
+from dgseg.layers.gn_relu import group_norm_relu
 
 __all__ = ["group_norm", "ResBlock", "DownSample", "UpSample", "FinalConv"]
 
@@ -53,14 +58,13 @@ class ResBlock(nn.Module):
             raise ValueError(f"kernel_size must be odd to keep the size, got {kernel_size}")
         pad = kernel_size // 2
         self.norm1 = group_norm(channels)
-        self.conv1 = nn.Conv3d(channels, channels, kernel_size, padding=pad, bias=False)
+        self.conv1 = Conv3d(channels, channels, kernel_size, padding=pad, bias=False)
         self.norm2 = group_norm(channels)
-        self.conv2 = nn.Conv3d(channels, channels, kernel_size, padding=pad, bias=False)
-        self.act = nn.ReLU()  # not in-place: the block input is also the identity branch
+        self.conv2 = Conv3d(channels, channels, kernel_size, padding=pad, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.act(self.norm2(h)))
+        h = self.conv1(group_norm_relu(x, self.norm1))  # ReLU on the GN output, never on `x`
+        h = self.conv2(group_norm_relu(h, self.norm2))
         return x + h  # out-of-place add keeps `x` intact for other readers
 
 
@@ -70,7 +74,7 @@ class DownSample(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         _check_channels(in_channels=in_channels, out_channels=out_channels)
-        self.conv = nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
+        self.conv = Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -87,7 +91,7 @@ class UpSample(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         _check_channels(in_channels=in_channels, out_channels=out_channels)
-        self.conv = nn.Conv3d(in_channels, out_channels, 1, bias=False)
+        self.conv = Conv3d(in_channels, out_channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor, size: Optional[Sequence[int]] = None) -> torch.Tensor:
         x = self.conv(x)
@@ -103,8 +107,7 @@ class FinalConv(nn.Module):
         super().__init__()
         _check_channels(in_channels=in_channels, out_channels=out_channels)
         self.norm = group_norm(in_channels)
-        self.act = nn.ReLU()
-        self.conv = nn.Conv3d(in_channels, out_channels, 1, bias=True)
+        self.conv = Conv3d(in_channels, out_channels, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.act(self.norm(x)))
+        return self.conv(group_norm_relu(x, self.norm))

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from dgseg.layers.blocks import DownSample, FinalConv, ResBlock, UpSample
+from dgseg.layers.conv import Conv3d
 
 __all__ = ["SegResNet"]
 
@@ -67,7 +68,7 @@ class SegResNet(nn.Module):
         n_levels = len(blocks_down)
         self.bottleneck_channels = f * 2 ** (n_levels - 1)
 
-        self.conv_init = nn.Conv3d(in_channels, f, 3, padding=1, bias=False)
+        self.conv_init = Conv3d(in_channels, f, 3, padding=1, bias=False)
         self.dropout = nn.Dropout3d(dropout) if dropout is not None else nn.Identity()
         self.down_layers = nn.ModuleList()
         for i, n_blocks in enumerate(blocks_down):

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dgseg.layers.blocks import group_norm
+from dgseg.layers.conv import Conv3d
 
 __all__ = ["DoubleConv", "UNet3D"]
 
@@ -26,10 +27,10 @@ class DoubleConv(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
-            nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
+            Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
             group_norm(out_channels),
             nn.ReLU(),
-            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
+            Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
             group_norm(out_channels),
             nn.ReLU(),
         )
@@ -72,7 +73,7 @@ class UNet3D(nn.Module):
         for deep, shallow in zip(features[:0:-1], features[-2::-1]):  # deepest pair first
             self.ups.append(nn.ConvTranspose3d(deep, shallow, 2, stride=2))
             self.dec.append(DoubleConv(2 * shallow, shallow))
-        self.final = nn.Conv3d(features[0], out_channels, 1)
+        self.final = Conv3d(features[0], out_channels, 1)
 
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Return (post-bottleneck deepest features, skips ordered shallow -> deep)."""
