@@ -212,15 +212,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    args.amp, why = resolve_amp(args.amp, dist.device)  # summary.json records what ran
-    if dist.is_main:
-        print(f"[eval] {describe(args.amp, why)}", file=sys.stderr, flush=True)
     try:
         try:
             plans, roi_text = load_plans(args, dist.device)
         except (OSError, ValueError) as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 1
+        args.amp, why = resolve_amp(args.amp, dist.device)  # summary.json records what ran
+        if dist.is_main:
+            print(f"[eval] {describe(args.amp, why)}", file=sys.stderr, flush=True)
         settings = EvalSettings(
             split=args.split, max_cases=args.max_cases, overlap=args.overlap,
             sw_batch_size=args.sw_batch_size, blend=args.blend, tta=args.tta,

@@ -153,7 +153,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:  # first the model: its inputs say which modality files a case needs
         device = device_of(args.device)
         amp, why = resolve_amp(args.amp, device)
-        print(describe(amp, why), file=sys.stderr, flush=True)
         autocast = torch.bfloat16 if amp == "bf16" else None
         prob_fn, channels, what = load_predictor(
             args.checkpoint, device, modality=args.modality,
@@ -162,6 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    print(describe(amp, why), file=sys.stderr, flush=True)
     if is_single_file(args.input):
         return predict_file(args, prob_fn, channels, what)
     try:
