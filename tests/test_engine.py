@@ -105,7 +105,7 @@ def test_training_step_graph_includes_domain_head_at_lambda_zero():
 
 def test_cpu_bf16_guard_refuses_two_voxel_deep_feature_maps():
     cpu = DistState(0, 0, 1, CPU, True)
-    cfg = PRESETS["tiny"]  # 4 SegResNet levels: depths 16 -> 8 -> 4 -> 2
+    cfg = apply_overrides(PRESETS["tiny"], ["run.amp=bf16"])  # 4 levels: 16 -> 8 -> 4 -> 2
     with pytest.raises(ValueError, match="2-voxel-deep feature map at level 3"):
         check_cpu_bf16_depths(cfg, cpu, (16, 16, 16))
     for ok_shape in ((24, 16, 16), (32, 32, 32), (128, 128, 128)):
