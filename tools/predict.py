@@ -161,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    print(describe(amp, why), file=sys.stderr, flush=True)
+    what = f"{what}; {describe(amp, why)}"  # printed with the model line, after input checks
     if is_single_file(args.input):
         return predict_file(args, prob_fn, channels, what)
     try:
