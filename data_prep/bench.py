@@ -23,6 +23,7 @@ import gzip
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -77,6 +78,24 @@ def _raw_cases(input_dir, work: Path, n_cases: int, shape: Sequence[int], seed: 
     return Path(input_dir), cases[:n_cases]
 
 
+def _read_volumes(f: h5py.File, ids, modalities, *, with_label: bool) -> None:
+    """Read whole volumes with ``read_direct`` into one buffer, as ``ShardDataset`` does."""
+    shape = f[ids[0]][modalities[0]].shape
+    vol, lab = np.empty(shape, np.float32), np.empty(shape, np.uint8)
+    for cid in ids:
+        for m in modalities:
+            f[cid][m].read_direct(vol)
+        if with_label:
+            f[cid]["label"].read_direct(lab)
+
+
+def _read_patches(f: h5py.File, ids, starts, patch: int) -> None:
+    box = np.empty((patch,) * 3, np.float32)
+    for cid, (a, b, c) in zip(ids, starts):
+        sel = np.s_[a : a + patch, b : b + patch, c : c + patch]
+        f[cid]["t2"].read_direct(box, source_sel=sel)
+
+
 def bench_storage(work_dir: Path | str | None = None, *, input_dir: Path | str | None = None,
                   n_cases: int = 4,
                   shape: Sequence[int] = (240, 240, 155), size: int = 128, patch: int = 96,
@@ -99,30 +118,13 @@ def bench_storage(work_dir: Path | str | None = None, *, input_dir: Path | str |
                     w.add_case(p, {**meta, "patient": p.case_id})
             write_s = (time.perf_counter() - t) / len(prepared)
             ids = [p.case_id for p in prepared]
+            d, h, wd = out["stored_shape"]
+            starts = [tuple(int(rng.integers(0, max(1, s - patch + 1))) for s in (d, h, wd))
+                      for _ in ids]
             with h5py.File(path, "r") as f:
-                d, h, wd = out["stored_shape"]
-                vol = np.empty((d, h, wd), np.float32)  # read_direct as ShardDataset does
-                lab = np.empty((d, h, wd), np.uint8)
-                box = np.empty((patch,) * 3, np.float32)
-
-                def read_one():
-                    for cid in ids:
-                        f[cid]["t2"].read_direct(vol)
-
-                def read_all():
-                    for cid in ids:
-                        for m in MODALITIES:
-                            f[cid][m].read_direct(vol)
-                        f[cid]["label"].read_direct(lab)
-
-                starts = [tuple(int(rng.integers(0, max(1, s - patch + 1))) for s in (d, h, wd))
-                          for _ in ids]
-
-                def read_patch():
-                    for cid, (a, b, c) in zip(ids, starts):
-                        sel = np.s_[a:a + patch, b:b + patch, c:c + patch]
-                        f[cid]["t2"].read_direct(box, source_sel=sel)
-
+                read_one = partial(_read_volumes, f, ids, ("t2",), with_label=False)
+                read_all = partial(_read_volumes, f, ids, MODALITIES, with_label=True)
+                read_patch = partial(_read_patches, f, ids, starts, patch)
                 read_all()  # warm the page cache
                 res = {
                     "mib_per_case": path.stat().st_size / 2**20 / len(prepared),
@@ -163,6 +165,27 @@ class _NiftiBaseline:
         return torch.from_numpy(image), torch.from_numpy(label)
 
 
+def _shard_epochs(ds: ShardDataset, idx, epochs: int) -> None:
+    for e in range(epochs):
+        ds.set_epoch(e)
+        for i in idx:
+            ds[i]
+
+
+def _nifti_epochs(ds: ShardDataset, base: _NiftiBaseline, idx, epochs: int, seed: int,
+                  kw: dict) -> None:
+    """The same samples as ``_shard_epochs``, loaded from NIfTI and augmented alike."""
+    for e in range(epochs):
+        for j, i in enumerate(idx):
+            img, lab = base.load(j)
+            g = torch.Generator().manual_seed(seed + e * 1000 + i)
+            kind = ds.domains[ds.case_ids[i]] if kw.get("bezier") == "partition" else 0
+            img, lab = augment(img, lab, g, curve=kind, flip=kw.get("flip", False),
+                               rot90=kw.get("rot90", False),
+                               rotation_degrees=kw.get("rotation_degrees", 0.0))
+            region_channels(lab)
+
+
 def bench_loader(work_dir: Path | str | None = None, *, input_dir: Path | str | None = None,
                  n_cases: int = 4,
                  shape: Sequence[int] = (240, 240, 155), size: int = 128,
@@ -194,25 +217,8 @@ def bench_loader(work_dir: Path | str | None = None, *, input_dir: Path | str | 
             order = {cid: i for i, cid in enumerate(ds.case_ids)}
             idx = [order[r.case_id] for r in raws]
 
-            def shard_epochs():
-                for e in range(epochs):
-                    ds.set_epoch(e)
-                    for i in idx:
-                        ds[i]
-
-            def nifti_epochs():
-                for e in range(epochs):
-                    for j, i in enumerate(idx):
-                        img, lab = base.load(j)
-                        g = torch.Generator().manual_seed(seed + e * 1000 + i)
-                        kind = 0
-                        if kw.get("bezier") == "partition":
-                            kind = ds.domains[ds.case_ids[i]]
-                        img, lab = augment(img, lab, g, curve=kind, flip=kw.get("flip", False),
-                                           rot90=kw.get("rot90", False),
-                                           rotation_degrees=kw.get("rotation_degrees", 0.0))
-                        region_channels(lab)
-
+            shard_epochs = partial(_shard_epochs, ds, idx, epochs)
+            nifti_epochs = partial(_nifti_epochs, ds, base, idx, epochs, seed, kw)
             shard_epochs()  # warm-up: open files, page cache
             t_shard = _median_time(shard_epochs, 3)
             t_nifti = _median_time(nifti_epochs, 1)
@@ -224,6 +230,30 @@ def bench_loader(work_dir: Path | str | None = None, *, input_dir: Path | str | 
             }
             ds.close()
         return out
+
+
+def _decompress(files) -> None:
+    for p in files:
+        data = p.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            gzip.decompress(data)
+
+
+def _prepare_one(raw, size: int, shard: Path) -> tuple:
+    """Prepare one case into ``shard``: (wall total, cpu total, load, crop + z-score, write)."""
+    t = [time.perf_counter(), time.process_time()]
+    loaded = load_raw_case(raw, stack=False)
+    t += [time.perf_counter()]
+    prepared = preprocess_case(loaded, size)
+    t += [time.perf_counter()]
+    meta = {"patient": raw.patient_id, "layout": raw.layout,
+            "label_convention": raw.label_convention,
+            "source_files": {r: raw.rel(p) for r, p in raw.source_files()},
+            "source_sha256": loaded.source_sha256}
+    with ShardWriter(shard, plan=[], fingerprint={}, **STORAGE_DEFAULTS) as w:
+        w.add_case(prepared, meta)
+    t += [time.perf_counter(), time.process_time()]
+    return t[4] - t[0], t[5] - t[1], t[2] - t[0], t[3] - t[2], t[4] - t[3]
 
 
 def bench_prepare(work_dir: Path | str | None = None, *, input_dir: Path | str | None = None,
@@ -240,31 +270,8 @@ def bench_prepare(work_dir: Path | str | None = None, *, input_dir: Path | str |
         med = statistics.median
         rows = []
         for k, raw in enumerate(raws):
-            files = [p for _, p in raw.source_files()]
-
-            def decompress():
-                for p in files:
-                    data = p.read_bytes()
-                    if data[:2] == b"\x1f\x8b":
-                        gzip.decompress(data)
-
-            def prepare_one():
-                t = [time.perf_counter(), time.process_time()]
-                loaded = load_raw_case(raw, stack=False)
-                t += [time.perf_counter()]
-                prepared = preprocess_case(loaded, size)
-                t += [time.perf_counter()]
-                meta = {"patient": raw.patient_id, "layout": raw.layout,
-                        "label_convention": raw.label_convention,
-                        "source_files": {r: raw.rel(p) for r, p in raw.source_files()},
-                        "source_sha256": loaded.source_sha256}
-                with ShardWriter(work / f"s{k}.h5", plan=[], fingerprint={},
-                                 **STORAGE_DEFAULTS) as w:
-                    w.add_case(prepared, meta)
-                t += [time.perf_counter(), time.process_time()]
-                # wall total, cpu total, load, crop + z-score, write
-                return t[4] - t[0], t[5] - t[1], t[2] - t[0], t[3] - t[2], t[4] - t[3]
-
+            decompress = partial(_decompress, [p for _, p in raw.source_files()])
+            prepare_one = partial(_prepare_one, raw, size, work / f"s{k}.h5")
             decompress()  # both paths read from a warm page cache
             bare_wall, bare_cpu = [], []
             for _ in range(repeats):

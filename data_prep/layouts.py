@@ -290,7 +290,7 @@ def discover_cases(
     for cid, loc, _, _ in entries:
         where[cid].append(loc)
     cases = []
-    for cid, loc, case, reason in entries:
+    for cid, _loc, case, reason in entries:
         if len(where[cid]) > 1:
             continue
         if case is not None:

@@ -57,7 +57,6 @@ from dgseg.logging_utils import Progress
 from .layouts import RawCase, discover_cases
 from .loading import CaseError, load_raw_case
 from .preprocess import preprocess_case
-from .splits import assign_folds, check_split_ids, read_split_file, splits_from_file
 from .shards import (
     SHARD_VERSION,
     STORAGE_DEFAULTS,
@@ -67,6 +66,7 @@ from .shards import (
     dataset_kwargs,
     shard_name,
 )
+from .splits import assign_folds, check_split_ids, read_split_file, splits_from_file
 
 __all__ = [
     "EVAL_SIZES",
@@ -294,7 +294,7 @@ def _run_tasks(out_dir: Path, tasks: list[_ShardTask], fingerprint: dict, size, 
         return results, failures
 
     todo = list(tasks)
-    for attempt in range(2):  # a crashed worker breaks the pool: retry the rest once
+    for _attempt in range(2):  # a crashed worker breaks the pool: retry the rest once
         if not todo:
             break
         ctx = mp.get_context("spawn")  # no forked copies of the caller's threads / h5py state

@@ -1,4 +1,6 @@
-"""Atomic file writes (every file dgseg and its tools write): write a temporary file in the target folder, then ``os.replace`` it.
+"""Atomic file writes (every file dgseg and its tools write).
+
+Write a temporary file in the target folder, then ``os.replace`` it.
 
 A reader (or a re-run after ``kill -9``) therefore sees either the old file or the complete new
 one, never a half-written file. The temporary name is ``<name>.<pid>.tmp`` in the same folder, so

@@ -27,8 +27,8 @@ from dgseg.data.domains import BEZIER_MODES, PARTITION_MAX_DOMAINS
 from dgseg.distributed import DEVICES
 from dgseg.layers.vffc import NORMS, PADDING_MODES
 from dgseg.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
-from dgseg.transforms.sdg import INTENSITY_AUGS
 from dgseg.precision import AMP_CHOICES
+from dgseg.transforms.sdg import INTENSITY_AUGS
 
 __all__ = [
     "ARCHS",

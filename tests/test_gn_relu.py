@@ -23,7 +23,9 @@ def test_gradcheck_float64(layout):
     norm = _norm(6, 3, torch.float64)
     x = (torch.randn(2, 6, 3, 4, 5, dtype=torch.float64) * 3 + 1).contiguous(memory_format=layout)
     x.requires_grad_()
-    fn = lambda a, w, b: _GroupNormReLU.apply(a, w, b, 3, 1e-5)
+    def fn(a, w, b):
+        return _GroupNormReLU.apply(a, w, b, 3, 1e-5)
+
     assert torch.autograd.gradcheck(fn, (x, norm.weight, norm.bias))
 
 

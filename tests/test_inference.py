@@ -12,7 +12,6 @@ from dgseg.inference import (
     window_starts,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

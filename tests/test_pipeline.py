@@ -76,8 +76,8 @@ def test_eval_cases_stored_as_whole_brain_box(raw_sets, prepared_sets, tmp_path)
     patch = ShardDataset(out, "train", ("t2",), patch_size=16, seed=3)[k]["image"][0]
     cube = want["image"][0].numpy()
     p = patch.numpy()
-    hits = [(i, j, l) for i in range(SIZE - 15) for j in range(SIZE - 15) for l in range(SIZE - 15)
-            if np.array_equal(cube[i:i + 16, j:j + 16, l:l + 16], p)]
+    hits = [(i, j, k) for i in range(SIZE - 15) for j in range(SIZE - 15) for k in range(SIZE - 15)
+            if np.array_equal(cube[i:i + 16, j:j + 16, k:k + 16], p)]
     assert hits
 
 

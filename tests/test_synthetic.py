@@ -62,7 +62,7 @@ def test_case_seed_is_a_function_of_seed_and_index():
 
 
 def test_dtypes_shapes_and_label_values(small_cases):
-    for images, seg, maps in small_cases:
+    for images, seg, _ in small_cases:
         assert set(images) == set(MODALITIES)
         for m in MODALITIES:
             assert images[m].dtype == np.int16 and images[m].shape == SMALL
@@ -83,7 +83,7 @@ def test_background_exactly_zero_and_brain_nonzero(small_cases):
 
 
 def test_nesting_edema_surrounds_core_and_rim_surrounds_necrosis(small_cases):
-    for images, seg, maps in small_cases:
+    for _, seg, _ in small_cases:
         wt, tc = seg > 0, (seg == 1) | (seg == 4)
         assert (dilate6(tc) <= wt).all()  # one voxel of edema all round the core
         if (seg == 4).any():

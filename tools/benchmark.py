@@ -11,7 +11,8 @@ Sections:
              fp32 vs bf16 autocast, contiguous vs channels-last-3d; peak memory; FLOPs and FLOP/s
   vffc       SegResNet+VFFC+GRL step / plain SegResNet step (goal <= 1.10)
   bezier     LUT Bezier transform vs np.interp over the densely sampled curve (goal >= 5x)
-  data       shard loader vs NIfTI.gz (goal >= 10x); preparation vs bare decompression (<= 1.5x)
+  data       shard loader vs NIfTI.gz (goal >= 10x); preparation vs bare decompression (<= 1.5x);
+             shard storage options: size, write and read times (data_prep/bench.py measures)
   inference  sliding-window prediction of one 240x240x155 volume
   scaling    DDP with 1 vs 2 CPU processes (gloo), same global batch
   lesion     lesion-wise Dice/HD95/NSD of a synthetic 240x240x155 case, 3 regions, 1 thread
@@ -29,26 +30,37 @@ import argparse
 import json
 import os
 import platform
+import re
+import socket
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dgseg.atomic import atomic_write_text  # noqa: E402
-from dgseg.layers import dann_lambda  # noqa: E402
-from dgseg.losses import SegLoss  # noqa: E402
-from dgseg.config import OptimConfig  # noqa: E402
-from dgseg.models import build_model  # noqa: E402
-from dgseg.optim import build_optimizer  # noqa: E402
-from dgseg.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp  # noqa: E402
+from data_prep import bench as data_bench
+from dgseg.atomic import atomic_write_text
+from dgseg.config import Config, OptimConfig, apply_overrides
+from dgseg.engine import use_channels_last
+from dgseg.inference import sliding_window_inference
+from dgseg.layers import dann_lambda
+from dgseg.layers.conv import native_conv3d
+from dgseg.lesion_metrics import LESION_RULES, lesion_region_metrics
+from dgseg.losses import SegLoss
+from dgseg.metrics import region_metrics
+from dgseg.models import SegResNet, build_model
+from dgseg.optim import build_optimizer
+from dgseg.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp
+from dgseg.transforms.bezier import apply_lut, bezier_lut
 
 SECTIONS = ("train", "vffc", "bezier", "data", "inference", "scaling", "lesion")
 
@@ -237,7 +249,6 @@ def bench_vffc(train_rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- peer (MONAI)
 def monai_to_dgseg_state(state: dict) -> dict:
     """MONAI SegResNet state-dict keys -> dgseg SegResNet keys (same tensors, same order)."""
-    import re
 
     out = {}
     for key, value in state.items():
@@ -251,7 +262,6 @@ def monai_to_dgseg_state(state: dict) -> dict:
 
 def _peer_step(net: torch.nn.Module, device: torch.device, x: torch.Tensor, y: torch.Tensor, *,
                amp: bool, channels_last: bool, native: bool) -> Callable[[], None]:
-    from dgseg.layers.conv import native_conv3d
 
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = net.to(device).to(memory_format=fmt)
@@ -283,9 +293,6 @@ def bench_peer(args, device: torch.device) -> list[dict]:
     except ImportError:
         raise RuntimeError("--peer monai needs MONAI (pip install monai); it is not a dgseg "
                            "dependency and is imported only here") from None
-    from dgseg.config import Config, apply_overrides
-    from dgseg.engine import use_channels_last
-    from dgseg.models import SegResNet
 
     size, batch = args.size, args.batch
     g = torch.Generator().manual_seed(0)
@@ -354,8 +361,11 @@ def bench_peer(args, device: torch.device) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- Bezier
+def _bezier_lut_path(x: torch.Tensor, v: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return apply_lut(x, bezier_lut(v).to(device))
+
+
 def bench_bezier(args, device: torch.device) -> list[dict]:
-    from dgseg.transforms.bezier import apply_lut, bezier_lut
 
     n = 128
     g = torch.Generator().manual_seed(0)
@@ -372,12 +382,8 @@ def bench_bezier(args, device: torch.device) -> list[dict]:
     rows = []
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
     for dev in devices:
-        xd = x.to(dev)
-
-        def lut_path() -> torch.Tensor:
-            lut = bezier_lut(v).to(dev)  # curve built once per sample, as in training
-            return apply_lut(xd, lut)
-
+        # The curve is built once per sample, as in training.
+        lut_path = partial(_bezier_lut_path, x.to(dev), v, dev)
         t_lut = time_fn(lut_path, dev, warmup=2, repeats=args.repeats)
         speedup = base["median_s"] / t_lut["median_s"]
         rows.append({"section": "bezier", "device": str(dev), "voxels": n ** 3,
@@ -392,8 +398,6 @@ def bench_bezier(args, device: torch.device) -> list[dict]:
 
 # ----------------------------------------------------------------------------- data
 def bench_data(args) -> list[dict]:
-    from data_prep import bench as data_bench
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         r = data_bench.bench_loader(Path(tmp), n_cases=args.data_cases)
@@ -405,13 +409,16 @@ def bench_data(args) -> list[dict]:
         r["section"] = "data_prepare"
         rows.append(r)
         print(f"  data prepare: {json.dumps(r)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = data_bench.bench_storage(Path(tmp), n_cases=args.data_cases)
+        r["section"] = "data_storage"
+        rows.append(r)
+        print(f"  data storage: {json.dumps(r)}")
     return rows
 
 
 # ----------------------------------------------------------------------------- inference
 def bench_inference(args, device: torch.device) -> list[dict]:
-    from dgseg.inference import sliding_window_inference
-
     model = build_model(1, arch="segresnet", init_filters=16).to(device).eval()
     roi = args.roi
     x = torch.randn(1, 1, 240, 240, 155, device=device)
@@ -433,8 +440,6 @@ def bench_inference(args, device: torch.device) -> list[dict]:
 # ----------------------------------------------------------------------------- scaling
 def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int, port: int,
                 queue, amp: bool) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
@@ -466,9 +471,7 @@ def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int,
 
 
 def bench_scaling(args) -> list[dict]:
-    import socket
 
-    import torch.multiprocessing as mp
 
     rows = []
     size, global_batch, steps = min(args.size, 48), 2, max(2, args.repeats)
@@ -517,8 +520,6 @@ def _lesion_case(noise: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bench_lesion(args) -> list[dict]:
-    from dgseg.lesion_metrics import LESION_RULES, lesion_region_metrics
-    from dgseg.metrics import region_metrics
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the metrics are NumPy; one thread as in one metric worker
@@ -543,7 +544,9 @@ def bench_lesion(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--size", type=int, default=None, help="cube edge for the training step "
                    "(default 64 on CPU, 128 on CUDA)")

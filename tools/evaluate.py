@@ -69,10 +69,10 @@ from dgseg.distributed import DEVICES, all_gather_objects, barrier, cleanup, ini
 from dgseg.evaluation import METRIC_SETS, input_specs
 from dgseg.lesion_metrics import LESION_RULES, LesionRules, get_lesion_rules
 from dgseg.logging_utils import Progress
+from dgseg.precision import AMP_CHOICES, describe, resolve_amp
 from dgseg.report import COLUMN_TITLES, write_report
 from dgseg.transforms.labels import REGION_SETS
 from dgseg.viz import save_overlays
-from dgseg.precision import AMP_CHOICES, describe, resolve_amp
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -49,8 +49,8 @@ from data_prep.preprocess import preprocess_case
 from dgseg.constants import MODALITIES
 from dgseg.distributed import DEVICES
 from dgseg.logging_utils import Progress
-from dgseg.predict import ProbFn, load_predictor, predict_to_file
 from dgseg.precision import AMP_CHOICES, describe, resolve_amp
+from dgseg.predict import ProbFn, load_predictor, predict_to_file
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

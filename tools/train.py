@@ -60,8 +60,8 @@ from dgseg.losses import SegLoss
 from dgseg.models import build_model as build_network
 from dgseg.optim import build_optimizer as make_optimizer
 from dgseg.optim import build_scheduler
-from dgseg.viz import plot_curves
 from dgseg.precision import describe, resolve_amp
+from dgseg.viz import plot_curves
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -40,7 +40,7 @@ def check_kernel_sizes(kernel_sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_generator(image: torch.Tensor, generator: torch.Generator) -> None:
-    """ValueError unless ``generator`` lives on ``image``'s device type (it draws on that device)."""
+    """ValueError unless ``generator`` is on ``image``'s device type (it draws on that device)."""
     if generator.device.type != image.device.type:
         raise ValueError(
             f"generator is on {generator.device}, image on {image.device}: they must match"
