@@ -96,10 +96,18 @@ def _read_patches(f: h5py.File, ids, starts, patch: int) -> None:
         f[cid]["t2"].read_direct(box, source_sel=sel)
 
 
-def bench_storage(work_dir: Path | str | None = None, *, input_dir: Path | str | None = None,
-                  n_cases: int = 4,
-                  shape: Sequence[int] = (240, 240, 155), size: int = 128, patch: int = 96,
-                  repeats: int = 5, seed: int = 0, variants=STORAGE_VARIANTS) -> dict:
+def bench_storage(
+    work_dir: Path | str | None = None,
+    *,
+    input_dir: Path | str | None = None,
+    n_cases: int = 4,
+    shape: Sequence[int] = (240, 240, 155),
+    size: int = 128,
+    patch: int = 96,
+    repeats: int = 5,
+    seed: int = 0,
+    variants=STORAGE_VARIANTS,
+) -> dict:
     """Per storage option: MiB per case, write s per case, read ms (1 modality, 4, a patch)."""
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
@@ -107,20 +115,30 @@ def bench_storage(work_dir: Path | str | None = None, *, input_dir: Path | str |
         prepared = [preprocess_case(load_raw_case(r, stack=False), size) for r in raws]
         meta = {"patient": "", "layout": "", "source_files": {}, "source_sha256": {}}
         rng = np.random.default_rng(seed)
-        out: dict = {"n_cases": len(prepared), "stored_shape": list(prepared[0].images.shape[1:]),
-                     "variants": {}}
+        out: dict = {
+            "n_cases": len(prepared),
+            "stored_shape": list(prepared[0].images.shape[1:]),
+            "variants": {},
+        }
         for name, compression, chunks in variants:
             path = work / f"{name.replace('/', '_')}.h5"
             t = time.perf_counter()
-            with ShardWriter(path, plan=[], fingerprint={}, compression=compression,
-                             chunks=chunks, label_compression=compression) as w:
+            with ShardWriter(
+                path,
+                plan=[],
+                fingerprint={},
+                compression=compression,
+                chunks=chunks,
+                label_compression=compression,
+            ) as w:
                 for p in prepared:
                     w.add_case(p, {**meta, "patient": p.case_id})
             write_s = (time.perf_counter() - t) / len(prepared)
             ids = [p.case_id for p in prepared]
             d, h, wd = out["stored_shape"]
-            starts = [tuple(int(rng.integers(0, max(1, s - patch + 1))) for s in (d, h, wd))
-                      for _ in ids]
+            starts = [
+                tuple(int(rng.integers(0, max(1, s - patch + 1))) for s in (d, h, wd)) for _ in ids
+            ]
             with h5py.File(path, "r") as f:
                 read_one = partial(_read_volumes, f, ids, ("t2",), with_label=False)
                 read_all = partial(_read_volumes, f, ids, MODALITIES, with_label=True)
@@ -145,8 +163,10 @@ class _NiftiBaseline:
 
     def load(self, i: int):
         raw = self.raws[i]
-        vols = {m: np.asanyarray(nib.load(str(raw.files[m])).dataobj) for m in
-                dict.fromkeys(self.modalities)}
+        vols = {
+            m: np.asanyarray(nib.load(str(raw.files[m])).dataobj)
+            for m in dict.fromkeys(self.modalities)
+        }
         lab = np.asanyarray(nib.load(str(raw.label_file)).dataobj)
         lab = convert_labels(lab, raw.label_convention)
         nz = np.any([v != 0 for v in vols.values()], axis=0)  # (X, Y, Z) brain of these channels
@@ -172,24 +192,38 @@ def _shard_epochs(ds: ShardDataset, idx, epochs: int) -> None:
             ds[i]
 
 
-def _nifti_epochs(ds: ShardDataset, base: _NiftiBaseline, idx, epochs: int, seed: int,
-                  kw: dict) -> None:
+def _nifti_epochs(
+    ds: ShardDataset, base: _NiftiBaseline, idx, epochs: int, seed: int, kw: dict
+) -> None:
     """The same samples as ``_shard_epochs``, loaded from NIfTI and augmented alike."""
     for e in range(epochs):
         for j, i in enumerate(idx):
             img, lab = base.load(j)
             g = torch.Generator().manual_seed(seed + e * 1000 + i)
             kind = ds.domains[ds.case_ids[i]] if kw.get("bezier") == "partition" else 0
-            img, lab = augment(img, lab, g, curve=kind, flip=kw.get("flip", False),
-                               rot90=kw.get("rot90", False),
-                               rotation_degrees=kw.get("rotation_degrees", 0.0))
+            img, lab = augment(
+                img,
+                lab,
+                g,
+                curve=kind,
+                flip=kw.get("flip", False),
+                rot90=kw.get("rot90", False),
+                rotation_degrees=kw.get("rotation_degrees", 0.0),
+            )
             region_channels(lab)
 
 
-def bench_loader(work_dir: Path | str | None = None, *, input_dir: Path | str | None = None,
-                 n_cases: int = 4,
-                 shape: Sequence[int] = (240, 240, 155), size: int = 128,
-                 modalities: Sequence[str] = ("t2",), epochs: int = 2, seed: int = 0) -> dict:
+def bench_loader(
+    work_dir: Path | str | None = None,
+    *,
+    input_dir: Path | str | None = None,
+    n_cases: int = 4,
+    shape: Sequence[int] = (240, 240, 155),
+    size: int = 128,
+    modalities: Sequence[str] = ("t2",),
+    epochs: int = 2,
+    seed: int = 0,
+) -> dict:
     """Samples/s of ``ShardDataset`` vs a NIfTI.gz loader, without and with augmentation.
 
     "io": no transforms (pure loading); "aug": Bezier partition curves + flips + 90-degree turns
@@ -204,14 +238,19 @@ def bench_loader(work_dir: Path | str | None = None, *, input_dir: Path | str | 
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
         src_dir, raws = _raw_cases(input_dir, work, n_cases, shape, seed)
-        res = prepare(src_dir, work / "prepared", size=size, workers=1, split=(1.0, 0.0, 0.0),
-                      progress=False)
+        res = prepare(
+            src_dir, work / "prepared", size=size, workers=1, split=(1.0, 0.0, 0.0), progress=False
+        )
         if not res.prepared:
             raise ValueError(f"nothing prepared from {src_dir}: {res.skipped}")
         raws = [r for r in raws if r.case_id in set(res.prepared) and r.has_label]
         base = _NiftiBaseline(raws, modalities, size)
-        out: dict = {"n_cases": len(raws), "epochs": epochs, "modalities": list(modalities),
-                     "size": size}
+        out: dict = {
+            "n_cases": len(raws),
+            "epochs": epochs,
+            "modalities": list(modalities),
+            "size": size,
+        }
         for name, kw in settings.items():
             ds = ShardDataset(work / "prepared", "train", modalities, seed=seed, **kw)
             order = {cid: i for i, cid in enumerate(ds.case_ids)}
@@ -246,19 +285,29 @@ def _prepare_one(raw, size: int, shard: Path) -> tuple:
     t += [time.perf_counter()]
     prepared = preprocess_case(loaded, size)
     t += [time.perf_counter()]
-    meta = {"patient": raw.patient_id, "layout": raw.layout,
-            "label_convention": raw.label_convention,
-            "source_files": {r: raw.rel(p) for r, p in raw.source_files()},
-            "source_sha256": loaded.source_sha256}
+    meta = {
+        "patient": raw.patient_id,
+        "layout": raw.layout,
+        "label_convention": raw.label_convention,
+        "source_files": {r: raw.rel(p) for r, p in raw.source_files()},
+        "source_sha256": loaded.source_sha256,
+    }
     with ShardWriter(shard, plan=[], fingerprint={}, **STORAGE_DEFAULTS) as w:
         w.add_case(prepared, meta)
     t += [time.perf_counter(), time.process_time()]
     return t[4] - t[0], t[5] - t[1], t[2] - t[0], t[3] - t[2], t[4] - t[3]
 
 
-def bench_prepare(work_dir: Path | str | None = None, *, input_dir: Path | str | None = None,
-                  n_cases: int = 3, shape: Sequence[int] = (240, 240, 155), size: int = 128,
-                  repeats: int = 3, seed: int = 0) -> dict:
+def bench_prepare(
+    work_dir: Path | str | None = None,
+    *,
+    input_dir: Path | str | None = None,
+    n_cases: int = 3,
+    shape: Sequence[int] = (240, 240, 155),
+    size: int = 128,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict:
     """Seconds per case: full preparation (one process) vs reading + gunzipping its five files.
 
     Wall-clock and CPU-time ratios both: on a shared machine the CPU ratio is the steadier one
@@ -279,8 +328,9 @@ def bench_prepare(work_dir: Path | str | None = None, *, input_dir: Path | str |
                 bare_wall.append(_median_time(decompress, 1))
                 bare_cpu.append(time.process_time() - c)
             runs = [prepare_one() for _ in range(repeats)]
-            rows.append((med(bare_wall), med(bare_cpu), *[med(r[j] for r in runs)
-                                                          for j in range(5)]))
+            rows.append(
+                (med(bare_wall), med(bare_cpu), *[med(r[j] for r in runs) for j in range(5)])
+            )
         col = [med(r[j] for r in rows) for j in range(7)]
         return {
             "n_cases": len(raws),

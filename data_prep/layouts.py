@@ -53,8 +53,16 @@ _INV_2023 = {v: k for k, v in _TOKENS_2023.items()}
 
 # MSD Task01 dataset.json: {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}.
 MSD_DEFAULT_ORDER = ("flair", "t1", "t1ce", "t2")
-_MSD_NAMES = {"flair": "flair", "t1w": "t1", "t1": "t1", "t1gd": "t1ce", "t1ce": "t1ce",
-              "t1c": "t1ce", "t2w": "t2", "t2": "t2"}
+_MSD_NAMES = {
+    "flair": "flair",
+    "t1w": "t1",
+    "t1": "t1",
+    "t1gd": "t1ce",
+    "t1ce": "t1ce",
+    "t1c": "t1ce",
+    "t2w": "t2",
+    "t2": "t2",
+}
 
 _NIFTI = re.compile(r"^(?P<stem>.+)\.nii(\.gz)?$", re.IGNORECASE)
 
@@ -144,8 +152,14 @@ def _msd_order(folder: Path) -> tuple[str, ...]:
     return MSD_DEFAULT_ORDER
 
 
-def _discover_msd(root: Path, folder: Path, subdirs: set[str], entries: list,
-                  problems: list, use_labels: bool = True) -> None:
+def _discover_msd(
+    root: Path,
+    folder: Path,
+    subdirs: set[str],
+    entries: list,
+    problems: list,
+    use_labels: bool = True,
+) -> None:
     """MSD cases under ``folder`` as (id, location, case or None, reason or None) entries."""
     order = _msd_order(folder)
     for images, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
@@ -173,15 +187,28 @@ def _discover_msd(root: Path, folder: Path, subdirs: set[str], entries: list,
             label = None
             if lab_names is not None:
                 if name not in lab_names:
-                    entries.append((stem, loc, None,
-                                    f"missing label file {_rel(root, lab_dir / name)}"))
+                    entries.append(
+                        (stem, loc, None, f"missing label file {_rel(root, lab_dir / name)}")
+                    )
                     continue
                 label = lab_dir / name
-            entries.append((stem, loc, RawCase(
-                case_id=stem, layout="msd", files={"4d": img_dir / name}, label_file=label,
-                label_convention="msd" if label is not None else None, channel_order=order,
-                patient_id=stem, root=root,
-            ), None))
+            entries.append(
+                (
+                    stem,
+                    loc,
+                    RawCase(
+                        case_id=stem,
+                        layout="msd",
+                        files={"4d": img_dir / name},
+                        label_file=label,
+                        label_convention="msd" if label is not None else None,
+                        channel_order=order,
+                        patient_id=stem,
+                        root=root,
+                    ),
+                    None,
+                )
+            )
 
 
 def _rel(root: Path, p: Path) -> str:
@@ -191,9 +218,14 @@ def _rel(root: Path, p: Path) -> str:
         return p.as_posix()
 
 
-def _folder_entry(root: Path, folder: Path, scheme: str | None, mods: dict[str, list[Path]],
-                  labelled: bool, required: tuple[str, ...]
-                  ) -> tuple[str, str, RawCase | None, str | None]:
+def _folder_entry(
+    root: Path,
+    folder: Path,
+    scheme: str | None,
+    mods: dict[str, list[Path]],
+    labelled: bool,
+    required: tuple[str, ...],
+) -> tuple[str, str, RawCase | None, str | None]:
     """(id, location, case or None, reason or None) of one BraTS case folder."""
     cid, loc = folder.name, _rel(root, folder)
     if scheme is None:
@@ -214,10 +246,20 @@ def _folder_entry(root: Path, folder: Path, scheme: str | None, mods: dict[str, 
         layout = "brats2020"  # same names and labels; the 2020 ids read BraTS20_Training_001
     label = mods["seg"][0] if labelled and "seg" in mods else None
     conv = None if label is None else ("brats2023" if scheme == "brats2023" else "brats2021")
-    return cid, loc, RawCase(
-        case_id=cid, layout=layout, files={m: mods[m][0] for m in required}, label_file=label,
-        label_convention=conv, patient_id=patient_id(cid, layout), root=root,
-    ), None
+    return (
+        cid,
+        loc,
+        RawCase(
+            case_id=cid,
+            layout=layout,
+            files={m: mods[m][0] for m in required},
+            label_file=label,
+            label_convention=conv,
+            patient_id=patient_id(cid, layout),
+            root=root,
+        ),
+        None,
+    )
 
 
 def discover_cases(
@@ -261,8 +303,9 @@ def discover_cases(
         subdirs = set(dirnames)
         if "imagesTr" in subdirs or "imagesTs" in subdirs:
             _discover_msd(root, here, subdirs, msd_entries, problems, labels)
-            dirnames[:] = [d for d in dirnames if d not in
-                           ("imagesTr", "imagesTs", "labelsTr", "labelsTs")]
+            dirnames[:] = [
+                d for d in dirnames if d not in ("imagesTr", "imagesTs", "labelsTr", "labelsTs")
+            ]
         by_mod: dict[str, list[Path]] = defaultdict(list)
         schemes = set()
         for name in sorted(filenames):

@@ -144,8 +144,10 @@ def _check_geometry(ref_name: str, ref_shape, ref_aff, name: str, shape, aff) ->
         raise CaseError(f"shape mismatch: {ref_name} {tuple(ref_shape)} vs {name} {tuple(shape)}")
     diff = float(np.max(np.abs(np.asarray(aff) - np.asarray(ref_aff))))
     if not np.isfinite(diff) or diff > AFFINE_ATOL:
-        raise CaseError(f"affine mismatch: {ref_name} vs {name} differ by {diff:.4g} "
-                        f"(tolerance {AFFINE_ATOL} mm)")
+        raise CaseError(
+            f"affine mismatch: {ref_name} vs {name} differ by {diff:.4g} "
+            f"(tolerance {AFFINE_ATOL} mm)"
+        )
 
 
 def _check_finite(arr: np.ndarray, what: str) -> None:
@@ -167,14 +169,18 @@ def _convert_label(lab: np.ndarray, convention: str, what: str) -> np.ndarray:
     lo, hi = (lab.min(), lab.max()) if lab.size else (0, 0)
     if lo < 0 or hi > 255:
         bad = sorted({int(v) for v in (lo, hi) if v < 0 or v > 255})
-        raise CaseError(f"{what}: unknown label values {bad} for the {convention} convention "
-                        f"(allowed {sorted(table)})")
+        raise CaseError(
+            f"{what}: unknown label values {bad} for the {convention} convention "
+            f"(allowed {sorted(table)})"
+        )
     lab8 = lab if lab.dtype == np.uint8 else lab.astype(np.uint8)  # order kept (Fortran)
     counts = np.bincount(lab8.reshape(-1, order="A"), minlength=256)  # no copy; np.unique sorts
     bad = [v for v in np.flatnonzero(counts).tolist() if v not in table]
     if bad:
-        raise CaseError(f"{what}: unknown label values {bad} for the {convention} convention "
-                        f"(allowed {sorted(table)})")
+        raise CaseError(
+            f"{what}: unknown label values {bad} for the {convention} convention "
+            f"(allowed {sorted(table)})"
+        )
     if all(k == v for k, v in table.items()):
         return lab8
     lut = np.zeros(256, np.uint8)
@@ -183,8 +189,13 @@ def _convert_label(lab: np.ndarray, convention: str, what: str) -> np.ndarray:
     return lut[lab8.T].T  # (X, Y, Z) uint8; through .T so a Fortran array is read in order
 
 
-def load_raw_case(raw: RawCase, *, dtype: np.dtype | None = np.float32,
-                  stack: bool = True, modalities: Sequence[str] = MODALITIES) -> LoadedCase:
+def load_raw_case(
+    raw: RawCase,
+    *,
+    dtype: np.dtype | None = np.float32,
+    stack: bool = True,
+    modalities: Sequence[str] = MODALITIES,
+) -> LoadedCase:
     """Load, check and label-normalise one case.
 
     Args:
@@ -210,8 +221,10 @@ def load_raw_case(raw: RawCase, *, dtype: np.dtype | None = np.float32,
         name = raw.rel(path)
         arr, img, sha["4d"] = read_nifti(path, name=name)
         if arr.ndim != 4 or arr.shape[3] != len(MODALITIES):
-            raise CaseError(f"{name}: expected a 4D image with {len(MODALITIES)} channels, got "
-                            f"shape {tuple(arr.shape)}")
+            raise CaseError(
+                f"{name}: expected a 4D image with {len(MODALITIES)} channels, got "
+                f"shape {tuple(arr.shape)}"
+            )
         order = raw.channel_order or MSD_DEFAULT_ORDER
         arrays = [arr[..., order.index(m)] for m in modalities]  # (X, Y, Z) views
         ref_name, ref_aff = name, img.affine
@@ -255,7 +268,11 @@ def load_raw_case(raw: RawCase, *, dtype: np.dtype | None = np.float32,
     else:
         images = tuple(arrays)
     return LoadedCase(
-        case_id=raw.case_id, images=images, label=label,
-        affine=np.asarray(ref_aff, dtype=np.float64), spacing=spacing, source_sha256=sha,
+        case_id=raw.case_id,
+        images=images,
+        label=label,
+        affine=np.asarray(ref_aff, dtype=np.float64),
+        spacing=spacing,
+        source_sha256=sha,
         modalities=modalities,
     )

@@ -136,8 +136,9 @@ class _ShardTask:
     raws: dict[str, RawCase]
 
 
-def plan_shards(cases: Sequence[RawCase], problems: Sequence[tuple[str, str]],
-                cases_per_shard: int) -> list[_ShardTask]:
+def plan_shards(
+    cases: Sequence[RawCase], problems: Sequence[tuple[str, str]], cases_per_shard: int
+) -> list[_ShardTask]:
     """Group all ids (usable and not) into shards: sorted ids cut every ``cases_per_shard``."""
     if int(cases_per_shard) != cases_per_shard or cases_per_shard < 1:
         raise ValueError(f"cases_per_shard must be a positive integer, got {cases_per_shard!r}")
@@ -148,7 +149,7 @@ def plan_shards(cases: Sequence[RawCase], problems: Sequence[tuple[str, str]],
     ids = sorted(set(by_id) | set(reasons))
     tasks = []
     for i in range(0, len(ids), cases_per_shard):
-        chunk = ids[i: i + cases_per_shard]
+        chunk = ids[i : i + cases_per_shard]
         plan, raws = [], {}
         for cid in chunk:
             if cid in reasons:
@@ -161,8 +162,9 @@ def plan_shards(cases: Sequence[RawCase], problems: Sequence[tuple[str, str]],
     return tasks
 
 
-def _plan_eval_boxes(tasks: list[_ShardTask], cases: Sequence[RawCase], split: Sequence[float],
-                     seed: int) -> None:
+def _plan_eval_boxes(
+    tasks: list[_ShardTask], cases: Sequence[RawCase], split: Sequence[float], seed: int
+) -> None:
     """Mark the plan entries of future val/test cases ``"size": "full"`` (whole brain box).
 
     The mark is part of the plan, hence of the shard's plan hash: a shard whose cases change
@@ -187,12 +189,14 @@ def _init_worker(queue) -> None:
     _PROGRESS_QUEUE = queue
 
 
-def _build_shard(out_dir: str, task: _ShardTask, fingerprint: dict, size, storage: dict,
-                 progress=None) -> tuple[list[dict], list[dict]]:
+def _build_shard(
+    out_dir: str, task: _ShardTask, fingerprint: dict, size, storage: dict, progress=None
+) -> tuple[list[dict], list[dict]]:
     """Prepare every case of one shard and publish the shard; returns (records, skipped)."""
     tick = progress or (lambda ok: _PROGRESS_QUEUE.put(ok) if _PROGRESS_QUEUE else None)
-    with ShardWriter(Path(out_dir) / task.rel, plan=task.plan, fingerprint=fingerprint,
-                     **storage) as w:
+    with ShardWriter(
+        Path(out_dir) / task.rel, plan=task.plan, fingerprint=fingerprint, **storage
+    ) as w:
         for entry in task.plan:
             cid = entry["id"]
             if "problem" in entry:
@@ -228,8 +232,9 @@ def _build_shard(out_dir: str, task: _ShardTask, fingerprint: dict, size, storag
 # Parent side
 
 
-def assign_splits(patients: dict[str, str], fractions: Sequence[float], seed: int
-                  ) -> dict[str, str]:
+def assign_splits(
+    patients: dict[str, str], fractions: Sequence[float], seed: int
+) -> dict[str, str]:
     """Case id -> "train" | "val" | "test", patient-level and deterministic from ``seed``.
 
     Patients are ordered by SHA-256 of ``"<seed>:<patient>"``; the first ``n_test`` are test, the
@@ -238,8 +243,10 @@ def assign_splits(patients: dict[str, str], fractions: Sequence[float], seed: in
     """
     fr = [float(f) for f in fractions]
     if len(fr) != 3 or any(f < 0 or not math.isfinite(f) for f in fr) or abs(sum(fr) - 1) > 1e-6:
-        raise ValueError(f"split must be three non-negative fractions summing to 1 "
-                         f"(train val test), got {list(fractions)}")
+        raise ValueError(
+            f"split must be three non-negative fractions summing to 1 "
+            f"(train val test), got {list(fractions)}"
+        )
     pids = sorted(set(patients.values()))
     n = len(pids)
     raw = [f * n for f in fr]
@@ -260,8 +267,12 @@ def assign_splits(patients: dict[str, str], fractions: Sequence[float], seed: in
 
 
 def _fingerprint(size, storage: dict) -> dict:
-    return {"shard_version": SHARD_VERSION, "preprocess_version": PREPROCESS_VERSION,
-            "size": size, **storage}
+    return {
+        "shard_version": SHARD_VERSION,
+        "preprocess_version": PREPROCESS_VERSION,
+        "size": size,
+        **storage,
+    }
 
 
 class _Tally:
@@ -278,19 +289,26 @@ class _Tally:
         self.bar.show()
 
 
-def _run_tasks(out_dir: Path, tasks: list[_ShardTask], fingerprint: dict, size, storage: dict,
-               workers: int, progress: _Tally) -> tuple[dict[int, tuple], dict[int, str]]:
+def _run_tasks(
+    out_dir: Path,
+    tasks: list[_ShardTask],
+    fingerprint: dict,
+    size,
+    storage: dict,
+    workers: int,
+    progress: _Tally,
+) -> tuple[dict[int, tuple], dict[int, str]]:
     """Build shards; returns ({index: (records, skipped)}, {index: failure reason})."""
     results: dict[int, tuple] = {}
     failures: dict[int, str] = {}
     if workers <= 1 or len(tasks) <= 1:
         for t in tasks:
             try:
-                results[t.index] = _build_shard(str(out_dir), t, fingerprint, size, storage,
-                                                progress=progress.tick)
+                results[t.index] = _build_shard(
+                    str(out_dir), t, fingerprint, size, storage, progress=progress.tick
+                )
             except Exception as e:  # e.g. disk full while writing the shard
-                failures[t.index] = _one_line(f"shard {t.rel} not written: "
-                                              f"{type(e).__name__}: {e}")
+                failures[t.index] = _one_line(f"shard {t.rel} not written: {type(e).__name__}: {e}")
         return results, failures
 
     todo = list(tasks)
@@ -300,10 +318,13 @@ def _run_tasks(out_dir: Path, tasks: list[_ShardTask], fingerprint: dict, size, 
         ctx = mp.get_context("spawn")  # no forked copies of the caller's threads / h5py state
         queue = ctx.Queue()
         broken: list[_ShardTask] = []
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(queue,)) as ex:
-            futs = {ex.submit(_build_shard, str(out_dir), t, fingerprint, size, storage): t
-                    for t in todo}
+        with ProcessPoolExecutor(
+            min(workers, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(queue,)
+        ) as ex:
+            futs = {
+                ex.submit(_build_shard, str(out_dir), t, fingerprint, size, storage): t
+                for t in todo
+            }
             pending = set(futs)
             while pending:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -320,8 +341,9 @@ def _run_tasks(out_dir: Path, tasks: list[_ShardTask], fingerprint: dict, size, 
                     except BrokenProcessPool:
                         broken.append(t)
                     except Exception as e:
-                        failures[t.index] = _one_line(f"shard {t.rel} not written: "
-                                                      f"{type(e).__name__}: {e}")
+                        failures[t.index] = _one_line(
+                            f"shard {t.rel} not written: {type(e).__name__}: {e}"
+                        )
         while not queue.empty():
             try:
                 progress.tick(queue.get_nowait())
@@ -333,14 +355,25 @@ def _run_tasks(out_dir: Path, tasks: list[_ShardTask], fingerprint: dict, size, 
     return results, failures
 
 
-def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None = 128,
-            workers: int = 1, seed: int = 0, split: Sequence[float] = (0.7, 0.1, 0.2),
-            cases_per_shard: int = 8, compression: str = STORAGE_DEFAULTS["compression"],
-            chunks: str | int | None = None,
-            label_compression: str = STORAGE_DEFAULTS["label_compression"],
-            verify: bool = False, strict: bool = False, progress: bool = True,
-            split_file: Path | str | None = None, folds: int | None = None,
-            eval_size: str = "same") -> PrepareResult:
+def prepare(
+    input_dir: Path | str,
+    output_dir: Path | str,
+    *,
+    size: int | None = 128,
+    workers: int = 1,
+    seed: int = 0,
+    split: Sequence[float] = (0.7, 0.1, 0.2),
+    cases_per_shard: int = 8,
+    compression: str = STORAGE_DEFAULTS["compression"],
+    chunks: str | int | None = None,
+    label_compression: str = STORAGE_DEFAULTS["label_compression"],
+    verify: bool = False,
+    strict: bool = False,
+    progress: bool = True,
+    split_file: Path | str | None = None,
+    folds: int | None = None,
+    eval_size: str = "same",
+) -> PrepareResult:
     """Prepare every case of ``input_dir`` into shards under ``output_dir`` (see module doc).
 
     Args:
@@ -383,20 +416,26 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
     if eval_size not in EVAL_SIZES:
         raise ValueError(f"eval_size must be one of {EVAL_SIZES}, got {eval_size!r}")
     dataset_kwargs((2, 2, 2), compression=compression, chunks=chunks)  # and the storage options
-    dataset_kwargs((2, 2, 2), compression=label_compression,
-                   chunks="volume" if label_compression != "none" else chunks)
+    dataset_kwargs(
+        (2, 2, 2),
+        compression=label_compression,
+        chunks="volume" if label_compression != "none" else chunks,
+    )
     out = Path(output_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out / "shards")
     remove_stale_temps(out)
-    storage = {"compression": compression, "chunks": chunks,
-               "label_compression": label_compression}
+    storage = {"compression": compression, "chunks": chunks, "label_compression": label_compression}
     fingerprint = _fingerprint(size, storage)
 
     cases, problems = discover_cases(input_dir)
     if mapping is not None:  # unknown / missing ids: refuse before any work
-        check_split_ids(mapping, {c.case_id for c in cases} | {cid for cid, _ in problems},
-                        {c.case_id for c in cases if c.has_label}, f"split file {split_file}")
+        check_split_ids(
+            mapping,
+            {c.case_id for c in cases} | {cid for cid, _ in problems},
+            {c.case_id for c in cases if c.has_label},
+            f"split file {split_file}",
+        )
     tasks = plan_shards(cases, problems, cases_per_shard)
     if eval_size == "full" and size is not None:
         _plan_eval_boxes(tasks, cases, split, seed)
@@ -406,8 +445,9 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
     todo: list[_ShardTask] = []
     for t in tasks:
         try:
-            results[t.index] = check_shard(out / t.rel, plan=t.plan, fingerprint=fingerprint,
-                                           deep=verify)
+            results[t.index] = check_shard(
+                out / t.rel, plan=t.plan, fingerprint=fingerprint, deep=verify
+            )
         except ShardInvalid:
             todo.append(t)
     reused = [t.rel for t in tasks if t.index in results]
@@ -419,8 +459,7 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
 
     if todo:  # an old manifest would describe shards about to change: readers must not trust it
         (out / "manifest.json").unlink(missing_ok=True)
-    bar = Progress(sum(len(t.plan) for t in todo), label="prepare:", unit="cases",
-                   enabled=progress)
+    bar = Progress(sum(len(t.plan) for t in todo), label="prepare:", unit="cases", enabled=progress)
     bar.show(force=True)
     built, failures = _run_tasks(out, todo, fingerprint, size, storage, workers, _Tally(bar))
     bar.close()
@@ -448,24 +487,28 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
     else:
         splits, fold_of = splits_from_file(mapping, labelled, f"split file {split_file}")
     if folds is not None:
-        fold_of = assign_folds({c: p for c, p in labelled.items() if splits[c] != "test"},
-                               folds, seed)
+        fold_of = assign_folds(
+            {c: p for c, p in labelled.items() if splits[c] != "test"}, folds, seed
+        )
     for r in records:
         r["split"] = splits.get(r["id"], "unlabelled")
         r.pop("fold", None)
         if r["id"] in fold_of:
             r["fold"] = fold_of[r["id"]]
-    counts = {s: sum(r["split"] == s for r in records) for s in ("train", "val", "test",
-                                                                 "unlabelled")}
+    counts = {
+        s: sum(r["split"] == s for r in records) for s in ("train", "val", "test", "unlabelled")
+    }
     split_params = {"split_source": "seed" if mapping is None else "file"}
     if mapping is not None:
         split_params["split_file"] = Path(split_file).name
-        split_params["split_file_sha256"] = hashlib.sha256(Path(split_file).read_bytes()
-                                                           ).hexdigest()
+        split_params["split_file_sha256"] = hashlib.sha256(
+            Path(split_file).read_bytes()
+        ).hexdigest()
     if fold_of:
         split_params["folds"] = max(fold_of.values()) + 1
-        split_params["fold_counts"] = [sum(f == k for f in fold_of.values())
-                                       for k in range(split_params["folds"])]
+        split_params["fold_counts"] = [
+            sum(f == k for f in fold_of.values()) for k in range(split_params["folds"])
+        ]
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -483,7 +526,7 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
             "shard_version": SHARD_VERSION,
             "zscore": "per modality over its own nonzero voxels, float32, background 0",
             "crop": "joint nonzero box of all modalities, centred crop/pad to size"
-                    + ("; val/test: the whole box" if eval_size == "full" and size else ""),
+            + ("; val/test: the whole box" if eval_size == "full" and size else ""),
         },
         "modalities": list(MODALITIES),
         "label_convention": "brats2021",
@@ -494,9 +537,13 @@ def prepare(input_dir: Path | str, output_dir: Path | str, *, size: int | None =
     atomic_write_text(out / "manifest.json", _dump_manifest(manifest))
     atomic_write_json(out / "skipped.json", dict(sorted(skipped.items())))
 
-    res = PrepareResult(output=out, prepared=[r["id"] for r in records], skipped=skipped,
-                        shards_built=[t.rel for t in todo if t.index in built],
-                        shards_reused=reused)
+    res = PrepareResult(
+        output=out,
+        prepared=[r["id"] for r in records],
+        skipped=skipped,
+        shards_built=[t.rel for t in todo if t.index in built],
+        shards_reused=reused,
+    )
     if verify:
         res.verify_errors = verify_output(out)
     failed_write = bool(failures)
@@ -515,8 +562,9 @@ def _dump_manifest(manifest: dict) -> str:
         value = manifest[key]
         if key in ("cases", "shards") and value:
             lines.append(f" {json.dumps(key)}: [")
-            lines += [f"  {json.dumps(v)}{',' if j < len(value) - 1 else ''}"
-                      for j, v in enumerate(value)]
+            lines += [
+                f"  {json.dumps(v)}{',' if j < len(value) - 1 else ''}" for j, v in enumerate(value)
+            ]
             lines.append(f" ]{comma}")
         else:
             lines.append(f" {json.dumps(key)}: {json.dumps(value)}{comma}")
@@ -528,8 +576,10 @@ _KEY_ORDER = ("id", "patient", "split", "fold", "shard", "layout", "has_label")
 
 
 def _ordered(rec: dict) -> dict:
-    return {**{k: rec[k] for k in _KEY_ORDER if k in rec},
-            **{k: v for k, v in rec.items() if k not in _KEY_ORDER}}
+    return {
+        **{k: rec[k] for k in _KEY_ORDER if k in rec},
+        **{k: v for k, v in rec.items() if k not in _KEY_ORDER},
+    }
 
 
 def verify_output(output_dir: Path | str) -> list[str]:

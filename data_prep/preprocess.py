@@ -182,8 +182,13 @@ def preprocess_case(loaded: LoadedCase, size: int | Sequence[int] | None = 128) 
             label[ldst] = loaded.label[lsrc]
 
     return PreparedCase(
-        case_id=loaded.case_id, images=out, label=label, offset=offset,
-        bbox_start=start, bbox_stop=stop, original_shape=shape,
+        case_id=loaded.case_id,
+        images=out,
+        label=label,
+        offset=offset,
+        bbox_start=start,
+        bbox_stop=stop,
+        original_shape=shape,
         affine=np.asarray(loaded.affine, np.float64),
         spacing=np.asarray(loaded.spacing, np.float64),
         modalities=names,

@@ -76,16 +76,18 @@ def shard_name(index: int) -> str:
     return f"shards/shard-{index:05d}.h5"
 
 
-def dataset_kwargs(shape: Sequence[int], *, compression: str, chunks: str | int,
-                   dtype=np.float32) -> dict:
+def dataset_kwargs(
+    shape: Sequence[int], *, compression: str, chunks: str | int, dtype=np.float32
+) -> dict:
     """h5py ``create_dataset`` keywords for one (D, H, W) array of ``dtype``."""
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
     kw: dict[str, Any] = {}
     if chunks == "contiguous":
         if compression != "none":
-            raise ValueError("chunks='contiguous' needs compression='none' (HDF5 filters need "
-                             "chunks)")
+            raise ValueError(
+                "chunks='contiguous' needs compression='none' (HDF5 filters need chunks)"
+            )
         return kw
     if chunks == "volume":
         kw["chunks"] = tuple(int(s) for s in shape)
@@ -134,10 +136,16 @@ class ShardWriter:
         # committed on a clean exit, discarded on an exception
     """
 
-    def __init__(self, path: Path | str, *, plan: list[dict], fingerprint: dict,
-                 compression: str = STORAGE_DEFAULTS["compression"],
-                 chunks: str | int = STORAGE_DEFAULTS["chunks"],
-                 label_compression: str = STORAGE_DEFAULTS["label_compression"]) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        plan: list[dict],
+        fingerprint: dict,
+        compression: str = STORAGE_DEFAULTS["compression"],
+        chunks: str | int = STORAGE_DEFAULTS["chunks"],
+        label_compression: str = STORAGE_DEFAULTS["label_compression"],
+    ) -> None:
         self.path = Path(path)
         self.plan = plan
         self.fingerprint = fingerprint
@@ -199,9 +207,16 @@ class ShardWriter:
             g.create_dataset(m, data=arrays[m], **kw)
         if case.label is not None:
             arrays["label"] = case.label
-            g.create_dataset("label", data=case.label, **dataset_kwargs(
-                shape, compression=self.label_compression, chunks=self._label_chunks(),
-                dtype=np.uint8))
+            g.create_dataset(
+                "label",
+                data=case.label,
+                **dataset_kwargs(
+                    shape,
+                    compression=self.label_compression,
+                    chunks=self._label_chunks(),
+                    dtype=np.uint8,
+                ),
+            )
         record = {
             "id": case.case_id,
             "patient": meta["patient"],
@@ -256,9 +271,14 @@ def _attr_str(attrs, key: str) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def check_shard(path: Path | str, *, plan: list[dict] | None = None,
-                fingerprint: dict | None = None, deep: bool = False,
-                expected: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
+def check_shard(
+    path: Path | str,
+    *,
+    plan: list[dict] | None = None,
+    fingerprint: dict | None = None,
+    deep: bool = False,
+    expected: dict[str, str] | None = None,
+) -> tuple[list[dict], list[dict]]:
     """Open a shard and check it; returns (case records, skipped entries).
 
     Args:
@@ -284,8 +304,9 @@ def check_shard(path: Path | str, *, plan: list[dict] | None = None,
             ids = json.loads(_attr_str(a, "cases"))
             skipped = json.loads(_attr_str(a, "skipped"))
             if expected is not None and sorted(ids) != sorted(expected):
-                raise ShardInvalid(f"{path.name}: holds cases {sorted(ids)}, manifest says "
-                                   f"{sorted(expected)}")
+                raise ShardInvalid(
+                    f"{path.name}: holds cases {sorted(ids)}, manifest says {sorted(expected)}"
+                )
             records = []
             for cid in ids:
                 if cid not in f:
@@ -301,8 +322,9 @@ def check_shard(path: Path | str, *, plan: list[dict] | None = None,
                     got = stored_checksum({n: g[n][()] for n in names})
                     bad = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))
                     if bad:
-                        raise ShardInvalid(f"{path.name}: {cid} stored data checksum mismatch "
-                                           f"({', '.join(bad)})")
+                        raise ShardInvalid(
+                            f"{path.name}: {cid} stored data checksum mismatch ({', '.join(bad)})"
+                        )
                 records.append(rec)
     except ShardInvalid:
         raise

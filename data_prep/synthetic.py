@@ -49,9 +49,9 @@ LAYOUTS = ("brats2021", "brats2020", "brats2023", "msd", "unlabelled")
 # with bright edema and fluid-filled necrosis; FLAIR is T2 with CSF suppressed, edema brightest.
 CONTRAST = {
     #          csf   gm    wm    deep   edema  enh   necr  non-enh
-    "t1":    (0.28, 0.60, 0.92, 0.78, 0.55, 0.62, 0.34, 0.48),
-    "t1ce":  (0.30, 0.62, 0.90, 0.77, 0.57, 1.45, 0.35, 0.50),
-    "t2":    (1.00, 0.58, 0.40, 0.47, 0.90, 0.66, 0.95, 0.76),
+    "t1": (0.28, 0.60, 0.92, 0.78, 0.55, 0.62, 0.34, 0.48),
+    "t1ce": (0.30, 0.62, 0.90, 0.77, 0.57, 1.45, 0.35, 0.50),
+    "t2": (1.00, 0.58, 0.40, 0.47, 0.90, 0.66, 0.95, 0.76),
     "flair": (0.14, 0.62, 0.47, 0.53, 1.00, 0.78, 0.42, 0.86),
 }
 _TISSUE_ORDER = ("csf", "gm", "wm", "deep_gm")
@@ -242,8 +242,12 @@ def _write_msd_json(out_dir: Path) -> None:
         "description": "Synthetic BraTS-like cases (dgseg data_prep.synthetic)",
         "tensorImageSize": "4D",
         "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor",
-                   "3": "enhancing tumour"},
+        "labels": {
+            "0": "background",
+            "1": "edema",
+            "2": "non-enhancing tumor",
+            "3": "enhancing tumour",
+        },
         "numTraining": len(names),
         "numTest": 0,
         "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names],
@@ -271,8 +275,12 @@ def write_dataset(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    for name, value, least in (("n_cases", n_cases, 0), ("workers", workers, 1),
-                               ("start_index", start_index, 0), ("seed", seed, 0)):
+    for name, value, least in (
+        ("n_cases", n_cases, 0),
+        ("workers", workers, 1),
+        ("start_index", start_index, 0),
+        ("seed", seed, 0),
+    ):
         if int(value) != value or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     shape = _check_shape(shape)
@@ -288,8 +296,9 @@ def write_dataset(
     else:
         # spawn: no forked copies of the caller's threads (torch, BLAS) in the workers
         with ProcessPoolExecutor(min(workers, len(indices)), mp_context=get_context("spawn")) as ex:
-            futures = {ex.submit(_make_and_write, str(out), layout, i, shape, seed): i
-                       for i in indices}
+            futures = {
+                ex.submit(_make_and_write, str(out), layout, i, shape, seed): i for i in indices
+            }
             for fut in as_completed(futures):
                 ids[futures[fut]] = fut.result()
                 if progress:
@@ -303,8 +312,11 @@ def _read_case_dir(folder: Path) -> tuple[dict, np.ndarray | None]:
     """Images and 2021-valued label of a BraTS 2020/2021/2023 case folder (for the montage)."""
     images, seg = {}, None
     for mod in MODALITIES:
-        hits = [p for layout in ("brats2021", "brats2023")
-                for p in folder.glob(f"*{_TAGS[layout][1]}{_TAGS[layout][0][mod]}.nii.gz")]
+        hits = [
+            p
+            for layout in ("brats2021", "brats2023")
+            for p in folder.glob(f"*{_TAGS[layout][1]}{_TAGS[layout][0][mod]}.nii.gz")
+        ]
         if not hits:
             raise ValueError(f"no {mod} image in {folder}")
         images[mod] = np.asarray(nib.load(hits[0]).dataobj)

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "REF_SHAPE", "TISSUES", "TUMOUR", "Grid", "smooth_noise", "Anatomy", "build_anatomy", "Tumour",
+    "REF_SHAPE",
+    "TISSUES",
+    "TUMOUR",
+    "Grid",
+    "smooth_noise",
+    "Anatomy",
+    "build_anatomy",
+    "Tumour",
     "build_tumour",
 ]
 
@@ -81,8 +88,12 @@ def _bspline_weights(n_out: int, step: float, phase: float) -> tuple[np.ndarray,
     i = np.floor(u).astype(np.intp)
     t = (u - i).astype(np.float32)
     w = np.stack(  # the four cubic B-spline basis values at fractional position t
-        [(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6,
-         t**3 / 6],
+        [
+            (1 - t) ** 3 / 6,
+            (3 * t**3 - 6 * t**2 + 4) / 6,
+            (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6,
+            t**3 / 6,
+        ],
         axis=1,
     )
     return i - 1, w, int(i[-1]) + 3
@@ -109,8 +120,9 @@ def smooth_noise(rng: np.random.Generator, grid: Grid, cell_mm: float) -> np.nda
     cubic B-spline: a C2-smooth field, one banded pass per axis.
     """
     cell_mm = max(cell_mm, max(grid.spacing))  # finer than a voxel is just white noise
-    taps = [_bspline_weights(grid.shape[k], grid.spacing[k] / cell_mm, rng.uniform())
-            for k in range(3)]
+    taps = [
+        _bspline_weights(grid.shape[k], grid.spacing[k] / cell_mm, rng.uniform()) for k in range(3)
+    ]
     coarse = rng.standard_normal(tuple(t[2] for t in taps), dtype=np.float32)
     coarse /= np.float32(_BSPLINE_VAR**1.5)  # unit variance after interpolation
     # z first and x last: the final, largest pass then copies whole contiguous (Y, Z) planes.
@@ -199,9 +211,16 @@ def build_anatomy(rng: np.random.Generator, full_shape: tuple[int, int, int]) ->
     d_sulc = np.sqrt(d_sulc**2 + np.maximum(depth - sulc_depth, 0.0) ** 2)
     # Interhemispheric fissure: a wavy midline sheet, absent under the corpus callosum arch.
     midline = centre[0] + _u(rng, -2, 2)
-    wiggle = 1.5 * smooth_noise(rng, Grid((grid.lo[0], grid.lo[1], grid.lo[2]),
-                                          (1, grid.shape[1], grid.shape[2]), spacing,
-                                          tuple(full_shape)), 25.0)
+    wiggle = 1.5 * smooth_noise(
+        rng,
+        Grid(
+            (grid.lo[0], grid.lo[1], grid.lo[2]),
+            (1, grid.shape[1], grid.shape[2]),
+            spacing,
+            tuple(full_shape),
+        ),
+        25.0,
+    )
     cc_y, cc_len = _u(rng, -4, 6), _u(rng, 32, 40)
     arch = np.clip(1 - ((y - cc_y) / cc_len) ** 2, 0, 1)
     cc_top = 10.0 + 9.0 * arch  # corpus callosum roof, mm above the centre
@@ -243,16 +262,22 @@ def _deep_structures(rng, grid, tissue, centre, midline, atrophy, cc_y, vmax) ->
     for side in (-1.0, 1.0):
         s = size * _u(rng, 0.85, 1.15)  # ventricle asymmetry
         dx = side * _u(rng, 5.0, 8.0)
-        for off, semi in (((side * 21, 6, -8), (7, 15, 13)), ((side * 10, -13, -9), (9, 13, 13)),
-                          ((side * 13, 18, 2), (5, 9, 8))):  # lentiform, thalamus, caudate
+        for off, semi in (
+            ((side * 21, 6, -8), (7, 15, 13)),
+            ((side * 10, -13, -9), (9, 13, 13)),
+            ((side * 13, 18, 2), (5, 9, 8)),
+        ):  # lentiform, thalamus, caudate
             c = (cx + off[0] + _u(rng, -1.5, 1.5), cy + off[1], cz + off[2])
             sub, m = _ellipsoid(grid, c, semi, rng, 0.08)
             view = tissue[sub.slices(grid)]
             view[m & (view == TISSUES["wm"])] = TISSUES["deep_gm"]
         # lateral ventricle: banana-shaped, diverging and descending at its horns
         c = (cx + dx, cy + _u(rng, -4, 2), cz + _u(rng, 4, 10))
-        semi = (max(_u(rng, 3.5, 6.0) * s, 0.6 * vmax), _u(rng, 30, 38) * min(1.0, 0.8 + 0.2 * s),
-                max(_u(rng, 4.5, 7.0) * s, 0.6 * vmax))
+        semi = (
+            max(_u(rng, 3.5, 6.0) * s, 0.6 * vmax),
+            _u(rng, 30, 38) * min(1.0, 0.8 + 0.2 * s),
+            max(_u(rng, 4.5, 7.0) * s, 0.6 * vmax),
+        )
         sub, m = _ellipsoid(grid, c, semi, rng, 0.12, bend=(side * _u(rng, 5, 10), -_u(rng, 8, 14)))
         tissue[sub.slices(grid)][m] = TISSUES["csf"]
     # third ventricle: thin midline slit below the lateral ones
@@ -306,9 +331,7 @@ def _mass_effect(anat: Anatomy, c: np.ndarray, push: float, reach: float) -> np.
     return tissue
 
 
-def build_tumour(
-    rng: np.random.Generator, anat: Anatomy, with_enhancing: bool | None
-) -> Tumour:
+def build_tumour(rng: np.random.Generator, anat: Anatomy, with_enhancing: bool | None) -> Tumour:
     """Glioma-like lesion: necrotic core in an enhancing rim in irregular, WM-following edema.
 
     Without enhancement the whole core is non-enhancing tumour. Placement is redrawn until the

@@ -165,8 +165,9 @@ class OrderedPool:
         self.close()
 
 
-def count_work(plans: Sequence[Plan], n_cases: int, max_cases: Optional[int], rank: int,
-               world: int) -> int:
+def count_work(
+    plans: Sequence[Plan], n_cases: int, max_cases: Optional[int], rank: int, world: int
+) -> int:
     """Predictions this rank makes (the progress total)."""
     n = n_cases if max_cases is None else min(n_cases, max_cases)
     return sum(len(plan.specs) for plan in plans) * len(range(rank, n, world))
@@ -191,8 +192,9 @@ def evaluate_cases(
     """
     s = settings
     all_inputs = list(dict.fromkeys(inputs for plan in plans for inputs in plan.specs))
-    datasets = {inputs: ShardDataset(data, split=s.split, modalities=inputs)
-                for inputs in all_inputs}
+    datasets = {
+        inputs: ShardDataset(data, split=s.split, modalities=inputs) for inputs in all_inputs
+    }
     first = datasets[all_inputs[0]]
     n = len(first) if s.max_cases is None else min(len(first), s.max_cases)
     per_case = sum(len(plan.specs) for plan in plans)
@@ -225,25 +227,48 @@ def evaluate_cases(
             for plan in plans:
                 if inputs not in plan.specs:
                     continue
-                prob = predict_volume(plan.model, image, roi_size=plan.roi, overlap=s.overlap,
-                                      tta=s.tta, sw_batch_size=s.sw_batch_size,
-                                      blend=s.blend, autocast_dtype=s.autocast_dtype)
+                prob = predict_volume(
+                    plan.model,
+                    image,
+                    roi_size=plan.roi,
+                    overlap=s.overlap,
+                    tta=s.tta,
+                    sw_batch_size=s.sw_batch_size,
+                    blend=s.blend,
+                    autocast_dtype=s.autocast_dtype,
+                )
                 pred3 = (prob[0] > s.threshold).cpu().numpy()  # (3, D, H, W) bool
-                keys = {"model": plan.label, "checkpoint": str(plan.path), "column": "",
-                        "inputs": "+".join(inputs), "case_id": case_id}
+                keys = {
+                    "model": plan.label,
+                    "checkpoint": str(plan.path),
+                    "column": "",
+                    "inputs": "+".join(inputs),
+                    "case_id": case_id,
+                }
                 preds.append((keys, pred3))
                 columns.append(plan.specs[inputs])
                 if i < s.overlays:
-                    sl = overlay_slices(sample["image"][0].numpy(), channels_to_labels(truth3),
-                                        channels_to_labels(pred3))  # test modality, best slice
+                    sl = overlay_slices(
+                        sample["image"][0].numpy(),
+                        channels_to_labels(truth3),
+                        channels_to_labels(pred3),
+                    )  # test modality, best slice
                     for column in plan.specs[inputs]:
-                        overlays.append({"model": plan.label, "checkpoint": str(plan.path),
-                                         "column": column, "case_id": case_id, **sl})
+                        overlays.append(
+                            {
+                                "model": plan.label,
+                                "checkpoint": str(plan.path),
+                                "column": column,
+                                "case_id": case_id,
+                                **sl,
+                            }
+                        )
         spacing = tuple(float(s) for s in np.asarray(meta["spacing"]).ravel())
         tag = f"case {case_id}"
         columns_of[tag] = columns
-        job = CaseJob.build(case_id, truth3, spacing, preds, metrics=s.metrics,
-                            lesion_rules=s.lesion_rules)
+        job = CaseJob.build(
+            case_id, truth3, spacing, preds, metrics=s.metrics, lesion_rules=s.lesion_rules
+        )
         collect(pool.submit(tag, score_job, job))
     collect(pool.drain())
     return records, overlays
@@ -277,9 +302,16 @@ def score_prediction_files(
             missing.append((case_id, f"no prediction {pred}"))
             continue
         score = functools.partial(
-            score_label_files, convention=convention, region_set=region_set, metrics=metrics,
-            lesion_rules=lesion_rules, model=name, checkpoint=str(predictions), column="nifti",
-            inputs="nifti", case_id=case_id,
+            score_label_files,
+            convention=convention,
+            region_set=region_set,
+            metrics=metrics,
+            lesion_rules=lesion_rules,
+            model=name,
+            checkpoint=str(predictions),
+            column="nifti",
+            inputs="nifti",
+            case_id=case_id,
         )
         records += [row for _, row in pool.submit(f"case {case_id}", score, pred, label_file)]
     records += [row for _, row in pool.drain()]

@@ -358,8 +358,13 @@ def validate(
         image = item["image"].unsqueeze(0).to(dev, non_blocking=True)  # (1, C, D, H, W)
         label = item["label"].unsqueeze(0).to(dev, non_blocking=True)  # (1, 3, D, H, W)
         # a single covering window needs no blending weights
-        logits = sliding_window_inference(predictor, image, roi, overlap=cfg.run.val_overlap,
-                                          blend="gaussian" if roi is not None else "constant")
+        logits = sliding_window_inference(
+            predictor,
+            image,
+            roi,
+            overlap=cfg.run.val_overlap,
+            blend="gaussian" if roi is not None else "constant",
+        )
         dice = dice_per_region(logits > 0, label > 0.5)[0]  # (3,)
         sums[:3] += dice.to(torch.float64)
         sums[3] += 1

@@ -99,8 +99,9 @@ def input_channels(train_modalities: Sequence[str], column: str) -> Optional[tup
     return (column,) * len(train)
 
 
-def input_specs(train_modalities: Sequence[str],
-                modalities: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
+def input_specs(
+    train_modalities: Sequence[str], modalities: Sequence[str]
+) -> dict[tuple[str, ...], list[str]]:
     """Distinct input tuples -> the table columns they fill, under the input rule (a T2 model's
     "own" column is its T2 column, predicted once)."""
     specs: dict[tuple[str, ...], list[str]] = {}
@@ -159,17 +160,26 @@ def case_record(
     return row
 
 
-def _legacy_into(row: dict[str, Any], pred3: Any, truth3: Any, spacing: tuple[float, ...],
-                 regions: tuple[str, ...]) -> None:
+def _legacy_into(
+    row: dict[str, Any],
+    pred3: Any,
+    truth3: Any,
+    spacing: tuple[float, ...],
+    regions: tuple[str, ...],
+) -> None:
     """The legacy per-case keys ``dice_<region>``, ``hd95_<region>`` and means, into ``row``."""
     if regions != REGIONS:  # other region sets: channel by channel, same BraTS 2021 rules
         p = np.asarray(pred3, dtype=bool)
         t = np.asarray(truth3, dtype=bool)
         if p.shape != t.shape or p.ndim != 4 or p.shape[0] != len(regions):
-            raise ValueError(f"expected pred3 and truth3 of shape ({len(regions)}, D, H, W), got "
-                             f"{p.shape} and {t.shape}")
-        per = {r: {"dice": dice_score(p[i], t[i]), "hd95": hd95(p[i], t[i], spacing)}
-               for i, r in enumerate(regions)}
+            raise ValueError(
+                f"expected pred3 and truth3 of shape ({len(regions)}, D, H, W), got "
+                f"{p.shape} and {t.shape}"
+            )
+        per = {
+            r: {"dice": dice_score(p[i], t[i]), "hd95": hd95(p[i], t[i], spacing)}
+            for i, r in enumerate(regions)
+        }
         for metric in METRICS:
             for r in regions:
                 row[f"{metric}_{r}"] = float(per[r][metric])
@@ -241,8 +251,16 @@ class CaseJob:
                     f"case {case_id}: prediction shape {np.shape(pred)} != truth {truth3.shape}"
                 )
             packed.append((dict(keys), pack_mask(pred)))
-        return cls(case_id, tuple(truth3.shape), tuple(float(s) for s in spacing),
-                   pack_mask(truth3), tuple(packed), metrics, rules, tuple(regions))
+        return cls(
+            case_id,
+            tuple(truth3.shape),
+            tuple(float(s) for s in spacing),
+            pack_mask(truth3),
+            tuple(packed),
+            metrics,
+            rules,
+            tuple(regions),
+        )
 
 
 def score_job(job: CaseJob) -> list[dict[str, Any]]:
@@ -252,9 +270,18 @@ def score_job(job: CaseJob) -> list[dict[str, Any]]:
     ref = truth
     if job.metrics != "lesion" and job.regions == REGIONS:
         ref = RegionReference(truth, job.spacing)
-    return [case_record(unpack_mask(p, job.shape), ref, job.spacing, metrics=job.metrics,
-                        lesion_rules=job.lesion_rules, regions=job.regions, **keys)
-            for keys, p in job.preds]
+    return [
+        case_record(
+            unpack_mask(p, job.shape),
+            ref,
+            job.spacing,
+            metrics=job.metrics,
+            lesion_rules=job.lesion_rules,
+            regions=job.regions,
+            **keys,
+        )
+        for keys, p in job.preds
+    ]
 
 
 def score_label_files(
@@ -294,8 +321,15 @@ def score_label_files(
     extra: dict[str, Any] = {"metrics": metrics, "lesion_rules": lesion_rules}
     if region_set != "brats2021":
         truth = labels_for_region_set(np.asanyarray(truth_img.dataobj), convention, region_set)
-        return case_record(region_masks(pred, region_set), region_masks(truth, region_set),
-                           spacing, regions=tuple(REGION_SETS[region_set]), **extra, **keys)
+        return case_record(
+            region_masks(pred, region_set),
+            region_masks(truth, region_set),
+            spacing,
+            regions=tuple(REGION_SETS[region_set]),
+            **extra,
+            **keys,
+        )
     truth = convert_labels(np.asanyarray(truth_img.dataobj), convention)
-    return case_record(labels_to_channels(pred), labels_to_channels(truth), spacing, **extra,
-                       **keys)
+    return case_record(
+        labels_to_channels(pred), labels_to_channels(truth), spacing, **extra, **keys
+    )

@@ -163,8 +163,10 @@ def sliding_window_inference(
         crops = torch.cat([image[(..., *s)] for s in slices], dim=0)  # (n*B, C, d, h, w)
         pred = predictor(crops)
         if not isinstance(pred, Tensor):
-            raise TypeError(f"predictor must return a logits tensor, got {type(pred).__name__} "
-                            "(predict with dgseg.models.segmenter_of(model))")
+            raise TypeError(
+                f"predictor must return a logits tensor, got {type(pred).__name__} "
+                "(predict with dgseg.models.segmenter_of(model))"
+            )
         if pred.dim() != 5 or tuple(pred.shape[2:]) != roi or pred.shape[0] != crops.shape[0]:
             raise ValueError(
                 f"predictor returned shape {tuple(pred.shape)} for input {tuple(crops.shape)}; "

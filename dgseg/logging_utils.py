@@ -69,8 +69,16 @@ class Progress:
         every: seconds between updates; default 0.2 on a terminal, 10 otherwise.
     """
 
-    def __init__(self, total: int, *, label: str, unit: str = "", enabled: bool = True,
-                 every: Optional[float] = None, stream: Optional[TextIO] = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        label: str,
+        unit: str = "",
+        enabled: bool = True,
+        every: Optional[float] = None,
+        stream: Optional[TextIO] = None,
+    ) -> None:
         self.total, self.label, self.unit = max(int(total), 0), label, unit
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled and self.total > 0
@@ -92,8 +100,10 @@ class Progress:
         unit = f" {self.unit}" if self.unit else ""
         note = f", {self.note}" if self.note else ""
         rate = f"{each:.2f}" if self.done else "-"
-        return (f"{self.label} {self.done}/{self.total}{unit}{note}  {rate} s each  "
-                f"ETA {format_eta(each * (self.total - self.done))}")
+        return (
+            f"{self.label} {self.done}/{self.total}{unit}{note}  {rate} s each  "
+            f"ETA {format_eta(each * (self.total - self.done))}"
+        )
 
     def show(self, force: bool = False) -> None:
         """Write the line if ``every`` seconds have passed (or ``force``, or all done)."""

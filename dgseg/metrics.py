@@ -184,9 +184,7 @@ class SurfaceReference:
         return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
 
 
-def _reference_spacing(
-    ref_spacing: tuple[float, ...], spacing: Optional[Sequence[float]]
-) -> None:
+def _reference_spacing(ref_spacing: tuple[float, ...], spacing: Optional[Sequence[float]]) -> None:
     """ValueError when an explicit ``spacing`` disagrees with a prepared reference's."""
     if spacing is not None and check_spacing(spacing, len(ref_spacing)) != ref_spacing:
         raise ValueError(

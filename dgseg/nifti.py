@@ -19,8 +19,9 @@ __all__ = ["nifti_bytes", "write_nifti"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def nifti_bytes(array: np.ndarray, affine: Optional[np.ndarray] = None, *,
-                compresslevel: int = 6) -> bytes:
+def nifti_bytes(
+    array: np.ndarray, affine: Optional[np.ndarray] = None, *, compresslevel: int = 6
+) -> bytes:
     """A gzip-compressed NIfTI-1 file of ``array`` in its own dtype, byte-reproducible.
 
     ``affine`` (default identity, 1 mm voxels) is stored as qform and sform with code 1 (scanner
@@ -37,7 +38,12 @@ def nifti_bytes(array: np.ndarray, affine: Optional[np.ndarray] = None, *,
     return gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0)
 
 
-def write_nifti(path: PathLike, array: np.ndarray, affine: Optional[np.ndarray] = None, *,
-                compresslevel: int = 6) -> Path:
+def write_nifti(
+    path: PathLike,
+    array: np.ndarray,
+    affine: Optional[np.ndarray] = None,
+    *,
+    compresslevel: int = 6,
+) -> Path:
     """Write :func:`nifti_bytes` of ``array`` to ``path`` (``.nii.gz``) atomically."""
     return atomic_write_bytes(path, nifti_bytes(array, affine, compresslevel=compresslevel))

@@ -60,6 +60,7 @@ def build_scheduler(
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     if cfg.schedule == "cosine":
         t_max = cfg.epochs * steps_per_epoch if cfg.schedule_interval == "step" else cfg.epochs
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max,
-                                                          eta_min=cfg.min_lr)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=t_max, eta_min=cfg.min_lr
+        )
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

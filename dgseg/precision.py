@@ -78,7 +78,9 @@ def resolve_amp(requested: str, device: torch.device | str) -> tuple[str, str]:
         slow = kind == "cpu" and not cpu_has_native_bf16()
         return "bf16", "requested (amp=bf16)" + (
             "; this CPU has no native bf16: oneDNN emulates it, expect many times fp32's time"
-            if slow else "")
+            if slow
+            else ""
+        )
     if kind == "cuda":
         if torch.cuda.is_bf16_supported():
             return "bf16", "auto: CUDA GPU with bf16"

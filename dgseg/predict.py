@@ -98,8 +98,14 @@ def load_predictor(
     roi = roi or cfg.eval_roi  # None: one covering window
 
     def prob_fn(x: torch.Tensor) -> torch.Tensor:
-        return predict_volume(model, x.to(device), roi_size=roi, overlap=overlap, tta=tta,
-                              autocast_dtype=autocast_dtype)
+        return predict_volume(
+            model,
+            x.to(device),
+            roi_size=roi,
+            overlap=overlap,
+            tta=tta,
+            autocast_dtype=autocast_dtype,
+        )
 
     return prob_fn, channels, f"{cfg.run.name} ({'+'.join(train)}), inputs {'+'.join(channels)}"
 
@@ -109,8 +115,9 @@ def stored_labels(image: np.ndarray, prob_fn: ProbFn, *, threshold: float = 0.5)
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]  # (1, C, D, H, W)
     prob = prob_fn(x)
     if prob.shape[:2] != (1, 3) or prob.shape[2:] != x.shape[2:]:
-        raise ValueError(f"expected probabilities (1, 3, {tuple(x.shape[2:])}), got "
-                         f"{tuple(prob.shape)}")
+        raise ValueError(
+            f"expected probabilities (1, 3, {tuple(x.shape[2:])}), got {tuple(prob.shape)}"
+        )
     pred3 = (prob[0] > threshold).cpu().numpy()  # (3, D, H, W) bool
     return channels_to_labels(pred3)
 
@@ -135,8 +142,14 @@ def write_label_nifti(path: PathLike, labels: np.ndarray, affine: np.ndarray) ->
     return write_nifti(path, np.asarray(labels, np.uint8), affine)
 
 
-def predict_to_file(prepared: Any, prob_fn: ProbFn, channels: Sequence[str], path: PathLike, *,
-                    threshold: float = 0.5) -> Path:
+def predict_to_file(
+    prepared: Any,
+    prob_fn: ProbFn,
+    channels: Sequence[str],
+    path: PathLike,
+    *,
+    threshold: float = 0.5,
+) -> Path:
     """Segment a prepared case and write its label map, in the original grid and affine."""
     labels = predict_prepared(prepared, prob_fn, channels, threshold=threshold)
     return write_label_nifti(path, labels, prepared.affine)

@@ -48,10 +48,21 @@ __all__ = [
 ]
 
 # Table headings of the test columns.
-COLUMN_TITLES = {"t1": "T1", "t1ce": "T1CE", "t2": "T2", "flair": "FLAIR", "own": "Own inputs",
-                 "nifti": "NIfTI"}
-METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "lesion_dice": "Lesion-wise Dice",
-                 "lesion_hd95": "Lesion-wise HD95 (mm)", "lesion_nsd": "Lesion-wise NSD"}
+COLUMN_TITLES = {
+    "t1": "T1",
+    "t1ce": "T1CE",
+    "t2": "T2",
+    "flair": "FLAIR",
+    "own": "Own inputs",
+    "nifti": "NIfTI",
+}
+METRIC_TITLES = {
+    "dice": "Dice",
+    "hd95": "HD95 (mm)",
+    "lesion_dice": "Lesion-wise Dice",
+    "lesion_hd95": "Lesion-wise HD95 (mm)",
+    "lesion_nsd": "Lesion-wise NSD",
+}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -167,8 +178,11 @@ def summarize(
             }
             for k in keys:
                 means = np.array(_finite(e[k]["mean"] for e in per_ckpt))
-                pooled = [np.mean(v) for v in (_finite(by_ckpt[ck][c][k] for ck in by_ckpt)
-                                                for c in common) if v]
+                pooled = [
+                    np.mean(v)
+                    for v in (_finite(by_ckpt[ck][c][k] for ck in by_ckpt) for c in common)
+                    if v
+                ]
                 summary[k] = {
                     "mean": float(means.mean()) if means.size else math.nan,
                     "sd": float(means.std(ddof=1)) if means.size > 1 else 0.0,
@@ -222,14 +236,20 @@ def table_footer(
     metrics = list(summary.get("metrics", METRICS))
     legacy_only = regions == list(REGIONS) and metrics == list(METRICS)
     if legacy_only:  # the legacy tables' line, as before lesion-wise metrics existed
-        lines = ["Cells: Mean - WT | TC | ET (mean = average of the three regions); Dice, HD95 in "
-                 "mm; BraTS empty-mask rules."]
+        lines = [
+            "Cells: Mean - WT | TC | ET (mean = average of the three regions); Dice, HD95 in "
+            "mm; BraTS empty-mask rules."
+        ]
     else:
-        lines = [f"Cells: Mean - {' | '.join(regions)} (mean = average of the {len(regions)} "
-                 f"regions, NaN left out); HD95 in mm."]
+        lines = [
+            f"Cells: Mean - {' | '.join(regions)} (mean = average of the {len(regions)} "
+            f"regions, NaN left out); HD95 in mm."
+        ]
         if any(m in METRICS for m in metrics):
-            lines.append("Legacy metrics: per-case Dice and HD95 with the BraTS 2021 empty-mask "
-                         "rules (both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 373.13 mm).")
+            lines.append(
+                "Legacy metrics: per-case Dice and HD95 with the BraTS 2021 empty-mask "
+                "rules (both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 373.13 mm)."
+            )
     if "lesion_rules" in summary:
         lines.append(summary["lesion_rules"]["text"])
     lines += [
@@ -335,9 +355,12 @@ def format_ci_table(summary: dict[str, Any], metric: str = "dice", title: str = 
     """Markdown: mean Dice of the regions with its bootstrap CI, per model and column."""
     cols = summary_columns(summary)
     pct = f"{100 * (1 - summary['alpha']):.0f}%"
-    lines = [f"**Mean of {title} with {pct} bootstrap CI over cases**", "",
-             "| Model | " + " | ".join(COLUMN_TITLES.get(c, c) for c in cols) + " |",
-             "|" + "|".join("---" for _ in range(len(cols) + 1)) + "|"]
+    lines = [
+        f"**Mean of {title} with {pct} bootstrap CI over cases**",
+        "",
+        "| Model | " + " | ".join(COLUMN_TITLES.get(c, c) for c in cols) + " |",
+        "|" + "|".join("---" for _ in range(len(cols) + 1)) + "|",
+    ]
     for m in summary["models"]:
         cells = []
         for c in cols:
@@ -389,17 +412,29 @@ def write_report(
         The text tables for the terminal, the footer under the last one.
     """
     metrics = METRIC_SETS[metric_set]
-    summary = summarize(records, n_boot=n_boot, seed=seed, metrics=metrics,
-                        lesion_rules=lesion_rules, **({"regions": regions} if regions else {}))
+    summary = summarize(
+        records,
+        n_boot=n_boot,
+        seed=seed,
+        metrics=metrics,
+        lesion_rules=lesion_rules,
+        **({"regions": regions} if regions else {}),
+    )
     summary["split"] = split
     summary["metric_set"] = metric_set  # legacy | lesion | all: what the tables show
     summary["settings"] = dict(settings or {})
     lines = table_footer(summary, split=split if scored is None else scored, extra=footer)
     titles = {m: table_title(m, lesion_rules) for m in metrics}
     text = "\n".join(
-        format_table(summary, metric=m, style="text", title=titles[m],
-                     footer=lines if k == len(metrics) - 1 else ())
-        for k, m in enumerate(metrics))
+        format_table(
+            summary,
+            metric=m,
+            style="text",
+            title=titles[m],
+            footer=lines if k == len(metrics) - 1 else (),
+        )
+        for k, m in enumerate(metrics)
+    )
     md = ["# Cross-modality evaluation", ""]
     md += [format_table(summary, metric=m, style="markdown", title=titles[m]) for m in metrics]
     md.append(format_ci_table(summary, metric=metrics[0], title=titles[metrics[0]]))

@@ -153,8 +153,11 @@ def save_overlay_grid(
     return _save(fig, path, dpi=dpi)
 
 
-def save_overlays(overlays: Sequence[Mapping[str, Any]], folder: PathLike,
-                  titles: Optional[Mapping[str, str]] = None) -> str:
+def save_overlays(
+    overlays: Sequence[Mapping[str, Any]],
+    folder: PathLike,
+    titles: Optional[Mapping[str, str]] = None,
+) -> str:
     """One :func:`save_overlay_grid` PNG per (model, test column) of ``overlays`` (the first
     checkpoint of each model: one seed is enough to look at); returns a line for the log.
 
@@ -172,16 +175,17 @@ def save_overlays(overlays: Sequence[Mapping[str, Any]], folder: PathLike,
     try:
         for (model, column), rows in groups.items():
             rows = sorted(rows, key=lambda r: r["case_id"])
-            save_overlay_grid(folder / f"{model}_{column}.png", rows,
-                              title=f"{model} tested on {titles.get(column, column)}")
+            save_overlay_grid(
+                folder / f"{model}_{column}.png",
+                rows,
+                title=f"{model} tested on {titles.get(column, column)}",
+            )
     except ImportError as e:
         return f"overlays skipped: {e}"
     return f"overlays: {len(groups)} PNG(s) in {folder}"
 
 
-def plot_curves(
-    jsonl: PathLike, png: PathLike
-) -> Optional[Path]:
+def plot_curves(jsonl: PathLike, png: PathLike) -> Optional[Path]:
     """Loss / Dice / λ / lr curves from ``log.jsonl`` into ``png``; None without matplotlib."""
     try:
         fig = _figure(figsize=(13, 3.6))
@@ -227,8 +231,9 @@ def plot_domain_losses(runs: Sequence[tuple[str, PathLike]], png: PathLike) -> O
     axes = fig.subplots(1, 2)
     any_domain = False
     for name, log in runs:
-        train = [r for r in read_jsonl(log) if r.get("kind") == "train"] if Path(log).exists() \
-            else []
+        train = (
+            [r for r in read_jsonl(log) if r.get("kind") == "train"] if Path(log).exists() else []
+        )
         if not train:
             continue
         steps = [r["step"] for r in train]
@@ -249,8 +254,9 @@ def plot_domain_losses(runs: Sequence[tuple[str, PathLike]], png: PathLike) -> O
     return _save(fig, png, dpi=100)
 
 
-def plot_study_bars(result: Mapping[str, Any], path: PathLike,
-                    titles: Optional[Mapping[str, str]] = None) -> Path:
+def plot_study_bars(
+    result: Mapping[str, Any], path: PathLike, titles: Optional[Mapping[str, str]] = None
+) -> Path:
     """Grouped bar chart of a ``dgseg.study.aggregate`` result: groups = target modality, bars =
     presets, height = mean Dice over seeds, error bars = sd over seeds; ``titles`` names the
     columns. Raises ImportError without matplotlib."""
@@ -280,8 +286,12 @@ def plot_study_bars(result: Mapping[str, Any], path: PathLike,
     return _save(fig, path, dpi=120)
 
 
-def save_montage(cases: Sequence[tuple[Mapping[str, np.ndarray], Optional[np.ndarray]]],
-                 path: PathLike, *, dpi: int = 80) -> None:
+def save_montage(
+    cases: Sequence[tuple[Mapping[str, np.ndarray], Optional[np.ndarray]]],
+    path: PathLike,
+    *,
+    dpi: int = 80,
+) -> None:
     """PNG montage: one axial slice (largest tumour area) per case x modality, plus labels.
 
     Args:
@@ -304,8 +314,10 @@ def save_montage(cases: Sequence[tuple[Mapping[str, np.ndarray], Optional[np.nda
         xs, ys = np.nonzero(brain[:, :, z])
         if xs.size == 0:
             xs, ys = np.array([0, brain.shape[0] - 1]), np.array([0, brain.shape[1] - 1])
-        crop = (slice(max(xs.min() - 3, 0), xs.max() + 4),
-                slice(max(ys.min() - 3, 0), ys.max() + 4))  # the brain plus a margin
+        crop = (
+            slice(max(xs.min() - 3, 0), xs.max() + 4),
+            slice(max(ys.min() - 3, 0), ys.max() + 4),
+        )  # the brain plus a margin
         for col, mod in enumerate(MODALITIES):
             sl = images[mod][:, :, z][crop].astype(np.float32)
             vals = sl[brain[:, :, z][crop]]
@@ -314,8 +326,11 @@ def save_montage(cases: Sequence[tuple[Mapping[str, np.ndarray], Optional[np.nda
             if row == 0:
                 axes[row, col].set_title(mod.upper(), fontsize=11, color="white")
         base = images["flair"][:, :, z][crop].astype(np.float32)
-        base = np.clip(base / max(np.percentile(base[base > 0], 99.5), 1.0), 0, 1) \
-            if (base > 0).any() else base
+        base = (
+            np.clip(base / max(np.percentile(base[base > 0], 99.5), 1.0), 0, 1)
+            if (base > 0).any()
+            else base
+        )
         rgb = np.repeat(base[..., None], 3, axis=-1)
         if seg is not None:
             lab = seg[:, :, z][crop]

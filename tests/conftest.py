@@ -52,8 +52,9 @@ def prepared_sets(raw_sets, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     results = {}
     for layout in ("brats2021", "brats2023", "msd"):
-        results[layout] = prepare(raw_sets / layout, out / layout, size=SIZE, workers=1,
-                                  cases_per_shard=2, progress=False)
+        results[layout] = prepare(
+            raw_sets / layout, out / layout, size=SIZE, workers=1, cases_per_shard=2, progress=False
+        )
     return out, results
 
 

@@ -14,8 +14,11 @@ REGIONS_IN_SOURCE = {
     "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
     "msd": {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)},
 }
-SEG_NAME = {"brats2021": "{id}/{id}_seg.nii.gz", "brats2023": "{id}/{id}-seg.nii.gz",
-            "msd": "labelsTr/{id}.nii.gz"}
+SEG_NAME = {
+    "brats2021": "{id}/{id}_seg.nii.gz",
+    "brats2023": "{id}/{id}-seg.nii.gz",
+    "msd": "labelsTr/{id}.nii.gz",
+}
 
 
 def read_nifti(path: Path) -> np.ndarray:

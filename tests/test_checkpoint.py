@@ -129,7 +129,8 @@ def test_corrupt_or_refused_checkpoints_raise_one_line_naming_the_file(tmp_path)
     with pytest.raises(ValueError, match="not a dgseg checkpoint"):
         load_segmenter(not_dgseg)
     cfg = PRESETS["tiny"]
-    save_checkpoint(tmp_path / "wrong.pt",
-                    {"model": {"w": torch.zeros(1)}, "config": cfg.to_dict()})
+    save_checkpoint(
+        tmp_path / "wrong.pt", {"model": {"w": torch.zeros(1)}, "config": cfg.to_dict()}
+    )
     with pytest.raises(ValueError, match="wrong.pt: checkpoint does not fit its config"):
         load_segmenter(tmp_path / "wrong.pt")

@@ -232,12 +232,21 @@ def test_optimizer_defaults_and_the_original_preset():
     assert (orig.optim.name, orig.optim.amsgrad, orig.optim.weight_decay) == ("adam", True, 1e-5)
     m = orig.model
     assert (m.init_filters, m.dropout, m.vffc_blocks, m.vffc_norm, m.vffc_padding) == (
-        32, 0.2, 3, "batch", "reflect")
+        32,
+        0.2,
+        3,
+        "batch",
+        "reflect",
+    )
     assert (m.domain_hidden, m.domain_input_norm, m.grl, m.num_domains) == (64, False, True, 3)
     # dgseg's own defaults are unchanged
     d = ModelConfig()
     assert (d.vffc_padding, d.domain_input_norm, d.vffc_norm, d.domain_hidden) == (
-        "zeros", True, "group", 128)
+        "zeros",
+        True,
+        "group",
+        128,
+    )
     with pytest.raises(ValueError, match="optim.name='sgd'"):
         apply_overrides(Config(), ["optim.name=sgd"])
     with pytest.raises(ValueError, match="model.vffc_padding='circular'"):
@@ -247,11 +256,19 @@ def test_optimizer_defaults_and_the_original_preset():
 def test_spatial_control_has_the_augmented_presets_spatial_transforms_only():
     spatial = get_preset("segresnet_t2_spatial")
     assert spatial.data.bezier == "none" and not spatial.model.vffc and not spatial.model.grl
-    for name in ("segresnet_t2_bezier", "segresnet_t2_grl", "segresnet_t2_vffc",
-                 "segresnet_t2_vffc_grl", "segresnet_t2_vffc_grl_original"):
+    for name in (
+        "segresnet_t2_bezier",
+        "segresnet_t2_grl",
+        "segresnet_t2_vffc",
+        "segresnet_t2_vffc_grl",
+        "segresnet_t2_vffc_grl_original",
+    ):
         d = get_preset(name).data
         assert (d.flip, d.rot90, d.rotation_degrees) == (
-            spatial.data.flip, spatial.data.rot90, spatial.data.rotation_degrees), name
+            spatial.data.flip,
+            spatial.data.rot90,
+            spatial.data.rotation_degrees,
+        ), name
     noaug = get_preset("segresnet_t2_noaug").data
     assert not noaug.flip and noaug.rotation_degrees == 0 and spatial.data.flip
 
@@ -294,8 +311,9 @@ def test_partition_with_more_domains_than_curve_kinds_is_refused_by_the_config()
 
 
 def test_one_default_data_folder():
-    prepare = importlib.util.spec_from_file_location("dgseg_prepare_tool",
-                                                     ROOT / "tools" / "prepare_brats.py")
+    prepare = importlib.util.spec_from_file_location(
+        "dgseg_prepare_tool", ROOT / "tools" / "prepare_brats.py"
+    )
     mod = importlib.util.module_from_spec(prepare)
     prepare.loader.exec_module(mod)
     assert Config().data.root == mod.DEFAULT_DATA_ROOT == "data/prepared"

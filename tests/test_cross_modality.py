@@ -30,8 +30,10 @@ def _case_job(case_id, seed, n_preds=3, shape=(3, 13, 11, 9)):
     truth[:, 3:9, 2:8, 2:7] = True
     truth[1, 3:5] = False
     truth[2, :, :, :4] = False
-    preds = [({"model": "m", "case_id": case_id, "k": k}, rng.random(shape) < 0.2 * (k + 1))
-             for k in range(n_preds)]
+    preds = [
+        ({"model": "m", "case_id": case_id, "k": k}, rng.random(shape) < 0.2 * (k + 1))
+        for k in range(n_preds)
+    ]
     return CaseJob.build(case_id, truth, (1.0, 1.5, 0.8), preds), truth, preds
 
 
@@ -65,22 +67,35 @@ def _tiny_checkpoint(path: Path, modalities, *, arch="segresnet", seed=0, name=N
 
     cfg = get_preset("tiny")
     mods = ",".join(modalities)
-    over = [f"data.modalities={mods}", f"model.arch={arch}", "model.init_filters=4",
-            "model.unet_features=4,4,8,8,8", f"run.name={name or path.parent.name}",
-            f"run.val_roi={roi}"]
+    over = [
+        f"data.modalities={mods}",
+        f"model.arch={arch}",
+        "model.init_filters=4",
+        "model.unet_features=4,4,8,8,8",
+        f"run.name={name or path.parent.name}",
+        f"run.val_roi={roi}",
+    ]
     cfg = apply_overrides(cfg, over)
     cfg = Config.from_dict(cfg.to_dict())
     torch.manual_seed(seed)
     model = build_model(cfg.data.in_channels, cfg.model)
-    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0,
-                           "step": 0})
+    save_checkpoint(
+        path, {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0, "step": 0}
+    )
     return path
 
 
 def _run_evaluate(args, *, torchrun=0, timeout=240):
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={torchrun}", str(ROOT / "tools" / "evaluate.py"), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={torchrun}",
+            str(ROOT / "tools" / "evaluate.py"),
+            *args,
+        ]
     else:
         cmd = [sys.executable, str(ROOT / "tools" / "evaluate.py"), *args]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
@@ -96,11 +111,24 @@ def test_evaluate_tool_smoke_and_distributed(tiny_shards, tmp_path):
         _tiny_checkpoint(tmp_path / "s0" / "best.pt", ("t2",), seed=0, name="tiny_t2"),
         _tiny_checkpoint(tmp_path / "s1" / "best.pt", ("t2",), seed=1, name="tiny_t2"),
         # A 5-level UNet needs 32^3 windows: the tool takes each checkpoint's run.val_roi.
-        _tiny_checkpoint(tmp_path / "st" / "best.pt", MODALITIES, arch="unet3d", name="stacked",
-                         roi=32),
+        _tiny_checkpoint(
+            tmp_path / "st" / "best.pt", MODALITIES, arch="unet3d", name="stacked", roi=32
+        ),
     ]
-    common = ["--checkpoint", *map(str, ck), "--data", str(tiny_shards), "--overlap", "0.25",
-              "--bootstrap", "200", "--overlays", "2", "--device", "cpu"]
+    common = [
+        "--checkpoint",
+        *map(str, ck),
+        "--data",
+        str(tiny_shards),
+        "--overlap",
+        "0.25",
+        "--bootstrap",
+        "200",
+        "--overlays",
+        "2",
+        "--device",
+        "cpu",
+    ]
     one = _run_evaluate([*common, "--out", str(tmp_path / "e1"), "--metric-workers", "2"])
     assert one.returncode == 0, one.stderr[-3000:]
     out = one.stdout
@@ -135,8 +163,9 @@ def test_evaluate_tool_smoke_and_distributed(tiny_shards, tmp_path):
         assert pngs == [] and "overlays skipped" in one.stderr + one.stdout
 
     # 2 ranks with metrics inline vs 1 process with 2 metric workers: identical rows.
-    two = _run_evaluate([*common, "--out", str(tmp_path / "e2"), "--metric-workers", "0"],
-                        torchrun=2)
+    two = _run_evaluate(
+        [*common, "--out", str(tmp_path / "e2"), "--metric-workers", "0"], torchrun=2
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     with open(tmp_path / "e2" / "per_case.csv") as f:
         rows2 = list(csv.DictReader(f))

@@ -30,8 +30,9 @@ def _channels(lab: np.ndarray) -> np.ndarray:
 
 
 def test_eval_split_is_whole_volume_without_augmentation(tiny_shards):
-    ds = ShardDataset(tiny_shards, "test", ("t2",), flip=True, rot90=True, rotation_degrees=10,
-                      bezier="partition")
+    ds = ShardDataset(
+        tiny_shards, "test", ("t2",), flip=True, rot90=True, rotation_degrees=10, bezier="partition"
+    )
     want = [c["id"] for c in split_cases(load_manifest(tiny_shards), "test")]
     assert len(ds) == len(want) >= 1 and ds.case_ids == want
     for epoch in (0, 3):
@@ -41,8 +42,9 @@ def test_eval_split_is_whole_volume_without_augmentation(tiny_shards):
             assert s["case_id"] == case["id"] and s["has_label"]
             assert s["image"].dtype == torch.float32 and s["image"].shape == (1, 32, 32, 32)
             np.testing.assert_array_equal(s["image"][0].numpy(), _stored(tiny_shards, case, "t2"))
-            np.testing.assert_array_equal(s["label"].numpy(),
-                                          _channels(_stored(tiny_shards, case, "label")))
+            np.testing.assert_array_equal(
+                s["label"].numpy(), _channels(_stored(tiny_shards, case, "label"))
+            )
             assert s["domain"].dtype == torch.int64 and int(s["domain"]) == 0
 
 
@@ -61,8 +63,13 @@ def test_modality_selection_and_repeats(tiny_shards):
 def _find(block: np.ndarray, vol: np.ndarray) -> tuple[int, int, int]:
     p = block.shape[0]
     n = vol.shape[0] - p + 1
-    hits = [(a, b, c) for a in range(n) for b in range(n) for c in range(n)
-            if np.array_equal(vol[a:a + p, b:b + p, c:c + p], block)]
+    hits = [
+        (a, b, c)
+        for a in range(n)
+        for b in range(n)
+        for c in range(n)
+        if np.array_equal(vol[a : a + p, b : b + p, c : c + p], block)
+    ]
     assert len(hits) == 1
     return hits[0]
 
@@ -76,7 +83,7 @@ def test_random_patch_is_a_block_of_the_stored_volume(tiny_shards):
         assert s["image"].shape == (1, 20, 20, 20) and s["label"].shape == (3, 20, 20, 20)
         vol = _stored(tiny_shards, ds.cases[0], "flair")
         a, b, c = _find(s["image"][0].numpy(), vol)
-        lab = _stored(tiny_shards, ds.cases[0], "label")[a:a + 20, b:b + 20, c:c + 20]
+        lab = _stored(tiny_shards, ds.cases[0], "label")[a : a + 20, b : b + 20, c : c + 20]
         np.testing.assert_array_equal(s["label"].numpy(), _channels(lab))
         starts.add((a, b, c))
     assert len(starts) > 1  # a new crop every epoch
@@ -140,8 +147,9 @@ def test_partition_domains_and_curve_directions(tiny_shards):
             seen[case["id"]] = img
         if epoch == 0:
             first = seen
-    changed = [cid for cid in first if ds.domains[cid] and not np.array_equal(first[cid],
-                                                                             seen[cid])]
+    changed = [
+        cid for cid in first if ds.domains[cid] and not np.array_equal(first[cid], seen[cid])
+    ]
     assert sorted(changed) == sorted(c for c in ds.case_ids if ds.domains[c])  # fresh curves
 
 
@@ -175,14 +183,21 @@ def test_random_mode_label_is_curve_kind(tiny_shards):
 
 
 def test_dataloader_two_persistent_workers_follow_set_epoch(tiny_shards):
-    ds = ShardDataset(tiny_shards, "train", ("t2",), patch_size=24, flip=True,
-                      bezier="partition", seed=3)
+    ds = ShardDataset(
+        tiny_shards, "train", ("t2",), patch_size=24, flip=True, bezier="partition", seed=3
+    )
     ref = {}
     for epoch in (0, 1):
         ds.set_epoch(epoch)
         ref[epoch] = {ds.case_ids[i]: ds[i] for i in range(len(ds))}  # opens files pre-fork
-    loader = DataLoader(ds, batch_size=2, num_workers=2, persistent_workers=True, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        ds,
+        batch_size=2,
+        num_workers=2,
+        persistent_workers=True,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     for epoch in (0, 1, 0):
         ds.set_epoch(epoch)
         got = 0
@@ -233,8 +248,9 @@ def test_case_meta_and_restore_to_original(tiny_shards):
     raw = Path(load_manifest(tiny_shards)["params"]["input"])
     raw_seg = raw / case["id"] / f"{case['id']}_seg.nii.gz"
     src = np.asanyarray(nib.load(str(raw_seg)).dataobj)
-    back = restore_to_original(_stored(tiny_shards, case, "label"), case["offset"],
-                               case["original_shape"])
+    back = restore_to_original(
+        _stored(tiny_shards, case, "label"), case["offset"], case["original_shape"]
+    )
     np.testing.assert_array_equal(back, src)
 
 

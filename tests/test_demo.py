@@ -33,8 +33,9 @@ def _load_demo():
 def _run_demo(*args, timeout=300):
     cmd = [sys.executable, str(DEMO), *map(str, args)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          check=False)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+    )
     return proc, time.monotonic() - t0
 
 
@@ -92,8 +93,9 @@ def test_quick_demo_runs_the_whole_chain(quick_demo):
         config = json.loads((out / "runs" / preset / "config.json").read_text())
         assert config["data"]["modalities"] == ["t2"]
     # The table has the four modality columns, and is printed.
-    header = next(line for line in (report / "table.md").read_text().splitlines()
-                  if line.startswith("| Dice"))
+    header = next(
+        line for line in (report / "table.md").read_text().splitlines() if line.startswith("| Dice")
+    )
     cells = [c.strip() for c in header.split(" | ")]
     for title in MODALITY_TITLES:
         assert any(c.startswith(f"{title}: Mean - WT") for c in cells), (title, header)
@@ -144,8 +146,9 @@ def test_second_run_skips_every_stage_and_a_failing_stage_stops_the_demo(quick_d
     assert ckpt.read_bytes() == before
     # A new preset with a bad override: its training fails, the demo names the command and the
     # exit status and stops with status 1.
-    proc, _ = _run_demo("--quick", "--out", out, "--presets", "segresnet_t2_grl",
-                        "--set", "model.init_filters=0")
+    proc, _ = _run_demo(
+        "--quick", "--out", out, "--presets", "segresnet_t2_grl", "--set", "model.init_filters=0"
+    )
     assert proc.returncode == 1
     err = proc.stderr
     assert "stage 'train segresnet_t2_grl' failed with exit status 2" in err

@@ -50,5 +50,6 @@ def test_squared_edt_at_points_equals_the_whole_map():
         features.flat[0] = True  # at least one feature voxel
         points = np.argwhere(rng.random(shape) < 0.3)
         whole = squared_edt(features, spacing)
-        np.testing.assert_array_equal(squared_edt_at(features, points, spacing),
-                                      whole[tuple(points.T)])
+        np.testing.assert_array_equal(
+            squared_edt_at(features, points, spacing), whole[tuple(points.T)]
+        )

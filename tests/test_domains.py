@@ -53,8 +53,13 @@ def test_curve_kinds():
 def test_sample_seed_reproducible_and_sensitive_to_every_part():
     base = sample_seed(0, 1, 2, 3)
     assert base == sample_seed(0, 1, 2, 3) and 0 <= base < 2**63
-    others = {sample_seed(1, 1, 2, 3), sample_seed(0, 2, 2, 3), sample_seed(0, 1, 3, 3),
-              sample_seed(0, 1, 2, 0), sample_seed(0, 2, 1, 3)}
+    others = {
+        sample_seed(1, 1, 2, 3),
+        sample_seed(0, 2, 2, 3),
+        sample_seed(0, 1, 3, 3),
+        sample_seed(0, 1, 2, 0),
+        sample_seed(0, 2, 1, 3),
+    }
     assert base not in others and len(others) == 5
     with pytest.raises(ValueError, match="epoch"):
         sample_seed(0, -1, 0, 0)

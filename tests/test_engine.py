@@ -115,21 +115,45 @@ def test_cpu_bf16_guard_refuses_two_voxel_deep_feature_maps():
 
 def _batches(n, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.randn(1, 1, size, size, size, generator=g),
-             "label": (torch.rand(1, 3, size, size, size, generator=g) > 0.6).float(),
-             "domain": torch.tensor([k % 3])} for k in range(n)]
+    return [
+        {
+            "image": torch.randn(1, 1, size, size, size, generator=g),
+            "label": (torch.rand(1, 3, size, size, size, generator=g) > 0.6).float(),
+            "domain": torch.tensor([k % 3]),
+        }
+        for k in range(n)
+    ]
 
 
 def test_train_one_epoch_logs_every_n_steps_and_the_tail(tmp_path, capsys):
-    cfg = apply_overrides(PRESETS["segresnet_t2_vffc_grl"], [
-        "model.init_filters=4", "model.blocks_down=1,1,1", "model.blocks_up=1,1",
-        "optim.epochs=2", "run.log_every=2", "run.amp=none"])
+    cfg = apply_overrides(
+        PRESETS["segresnet_t2_vffc_grl"],
+        [
+            "model.init_filters=4",
+            "model.blocks_down=1,1,1",
+            "model.blocks_up=1,1",
+            "optim.epochs=2",
+            "run.log_every=2",
+            "run.amp=none",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(1, cfg.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     writer = JsonlWriter(tmp_path / "log.jsonl")
-    summary, step = train_one_epoch(model, _batches(3), opt, None, SegLoss(), cfg=cfg, dist=ONE,
-                                    epoch=0, step=0, total_steps=6, writer=writer)
+    summary, step = train_one_epoch(
+        model,
+        _batches(3),
+        opt,
+        None,
+        SegLoss(),
+        cfg=cfg,
+        dist=ONE,
+        epoch=0,
+        step=0,
+        total_steps=6,
+        writer=writer,
+    )
     assert step == 3 and math.isfinite(summary["loss"]) and 0 <= summary["dice"] <= 1
     assert summary["lambda"] == pytest.approx(grl_lambda(2, 6, 1.0))  # λ of the last step
     records = read_jsonl(tmp_path / "log.jsonl")
@@ -140,15 +164,18 @@ def test_train_one_epoch_logs_every_n_steps_and_the_tail(tmp_path, capsys):
 
 
 def test_validate_uses_the_segmenter_and_the_configured_window():
-    cfg = apply_overrides(PRESETS["segresnet_t2_vffc_grl"], [
-        "model.init_filters=4", "model.blocks_down=1,1,1", "model.blocks_up=1,1", "run.amp=none"])
+    cfg = apply_overrides(
+        PRESETS["segresnet_t2_vffc_grl"],
+        ["model.init_filters=4", "model.blocks_down=1,1,1", "model.blocks_up=1,1", "run.amp=none"],
+    )
     torch.manual_seed(0)
     model = build_model(1, cfg.model)  # domain-adversarial: validation reads its segmenter
     data = [{"image": b["image"][0], "label": b["label"][0]} for b in _batches(3, size=12)]
     whole = validate(model, data, cfg=cfg, dist=ONE)
     assert whole["n_cases"] == 3 and 0.0 <= whole["dice_mean"] <= 1.0
     assert whole["dice_mean"] == pytest.approx(
-        (whole["dice_WT"] + whole["dice_TC"] + whole["dice_ET"]) / 3)
+        (whole["dice_WT"] + whole["dice_TC"] + whole["dice_ET"]) / 3
+    )
     assert model.training  # the mode is restored
     windowed = validate(model, data, cfg=apply_overrides(cfg, ["run.val_roi=8"]), dist=ONE)
     assert windowed["n_cases"] == 3

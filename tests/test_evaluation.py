@@ -38,7 +38,8 @@ def test_input_rule():
 def test_input_specs_fill_own_with_the_same_prediction():
     assert input_specs(("t2",), ("t1", "t2")) == {("t1",): ["t1"], ("t2",): ["t2", "own"]}
     assert input_specs(tuple(["t1", "t1ce", "t2", "flair"]), ("t1",)) == {
-        ("t1", "t1ce", "t2", "flair"): ["own"]}
+        ("t1", "t1ce", "t2", "flair"): ["own"]
+    }
 
 
 # ----------------------------------------------------------------------------- records
@@ -67,8 +68,10 @@ def _case_job(case_id, seed, n_preds=3, shape=(3, 13, 11, 9)):
     truth[:, 3:9, 2:8, 2:7] = True
     truth[1, 3:5] = False
     truth[2, :, :, :4] = False
-    preds = [({"model": "m", "case_id": case_id, "k": k}, rng.random(shape) < 0.2 * (k + 1))
-             for k in range(n_preds)]
+    preds = [
+        ({"model": "m", "case_id": case_id, "k": k}, rng.random(shape) < 0.2 * (k + 1))
+        for k in range(n_preds)
+    ]
     return CaseJob.build(case_id, truth, (1.0, 1.5, 0.8), preds), truth, preds
 
 

@@ -23,6 +23,7 @@ def test_gradcheck_float64(layout):
     norm = _norm(6, 3, torch.float64)
     x = (torch.randn(2, 6, 3, 4, 5, dtype=torch.float64) * 3 + 1).contiguous(memory_format=layout)
     x.requires_grad_()
+
     def fn(a, w, b):
         return _GroupNormReLU.apply(a, w, b, 3, 1e-5)
 
@@ -35,8 +36,10 @@ def test_matches_relu_of_group_norm_in_float32(layout):
     x0 = (torch.randn(1, 16, 6, 7, 5) * 2 - 0.5).contiguous(memory_format=layout)
     dy = torch.randn(1, 16, 6, 7, 5).contiguous(memory_format=layout)
     results = []
-    for fn in (lambda a: F.relu(norm(a)),
-               lambda a: _GroupNormReLU.apply(a, norm.weight, norm.bias, 8, norm.eps)):
+    for fn in (
+        lambda a: F.relu(norm(a)),
+        lambda a: _GroupNormReLU.apply(a, norm.weight, norm.bias, 8, norm.eps),
+    ):
         norm.zero_grad()
         x = x0.clone().requires_grad_()
         y = fn(x)

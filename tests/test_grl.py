@@ -40,9 +40,7 @@ def test_gradcheck_reversal_is_not_the_forward_derivative():
     # The forward is the identity; its true Jacobian is I. The reversed backward claims -lambda I,
     # so gradcheck must reject it for lambda != -1 and accept it for lambda = -1 (no reversal).
     x = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert not torch.autograd.gradcheck(
-        lambda t: grad_reverse(t, 1.0), (x,), raise_exception=False
-    )
+    assert not torch.autograd.gradcheck(lambda t: grad_reverse(t, 1.0), (x,), raise_exception=False)
     assert torch.autograd.gradcheck(lambda t: grad_reverse(t, -1.0), (x,))
 
 

@@ -41,17 +41,20 @@ def test_data_prep_does_not_import_tools():
 
 def test_the_scan_sees_function_level_imports(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    from data_prep.loading import load_raw_case\n"
-                   "    import tools.x\n")
+    src.write_text(
+        "def f():\n    from data_prep.loading import load_raw_case\n    import tools.x\n"
+    )
     assert _imported_modules(src) == {"data_prep.loading", "tools.x"}
 
 
-@pytest.mark.parametrize("module", ["data_prep.pipeline", "data_prep.synthetic",
-                                    "dgseg.data.manifest", "dgseg.viz"])
+@pytest.mark.parametrize(
+    "module", ["data_prep.pipeline", "data_prep.synthetic", "dgseg.data.manifest", "dgseg.viz"]
+)
 def test_preparation_imports_no_torch(module):
     """Preparation runs in spawned worker processes: importing torch would cost each seconds."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     code = f"import sys, {module}; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     assert out == "False"

@@ -29,7 +29,7 @@ def test_region_counts_equal_source_inside_crop(raw_sets, prepared_sets, layout)
         src = read_nifti(raw_sets / layout / SEG_NAME[layout].format(id=rec["id"]))
         o = np.asarray(rec["offset"])
         lo, hi = np.maximum(o, 0), np.minimum(o + SIZE, src.shape)
-        window = src[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]  # crop in the original grid
+        window = src[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]  # crop in the original grid
         with h5py.File(out / layout / rec["shard"], "r") as f:
             g = f[rec["id"]]
             lab = g["label"][()]
@@ -49,8 +49,10 @@ def test_region_counts_equal_source_inside_crop(raw_sets, prepared_sets, layout)
 def test_layouts_store_identical_arrays(prepared_sets):
     """Same cases in three layouts -> same stored images (MSD channel order, 2023 names)."""
     out, _ = prepared_sets
-    m = {lay: json.loads((out / lay / "manifest.json").read_text()) for lay in
-         ("brats2021", "brats2023", "msd")}
+    m = {
+        lay: json.loads((out / lay / "manifest.json").read_text())
+        for lay in ("brats2021", "brats2023", "msd")
+    }
     for k in range(3):
         arrays = {}
         for lay in m:
@@ -70,8 +72,10 @@ def test_time_points_share_split_in_manifest(tmp_path):
         p.rename(p.with_name(p.name.replace(a, b)))
     for seed in range(4):
         prepare(tmp_path / "raw", tmp_path / "out", size=16, seed=seed, progress=False)
-        cases = {c["id"]: c for c in
-                 json.loads((tmp_path / "out" / "manifest.json").read_text())["cases"]}
+        cases = {
+            c["id"]: c
+            for c in json.loads((tmp_path / "out" / "manifest.json").read_text())["cases"]
+        }
         assert cases[a]["patient"] == cases[b]["patient"] == "BraTS-GLI-00000"
         assert cases[a]["split"] == cases[b]["split"]
 

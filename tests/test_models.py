@@ -99,8 +99,9 @@ def test_unet3d_rejects_too_small_input():
 
 def _dann(lambd: float, seed: int = 0):
     torch.manual_seed(seed)
-    seg = SegResNet(1, 3, init_filters=4, blocks_down=(1, 1, 1), blocks_up=(1, 1),
-                    bottleneck=VFFC(16))
+    seg = SegResNet(
+        1, 3, init_filters=4, blocks_down=(1, 1, 1), blocks_up=(1, 1), bottleneck=VFFC(16)
+    )
     model = DomainAdversarialNet(seg, 3, hidden=8)
     x = torch.randn(2, 1, 8, 8, 8)
     seg_logits, dom_logits = model(x, grl_lambda=lambd)
@@ -127,7 +128,8 @@ def test_domain_loss_reaches_encoder_reversed_when_lambda_positive():
     torch.testing.assert_close(
         model.domain_classifier.mlp[0].weight.grad,
         model_plain.domain_classifier.mlp[0].weight.grad,
-        rtol=0, atol=0,
+        rtol=0,
+        atol=0,
     )
 
 
@@ -170,8 +172,9 @@ def test_build_model_variants():
 
 def test_segresnet_bf16_autocast_forward_backward():
     torch.manual_seed(0)
-    model = build_model(1, init_filters=4, blocks_down=(1, 1, 1), blocks_up=(1, 1), vffc=True,
-                        grl=True)
+    model = build_model(
+        1, init_filters=4, blocks_down=(1, 1, 1), blocks_up=(1, 1), vffc=True, grl=True
+    )
     x = torch.randn(1, 1, 8, 8, 8)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         seg_logits, dom_logits = model(x, grl_lambda=1.0)
@@ -250,8 +253,9 @@ def test_original_network_trains_a_step(one_thread):
         "domain": torch.tensor([2]),
     }
     before = [p.detach().clone() for p in model.parameters()]
-    out = forward_loss(model, batch, SegLoss(), grl=True, lambd=0.5, domain_weight=1.0,
-                       device=torch.device("cpu"))
+    out = forward_loss(
+        model, batch, SegLoss(), grl=True, lambd=0.5, domain_weight=1.0, device=torch.device("cpu")
+    )
     assert torch.isfinite(out["loss"]) and out["domain_loss"] > 0
     opt.zero_grad()
     out["loss"].backward()

@@ -25,6 +25,7 @@ from data_prep.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 def torch_equal(a, b) -> bool:
     return a.shape == b.shape and bool((a == b).all())
 
@@ -34,8 +35,15 @@ def test_eval_cases_stored_as_whole_brain_box(raw_sets, prepared_sets, tmp_path)
     from dgseg.data.manifest import load_manifest, scored_extent
 
     out = tmp_path / "evalfull"
-    res = prepare(raw_sets / "brats2021", out, size=SIZE, workers=1, cases_per_shard=2,
-                  progress=False, eval_size="full")
+    res = prepare(
+        raw_sets / "brats2021",
+        out,
+        size=SIZE,
+        workers=1,
+        cases_per_shard=2,
+        progress=False,
+        eval_size="full",
+    )
     assert res.exit_code == 0
     m = load_manifest(out)
     old = load_manifest(prepared_sets[0] / "brats2021")  # eval_size "same": every case SIZE³
@@ -65,7 +73,8 @@ def test_eval_cases_stored_as_whole_brain_box(raw_sets, prepared_sets, tmp_path)
     # A whole-box case that becomes a train case (its split changed later) is cropped to SIZE³
     # on the fly, exactly as the preprocessing crops it.
     (out / "manifest.json").write_text(
-        (out / "manifest.json").read_text().replace('"split": "test"', '"split": "train"'))
+        (out / "manifest.json").read_text().replace('"split": "test"', '"split": "train"')
+    )
     moved = ShardDataset(out, "train", ("t2", "flair"))
     ref = ShardDataset(prepared_sets[0] / "brats2021", "test", ("t2", "flair"))
     k = moved.case_ids.index(test["id"])
@@ -76,8 +85,13 @@ def test_eval_cases_stored_as_whole_brain_box(raw_sets, prepared_sets, tmp_path)
     patch = ShardDataset(out, "train", ("t2",), patch_size=16, seed=3)[k]["image"][0]
     cube = want["image"][0].numpy()
     p = patch.numpy()
-    hits = [(i, j, k) for i in range(SIZE - 15) for j in range(SIZE - 15) for k in range(SIZE - 15)
-            if np.array_equal(cube[i:i + 16, j:j + 16, k:k + 16], p)]
+    hits = [
+        (i, j, k)
+        for i in range(SIZE - 15)
+        for j in range(SIZE - 15)
+        for k in range(SIZE - 15)
+        if np.array_equal(cube[i : i + 16, j : j + 16, k : k + 16], p)
+    ]
     assert hits
 
 
@@ -100,8 +114,10 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, monkeypatch):
     write_dataset(src, 2, shape=(32, 32, 24), seed=1)
     a = "BraTS2021_00000"
     raw = tmp_path / "raw"
-    good = [_copy_case(src, a, raw, "good_1").name, _copy_case(src, "BraTS2021_00001", raw,
-                                                                "good_2").name]
+    good = [
+        _copy_case(src, a, raw, "good_1").name,
+        _copy_case(src, "BraTS2021_00001", raw, "good_2").name,
+    ]
     t1 = read_nifti(src / a / f"{a}_t1.nii.gz")
     expect = {}
 
@@ -137,7 +153,7 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, monkeypatch):
     d = bad("corrupt", "gzip")
     p = d / "corrupt_t1.nii.gz"
     blob = bytearray(p.read_bytes())
-    blob[len(blob) // 2: len(blob) // 2 + 64] = os.urandom(64)
+    blob[len(blob) // 2 : len(blob) // 2 + 64] = os.urandom(64)
     p.write_bytes(bytes(blob))
     d = bad("four_d", "expected a 3D image")
     _write_nii(d / "four_d_t1.nii.gz", np.stack([t1, t1], axis=-1))
@@ -168,8 +184,9 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, monkeypatch):
     for name in expect:
         assert name in res.summary()
     # --strict turns any skip into failure; a re-run resumes from the shards (no re-reading)
-    res2 = prepare(raw, tmp_path / "out", size=16, workers=1, cases_per_shard=4, strict=True,
-                   progress=False)
+    res2 = prepare(
+        raw, tmp_path / "out", size=16, workers=1, cases_per_shard=4, strict=True, progress=False
+    )
     assert res2.exit_code == 1 and res2.shards_built == [] and res2.skipped == res.skipped
 
 
@@ -194,8 +211,10 @@ def test_unlabelled_set(tmp_path):
 
 
 def _stats(folder: Path) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in sorted((folder / "shards").glob("*.h5"))}
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted((folder / "shards").glob("*.h5"))
+    }
 
 
 def test_rerun_rebuilds_only_deleted_or_stale_shard(raw_sets, tmp_path):
@@ -260,13 +279,35 @@ def test_verify_detects_corrupted_shard_and_rerun_repairs(raw_sets, tmp_path):
     errors = verify_output(out)
     assert len(errors) == 1 and rec["id"] in errors[0] and "t2" in errors[0]
     # the cheap structural re-use check cannot see flipped data bytes; --verify can
-    assert prepare(raw_sets / "brats2021", out, size=16, cases_per_shard=2,
-                   progress=False).shards_built == []
-    cli = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--input",
-                          str(raw_sets / "brats2021"), "--output", str(out), "--size", "16",
-                          "--cases-per-shard", "2", "--workers", "1", "--verify", "--quiet",
-                          "--eval-size", "same"],  # as the library call above
-                         capture_output=True, text=True, timeout=120)
+    assert (
+        prepare(
+            raw_sets / "brats2021", out, size=16, cases_per_shard=2, progress=False
+        ).shards_built
+        == []
+    )
+    cli = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "prepare_brats.py"),
+            "--input",
+            str(raw_sets / "brats2021"),
+            "--output",
+            str(out),
+            "--size",
+            "16",
+            "--cases-per-shard",
+            "2",
+            "--workers",
+            "1",
+            "--verify",
+            "--quiet",
+            "--eval-size",
+            "same",
+        ],  # as the library call above
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert "1 shard(s) built, 1 reused" in cli.stdout
     assert verify_output(out) == []
@@ -280,13 +321,26 @@ def test_verify_detects_corrupted_shard_and_rerun_repairs(raw_sets, tmp_path):
 
 
 def test_parallel_workers_match_serial(raw_sets, tmp_path):
-    r1 = prepare(raw_sets / "brats2021", tmp_path / "a", size=16, workers=1, cases_per_shard=1,
-                 progress=False)
-    r2 = prepare(raw_sets / "brats2021", tmp_path / "b", size=16, workers=2, cases_per_shard=1,
-                 progress=False)
+    r1 = prepare(
+        raw_sets / "brats2021",
+        tmp_path / "a",
+        size=16,
+        workers=1,
+        cases_per_shard=1,
+        progress=False,
+    )
+    r2 = prepare(
+        raw_sets / "brats2021",
+        tmp_path / "b",
+        size=16,
+        workers=2,
+        cases_per_shard=1,
+        progress=False,
+    )
     assert r1.exit_code == r2.exit_code == 0
-    assert (tmp_path / "a" / "manifest.json").read_text().replace(str(tmp_path / "a"), "") == \
-        (tmp_path / "b" / "manifest.json").read_text().replace(str(tmp_path / "b"), "")
+    assert (tmp_path / "a" / "manifest.json").read_text().replace(str(tmp_path / "a"), "") == (
+        tmp_path / "b" / "manifest.json"
+    ).read_text().replace(str(tmp_path / "b"), "")
 
 
 def test_kill_9_mid_run_then_resume(tmp_path):
@@ -298,9 +352,21 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     for k in range(24):  # many distinct ids, two source cases: cheap to create, slow to prepare
         _copy_case(src, f"BraTS2021_0000{k % 2}", raw, f"case_{k:02d}")
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--input", str(raw),
-           "--output", str(out), "--size", "64", "--cases-per-shard", "2", "--workers", "1",
-           "--quiet"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "prepare_brats.py"),
+        "--input",
+        str(raw),
+        "--output",
+        str(out),
+        "--size",
+        "64",
+        "--cases-per-shard",
+        "2",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     shards = out / "shards"
@@ -347,8 +413,10 @@ def test_splits_patient_level_deterministic():
         for c, split in s.items():
             by_patient.setdefault(patients[c], set()).add(split)
         assert all(len(v) == 1 for v in by_patient.values())  # time points stay together
-        counts = {k: sum(next(iter(v)) == k for v in by_patient.values())
-                  for k in ("train", "val", "test")}
+        counts = {
+            k: sum(next(iter(v)) == k for v in by_patient.values())
+            for k in ("train", "val", "test")
+        }
         assert counts == {"train": 28, "val": 4, "test": 8}
         train = {patients[c] for c, v in s.items() if v == "train"}
         test = {patients[c] for c, v in s.items() if v == "test"}
@@ -360,8 +428,16 @@ def test_splits_patient_level_deterministic():
 
 
 def test_cli_default_synthetic(tmp_path):
-    cmd = [sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--output",
-           str(tmp_path / "syn"), "--synthetic-cases", "3", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "prepare_brats.py"),
+        "--output",
+        str(tmp_path / "syn"),
+        "--synthetic-cases",
+        "3",
+        "--workers",
+        "1",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "prepared 3 case(s)" in res.stdout and "prepare: 3/3 cases" in res.stderr
@@ -373,8 +449,19 @@ def test_cli_default_synthetic(tmp_path):
     assert full.returncode == 0 and "1 shard(s) built, 0 reused" in full.stdout  # new size
     m = json.loads((tmp_path / "syn" / "manifest.json").read_text())
     assert m["params"]["size"] == "full"
-    assert all(c["shape"] == [b - a for a, b in zip(c["bbox_start"], c["bbox_stop"])]
-               for c in m["cases"])
-    bad = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--output",
-                          str(tmp_path / "x"), "--size", "0"], capture_output=True, text=True)
+    assert all(
+        c["shape"] == [b - a for a, b in zip(c["bbox_start"], c["bbox_stop"])] for c in m["cases"]
+    )
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "prepare_brats.py"),
+            "--output",
+            str(tmp_path / "x"),
+            "--size",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "--size" in bad.stderr

@@ -64,8 +64,11 @@ def test_cpu_probe_needs_amx_or_avx512_bf16_on_x86(monkeypatch):
     """oneDNN says "bf16 supported" on plain AVX-512 too (emulated); auto wants the instructions."""
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    for amx, avx512_bf16, expect in ((False, False, False), (True, False, True),
-                                     (False, True, True)):
+    for amx, avx512_bf16, expect in (
+        (False, False, False),
+        (True, False, True),
+        (False, True, True),
+    ):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         precision.cpu_has_native_bf16.cache_clear()
@@ -121,14 +124,23 @@ def test_default_config_step_computes_in_fp32(cpu_without_bf16):
     torch.manual_seed(0)
     model = build_model(1, init_filters=4, blocks_down=(1, 1), blocks_up=(1,))
     batch = {"image": torch.randn(1, 1, 8, 8, 8), "label": torch.zeros(1, 3, 8, 8, 8)}
-    out = forward_loss(model, batch, SegLoss(), grl=False, lambd=0.0, domain_weight=0.0,
-                       device=CPU, amp=Config().run.amp)
+    out = forward_loss(
+        model,
+        batch,
+        SegLoss(),
+        grl=False,
+        lambd=0.0,
+        domain_weight=0.0,
+        device=CPU,
+        amp=Config().run.amp,
+    )
     assert out["logits"].dtype == torch.float32  # bf16 autocast would give bfloat16 logits
 
 
 @pytest.mark.slow
-def test_training_with_the_default_config_runs_in_fp32(tiny_shards, tmp_path, monkeypatch,
-                                                       capsys, cpu_without_bf16):
+def test_training_with_the_default_config_runs_in_fp32(
+    tiny_shards, tmp_path, monkeypatch, capsys, cpu_without_bf16
+):
     spec = importlib.util.spec_from_file_location("dgseg_train_tool", ROOT / "tools" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
@@ -140,9 +152,24 @@ def test_training_with_the_default_config_runs_in_fp32(tiny_shards, tmp_path, mo
         return real(device_type, *args, **kwargs)
 
     monkeypatch.setattr(torch, "autocast", spy)
-    argv = ["--preset", "tiny", "--data", str(tiny_shards), "--out", str(tmp_path),
-            "--set", "optim.epochs=1", "--set", "run.plot=false", "--set", "data.patch_size=16",
-            "--set", "run.val_roi=32", "--set", "model.init_filters=4"]
+    argv = [
+        "--preset",
+        "tiny",
+        "--data",
+        str(tiny_shards),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "run.plot=false",
+        "--set",
+        "data.patch_size=16",
+        "--set",
+        "run.val_roi=32",
+        "--set",
+        "model.init_filters=4",
+    ]
     assert train.main(argv) == 0
     assert get_preset("tiny").run.amp == "auto"
     text = capsys.readouterr().out

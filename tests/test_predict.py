@@ -32,8 +32,9 @@ predict = _load_tool("predict")
 
 
 def _affine():
-    a = np.array([[-1.1, 0.0, 0.0, 40.0], [0.0, 0.9, 0.1, -20.0], [0.0, 0.0, 1.2, 7.5],
-                  [0.0, 0.0, 0.0, 1.0]])
+    a = np.array(
+        [[-1.1, 0.0, 0.0, 40.0], [0.0, 0.9, 0.1, -20.0], [0.0, 0.0, 1.2, 7.5], [0.0, 0.0, 0.0, 1.0]]
+    )
     return a
 
 
@@ -45,14 +46,14 @@ def write_raw_case(folder: Path, case_id: str, *, seed: int, tumour=True) -> Pat
     seg = np.zeros(SHAPE, np.uint8)
     if tumour:
         c = np.array([15, 12, 10]) + rng.integers(-2, 3, size=3)
-        r2 = ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2)
+        r2 = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2
         seg[r2 <= 16] = 2
         seg[r2 <= 6] = 1
         seg[r2 <= 2] = 4
     case = folder / case_id
     case.mkdir(parents=True)
     for k, m in enumerate(MODALITIES):
-        img = (brain * (100 + 20 * k + rng.normal(0, 5, SHAPE)) + 40 * (seg > 0) * (k - 1.5))
+        img = brain * (100 + 20 * k + rng.normal(0, 5, SHAPE)) + 40 * (seg > 0) * (k - 1.5)
         img = np.where(brain, np.maximum(img, 1), 0).astype(np.int16)
         nib.save(nib.Nifti1Image(img, _affine()), str(case / f"{case_id}_{m}.nii.gz"))
     nib.save(nib.Nifti1Image(seg, _affine()), str(case / f"{case_id}_seg.nii.gz"))
@@ -111,7 +112,7 @@ def test_outside_the_stored_window_is_background(tmp_path):
     expected = np.zeros(SHAPE, np.uint8)
     lo = np.asarray(prep.offset)
     assert (lo >= 0).all() and (lo + 12 <= np.asarray(SHAPE)).all()
-    expected[lo[0]:lo[0] + 12, lo[1]:lo[1] + 12, lo[2]:lo[2] + 12] = 4
+    expected[lo[0] : lo[0] + 12, lo[1] : lo[1] + 12, lo[2] : lo[2] + 12] = 4
     np.testing.assert_array_equal(full, expected)
 
 
@@ -148,10 +149,16 @@ def _tiny_checkpoint(path: Path, modalities, *, arch="segresnet", roi="16"):
     from dgseg.config import apply_overrides, get_preset
     from dgseg.models import build_model
 
-    cfg = apply_overrides(get_preset("tiny"), [
-        f"data.modalities={','.join(modalities)}", f"model.arch={arch}", "model.init_filters=4",
-        "model.unet_features=4,4,8,8,8", f"run.val_roi={roi}",
-    ])
+    cfg = apply_overrides(
+        get_preset("tiny"),
+        [
+            f"data.modalities={','.join(modalities)}",
+            f"model.arch={arch}",
+            "model.init_filters=4",
+            "model.unet_features=4,4,8,8,8",
+            f"run.val_roi={roi}",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(cfg.data.in_channels, cfg.model)
     save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict()})
@@ -167,12 +174,28 @@ def test_predict_cli_writes_cases_and_skips_bad_ones(tmp_path, capsys):
     (raw / "BraTS2021_00010" / "BraTS2021_00010_t1ce.nii.gz").write_bytes(b"x")  # corrupt, unread
     ck = _tiny_checkpoint(tmp_path / "m" / "best.pt", ("t2",))
     out = tmp_path / "pred"
-    rc = predict.main(["--checkpoint", str(ck), "--input", str(raw), "--output", str(out),
-                       "--modality", "flair", "--size", "24", "--device", "cpu"])
+    rc = predict.main(
+        [
+            "--checkpoint",
+            str(ck),
+            "--input",
+            str(raw),
+            "--output",
+            str(out),
+            "--modality",
+            "flair",
+            "--size",
+            "24",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["BraTS2021_00010.nii.gz",
-                                                      "BraTS2021_00011.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "BraTS2021_00010.nii.gz",
+        "BraTS2021_00011.nii.gz",
+    ]
     skip_lines = [ln for ln in err.splitlines() if ln.startswith("skip BraTS2021_00012")]
     assert len(skip_lines) == 1 and "BraTS2021_00012_flair.nii.gz" in skip_lines[0]
     assert "predicted 2 case(s), skipped 1" in err
@@ -187,8 +210,20 @@ def test_predict_cli_writes_cases_and_skips_bad_ones(tmp_path, capsys):
     (only_bad / bad.name).mkdir(parents=True)
     for f in bad.iterdir():
         (only_bad / bad.name / f.name).write_bytes(f.read_bytes())
-    rc = predict.main(["--checkpoint", str(ck), "--input", str(only_bad / bad.name),
-                       "--output", str(tmp_path / "p2"), "--device", "cpu", "--modality", "flair"])
+    rc = predict.main(
+        [
+            "--checkpoint",
+            str(ck),
+            "--input",
+            str(only_bad / bad.name),
+            "--output",
+            str(tmp_path / "p2"),
+            "--device",
+            "cpu",
+            "--modality",
+            "flair",
+        ]
+    )
     assert rc == 1
     assert "predicted 0 case(s), skipped 1" in capsys.readouterr().err
 
@@ -198,8 +233,18 @@ def test_stacked_model_refuses_single_modality(tmp_path):
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="own inputs"):
         load_predictor(ck, cpu, modality="t1")
-    args = predict.parse_args(["--checkpoint", str(ck), "--input", str(tmp_path),
-                               "--output", str(tmp_path / "o"), "--size", "full"])
+    args = predict.parse_args(
+        [
+            "--checkpoint",
+            str(ck),
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "o"),
+            "--size",
+            "full",
+        ]
+    )
     assert args.size is None
     prob_fn, channels, _ = load_predictor(args.checkpoint, cpu)
     assert channels == MODALITIES
@@ -218,8 +263,18 @@ def test_predictions_scored_by_evaluate_cli(tmp_path, capsys):
         case = write_raw_case(raw, f"BraTS2021_0002{k}", seed=20 + k)
         r, prep = _prepared(case, 24)
         predict.predict_case(r, oracle_for(prep), ("t2",), tmp_path / "pred", size=24)
-    rc = evaluate.main(["--predictions", str(tmp_path / "pred"), "--data", str(raw),
-                        "--out", str(tmp_path / "ev"), "--bootstrap", "50"])
+    rc = evaluate.main(
+        [
+            "--predictions",
+            str(tmp_path / "pred"),
+            "--data",
+            str(raw),
+            "--out",
+            str(tmp_path / "ev"),
+            "--bootstrap",
+            "50",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "1.00 - 1.00 | 1.00 | 1.00" in out and "0.0 - 0.0 | 0.0 | 0.0" in out
@@ -399,8 +454,18 @@ def test_predict_tool_reports_expected_faults_in_one_line(tmp_path, capsys):
         ([str(ck), str(tmp_path / "nowhere")], "nowhere"),
     ]
     for (checkpoint, source), where in faults:
-        rc = predict.main(["--checkpoint", checkpoint, "--input", source, "--output",
-                           str(tmp_path / "o"), "--device", "cpu"])
+        rc = predict.main(
+            [
+                "--checkpoint",
+                checkpoint,
+                "--input",
+                source,
+                "--output",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+            ]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 1 and len(err) == 1, err
         assert err[0].startswith("error: ") and where in err[0], err

@@ -17,8 +17,10 @@ def test_zscore_and_crop_match_independent_computation(raw_sets, prepared_sets):
     out, _ = prepared_sets
     rec = json.loads((out / "brats2021" / "manifest.json").read_text())["cases"][1]
     cid = rec["id"]
-    vols = {m: read_nifti(raw_sets / "brats2021" / cid / f"{cid}_{m}.nii.gz").astype(np.float64)
-            for m in MODALITIES}
+    vols = {
+        m: read_nifti(raw_sets / "brats2021" / cid / f"{cid}_{m}.nii.gz").astype(np.float64)
+        for m in MODALITIES
+    }
     nz = np.any([v != 0 for v in vols.values()], axis=0)
     idx = np.argwhere(nz)
     start, stop = idx.min(0), idx.max(0) + 1
@@ -31,8 +33,9 @@ def test_zscore_and_crop_match_independent_computation(raw_sets, prepared_sets):
             z = np.where(v != 0, (v - brain.mean()) / brain.std(), 0.0)
             lo, hi = np.maximum(off, 0), np.minimum(off + SIZE, v.shape)
             want = np.zeros((SIZE,) * 3)
-            want[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, off))] = \
-                z[tuple(slice(a, b) for a, b in zip(lo, hi))]
+            want[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, off))] = z[
+                tuple(slice(a, b) for a, b in zip(lo, hi))
+            ]
             got = f[cid][m][()]
             assert got.dtype == np.float32
             np.testing.assert_allclose(got, want, atol=2e-5)

@@ -54,8 +54,13 @@ def test_bootstrap_edge_cases():
 def _rows(model, ckpt, column, dice_wt, inputs=None):
     out = []
     for i, d in enumerate(dice_wt):
-        r = {"model": model, "checkpoint": ckpt, "column": column,
-             "inputs": inputs or column, "case_id": f"c{i}"}
+        r = {
+            "model": model,
+            "checkpoint": ckpt,
+            "column": column,
+            "inputs": inputs or column,
+            "case_id": f"c{i}",
+        }
         for metric, base in (("dice", d), ("hd95", 10 * d)):
             for reg, v in zip(("WT", "TC", "ET"), (base, base / 2, 0.0)):
                 r[f"{metric}_{reg}"] = v
@@ -65,10 +70,12 @@ def _rows(model, ckpt, column, dice_wt, inputs=None):
 
 
 def test_summarize_seeds_mean_sd_and_ci():
-    recs = (_rows("noaug", "a.pt", "t2", [0.8, 0.6, 0.7])
-            + _rows("noaug", "b.pt", "t2", [0.6, 0.4, 0.5])
-            + _rows("noaug", "a.pt", "t1", [0.1, 0.0, 0.2])
-            + _rows("noaug", "b.pt", "t1", [0.3, 0.2, 0.1]))
+    recs = (
+        _rows("noaug", "a.pt", "t2", [0.8, 0.6, 0.7])
+        + _rows("noaug", "b.pt", "t2", [0.6, 0.4, 0.5])
+        + _rows("noaug", "a.pt", "t1", [0.1, 0.0, 0.2])
+        + _rows("noaug", "b.pt", "t1", [0.3, 0.2, 0.1])
+    )
     s = summarize(recs, n_boot=500, seed=1)
     (m,) = s["models"]
     assert m["model"] == "noaug" and m["checkpoints"] == ["a.pt", "b.pt"]
@@ -85,14 +92,18 @@ def test_summarize_seeds_mean_sd_and_ci():
 
 
 def test_table_has_named_columns_values_and_x_cells():
-    recs = (_rows("segresnet_t2", "a.pt", "t1", [0.05, 0.03])
-            + _rows("segresnet_t2", "a.pt", "t2", [0.75, 0.73])
-            + _rows("unet_stacked", "u.pt", "own", [0.7, 0.76], inputs="t1+t1ce+t2+flair"))
+    recs = (
+        _rows("segresnet_t2", "a.pt", "t1", [0.05, 0.03])
+        + _rows("segresnet_t2", "a.pt", "t2", [0.75, 0.73])
+        + _rows("unet_stacked", "u.pt", "own", [0.7, 0.76], inputs="t1+t1ce+t2+flair")
+    )
     s = summarize(recs, n_boot=100)
     md = format_table(s, style="markdown", footer=[EVAL_RULE])
     header = md.splitlines()[0]
-    assert header == ("| Dice | T1: Mean - WT \\| TC \\| ET | T2: Mean - WT \\| TC \\| ET "
-                      "| Own inputs: Mean - WT \\| TC \\| ET |")
+    assert header == (
+        "| Dice | T1: Mean - WT \\| TC \\| ET | T2: Mean - WT \\| TC \\| ET "
+        "| Own inputs: Mean - WT \\| TC \\| ET |"
+    )
     rows = [ln for ln in md.splitlines() if ln.startswith("| segresnet") or ln.startswith("| unet")]
     # WT 0.04, TC 0.02, ET 0, mean (0.04 + 0.02) / 3 = 0.02
     assert "| 0.02 - 0.04 \\| 0.02 \\| 0.00 |" in rows[0]

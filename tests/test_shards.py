@@ -12,8 +12,11 @@ from data_prep.pipeline import prepare, verify_output
 
 def test_storage_options_store_the_same_arrays(raw_sets, tmp_path):
     crcs = []
-    for kw in ({}, {"compression": "lzf"}, {"compression": "gzip", "chunks": 8,
-                                             "label_compression": "gzip"}):
+    for kw in (
+        {},
+        {"compression": "lzf"},
+        {"compression": "gzip", "chunks": 8, "label_compression": "gzip"},
+    ):
         out = tmp_path / str(len(crcs))
         assert prepare(raw_sets / "brats2021", out, size=16, progress=False, **kw).exit_code == 0
         assert verify_output(out) == []
@@ -21,8 +24,11 @@ def test_storage_options_store_the_same_arrays(raw_sets, tmp_path):
         crcs.append([c["stored_crc32"] for c in cases])
         with h5py.File(out / cases[0]["shard"], "r") as f:
             ds = f[cases[0]["id"]]["t1"]
-            assert (ds.compression, ds.chunks) == {0: (None, None), 1: ("lzf", (16, 16, 16)),
-                                                   2: ("gzip", (8, 8, 8))}[len(crcs) - 1]
+            assert (ds.compression, ds.chunks) == {
+                0: (None, None),
+                1: ("lzf", (16, 16, 16)),
+                2: ("gzip", (8, 8, 8)),
+            }[len(crcs) - 1]
     assert crcs[0] == crcs[1] == crcs[2]
     with pytest.raises(ValueError, match="contiguous"):
         prepare(raw_sets / "brats2021", tmp_path / "x", compression="lzf", chunks="contiguous")

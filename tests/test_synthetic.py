@@ -169,16 +169,18 @@ def test_default_shape_full_size_case():
     assert all((images[m] > 0).sum() == brain.sum() for m in MODALITIES)
 
 
-@pytest.mark.parametrize("bad", [dict(shape=(8, 32, 32)), dict(shape=(32, 32)), dict(seed=-1),
-                                 dict(seed=1.5)])
+@pytest.mark.parametrize(
+    "bad", [dict(shape=(8, 32, 32)), dict(shape=(32, 32)), dict(seed=-1), dict(seed=1.5)]
+)
 def test_make_case_rejects_bad_input(bad):
     kwargs = dict(shape=(32, 32, 32), seed=0) | bad
     with pytest.raises(ValueError):
         make_case(kwargs.pop("shape"), **kwargs)
 
 
-@pytest.mark.parametrize("bad", [dict(layout="brats2019"), dict(workers=0), dict(start_index=-1),
-                                 dict(shape=(4, 4, 4))])
+@pytest.mark.parametrize(
+    "bad", [dict(layout="brats2019"), dict(workers=0), dict(start_index=-1), dict(shape=(4, 4, 4))]
+)
 def test_write_dataset_rejects_bad_input(tmp_path, bad):
     with pytest.raises(ValueError):
         write_dataset(tmp_path, 1, **(dict(shape=(24, 24, 24)) | bad))
@@ -190,12 +192,18 @@ def _load(path: Path):
 
 
 EXPECTED_FILES = {
-    "brats2021": ["BraTS2021_00002/BraTS2021_00002_{}.nii.gz",
-                  ("t1", "t1ce", "t2", "flair", "seg")],
-    "brats2020": ["BraTS20_Training_003/BraTS20_Training_003_{}.nii.gz",
-                  ("t1", "t1ce", "t2", "flair", "seg")],
-    "brats2023": ["BraTS-GLI-00002-000/BraTS-GLI-00002-000-{}.nii.gz",
-                  ("t1n", "t1c", "t2w", "t2f", "seg")],
+    "brats2021": [
+        "BraTS2021_00002/BraTS2021_00002_{}.nii.gz",
+        ("t1", "t1ce", "t2", "flair", "seg"),
+    ],
+    "brats2020": [
+        "BraTS20_Training_003/BraTS20_Training_003_{}.nii.gz",
+        ("t1", "t1ce", "t2", "flair", "seg"),
+    ],
+    "brats2023": [
+        "BraTS-GLI-00002-000/BraTS-GLI-00002-000-{}.nii.gz",
+        ("t1n", "t1c", "t2w", "t2f", "seg"),
+    ],
     "unlabelled": ["BraTS2021_00002/BraTS2021_00002_{}.nii.gz", ("t1", "t1ce", "t2", "flair")],
     "msd": ["{}/BRATS_003.nii.gz", ("imagesTr", "labelsTr")],
 }
@@ -225,7 +233,9 @@ def test_layout_writer_names_dtypes_and_labels(tmp_path, layout):
         meta = json.loads((tmp_path / "dataset.json").read_text())
         assert meta["numTraining"] == 2 and meta["modality"]["0"] == "FLAIR"
         assert {e["image"] for e in meta["training"]} == {
-            "./imagesTr/BRATS_002.nii.gz", "./imagesTr/BRATS_003.nii.gz"}
+            "./imagesTr/BRATS_002.nii.gz",
+            "./imagesTr/BRATS_003.nii.gz",
+        }
         np.testing.assert_array_equal(img.affine, np.eye(4))
         return
     for tag, mod in zip(tags, MODALITIES):
@@ -247,8 +257,10 @@ def test_layout_writer_names_dtypes_and_labels(tmp_path, layout):
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*.nii.gz"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*.nii.gz"))
+    }
 
 
 def test_cases_do_not_depend_on_workers_or_batching(tmp_path):
@@ -268,8 +280,22 @@ def test_cases_do_not_depend_on_workers_or_batching(tmp_path):
 
 def test_cli_writes_cases_and_reports_progress(tmp_path, capsys):
     tool = runpy.run_path(str(Path(__file__).parents[1] / "tools" / "make_synthetic_brats.py"))
-    rc = tool["main"](["--output", str(tmp_path), "--n-cases", "2", "--shape", "24", "24", "24",
-                       "--layout", "brats2023", "--seed", "1"])
+    rc = tool["main"](
+        [
+            "--output",
+            str(tmp_path),
+            "--n-cases",
+            "2",
+            "--shape",
+            "24",
+            "24",
+            "24",
+            "--layout",
+            "brats2023",
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     assert "2/2 cases" in err and "ETA" in err
@@ -281,8 +307,11 @@ def test_cli_writes_cases_and_reports_progress(tmp_path, capsys):
 def test_montage_png_or_clear_error(tmp_path):
     write_dataset(tmp_path / "a", 1, shape=(32, 32, 24), layout="brats2021")
     write_dataset(tmp_path / "b", 1, shape=(32, 32, 24), layout="brats2023", start_index=1)
-    cases = [tmp_path / "a" / "BraTS2021_00000", tmp_path / "b" / "BraTS-GLI-00001-000",
-             make_case((32, 32, 24), seed=4)]
+    cases = [
+        tmp_path / "a" / "BraTS2021_00000",
+        tmp_path / "b" / "BraTS-GLI-00001-000",
+        make_case((32, 32, 24), seed=4),
+    ]
     out = tmp_path / "montage.png"
     if importlib.util.find_spec("matplotlib") is None:
         with pytest.raises(ImportError, match="viz"):

@@ -37,8 +37,9 @@ def _load_train():
 def test_expected_faults_stop_with_one_line_naming_the_path(tmp_path):
     train = _load_train()
     with pytest.raises(SystemExit, match=r"^error: data.root: .*nowhere.*manifest.json"):
-        train.main(["--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--out",
-                    str(tmp_path)])
+        train.main(
+            ["--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
+        )
     run = tmp_path / "tiny"
     run.mkdir()
     (run / "last.pt").write_bytes(b"truncated")

@@ -143,8 +143,9 @@ def peak_memory_mib(device: torch.device) -> float | None:
 
 
 # ----------------------------------------------------------------------------- training step
-def make_step(name: str, device: torch.device, size: int, batch: int, *, amp: bool,
-              channels_last: bool) -> Callable[[], None]:
+def make_step(
+    name: str, device: torch.device, size: int, batch: int, *, amp: bool, channels_last: bool
+) -> Callable[[], None]:
     """One optimizer step of the named network on random data (labels from a threshold)."""
     kwargs = MODELS[name]
     grl = kwargs.get("grl", False)
@@ -211,7 +212,10 @@ def bench_train(args, device: torch.device) -> list[dict]:
             step = make_step(name, device, size, args.batch, amp=amp, channels_last=cl)
             t = time_fn(step, device, warmup=args.warmup, repeats=args.repeats)
             row = {
-                "section": "train", "model": name, "size": size, "batch": args.batch,
+                "section": "train",
+                "model": name,
+                "size": size,
+                "batch": args.batch,
                 "precision": "bf16" if amp else "fp32",
                 "memory_format": "channels_last_3d" if cl else "contiguous",
                 **t,
@@ -221,9 +225,12 @@ def bench_train(args, device: torch.device) -> list[dict]:
                 "achieved_tflops": (flops / t["median_s"] / 1e12) if flops else None,
             }
             rows.append(row)
-            print(f"  train {name:20s} {row['precision']:4s} {row['memory_format']:16s} "
-                  f"{t['median_s'] * 1e3:9.1f} ms  {row['samples_per_s']:7.2f} samples/s  "
-                  f"peak {row['peak_mem_mib'] or 0:8.0f} MiB", flush=True)
+            print(
+                f"  train {name:20s} {row['precision']:4s} {row['memory_format']:16s} "
+                f"{t['median_s'] * 1e3:9.1f} ms  {row['samples_per_s']:7.2f} samples/s  "
+                f"peak {row['peak_mem_mib'] or 0:8.0f} MiB",
+                flush=True,
+            )
             del step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -240,8 +247,16 @@ def bench_vffc(train_rows: list[dict]) -> list[dict]:
         base = by_key.get(("segresnet", prec, fmt))
         if base:
             ratio = r["median_s"] / base["median_s"]
-            out.append({"section": "vffc", "precision": prec, "memory_format": fmt,
-                        "overhead_ratio": ratio, "goal": 1.10, "goal_met": ratio <= 1.10})
+            out.append(
+                {
+                    "section": "vffc",
+                    "precision": prec,
+                    "memory_format": fmt,
+                    "overhead_ratio": ratio,
+                    "goal": 1.10,
+                    "goal_met": ratio <= 1.10,
+                }
+            )
             print(f"  vffc overhead {prec} {fmt}: {ratio:.3f} (goal <= 1.10)")
     return out
 
@@ -260,14 +275,23 @@ def monai_to_dgseg_state(state: dict) -> dict:
     return out
 
 
-def _peer_step(net: torch.nn.Module, device: torch.device, x: torch.Tensor, y: torch.Tensor, *,
-               amp: bool, channels_last: bool, native: bool) -> Callable[[], None]:
+def _peer_step(
+    net: torch.nn.Module,
+    device: torch.device,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    amp: bool,
+    channels_last: bool,
+    native: bool,
+) -> Callable[[], None]:
 
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = net.to(device).to(memory_format=fmt)
     x = x.contiguous(memory_format=fmt)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-5,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=1e-4, weight_decay=1e-5, fused=device.type == "cuda"
+    )
     loss_fn = SegLoss()
 
     def step() -> None:
@@ -291,8 +315,10 @@ def bench_peer(args, device: torch.device) -> list[dict]:
     try:
         from monai.networks.nets import SegResNet as MonaiSegResNet
     except ImportError:
-        raise RuntimeError("--peer monai needs MONAI (pip install monai); it is not a dgseg "
-                           "dependency and is imported only here") from None
+        raise RuntimeError(
+            "--peer monai needs MONAI (pip install monai); it is not a dgseg "
+            "dependency and is imported only here"
+        ) from None
 
     size, batch = args.size, args.batch
     g = torch.Generator().manual_seed(0)
@@ -316,18 +342,28 @@ def bench_peer(args, device: torch.device) -> list[dict]:
     cfg = apply_overrides(Config(), [f"run.amp={args.amp}"])  # dgseg's defaults otherwise
     cl = use_channels_last(cfg, device, (size, size, size))
     variants = {  # name -> (step, precision, layout)
-        "monai_fp32": (_peer_step(monai_net(), device, x, y, amp=False, channels_last=False,
-                                  native=True), "fp32", "contiguous"),
-        "dgseg_plain_fp32": (_peer_step(dgseg_net(), device, x, y, amp=False,
-                                        channels_last=False, native=True), "fp32", "contiguous"),
-        "dgseg_default": (_peer_step(dgseg_net(), device, x, y, amp=bf16, channels_last=cl,
-                                     native=False), "bf16" if bf16 else "fp32",
-                          "channels_last_3d" if cl else "contiguous"),
+        "monai_fp32": (
+            _peer_step(monai_net(), device, x, y, amp=False, channels_last=False, native=True),
+            "fp32",
+            "contiguous",
+        ),
+        "dgseg_plain_fp32": (
+            _peer_step(dgseg_net(), device, x, y, amp=False, channels_last=False, native=True),
+            "fp32",
+            "contiguous",
+        ),
+        "dgseg_default": (
+            _peer_step(dgseg_net(), device, x, y, amp=bf16, channels_last=cl, native=False),
+            "bf16" if bf16 else "fp32",
+            "channels_last_3d" if cl else "contiguous",
+        ),
     }
     if bf16:
-        variants["monai_bf16"] = (_peer_step(monai_net(), device, x, y, amp=True,
-                                             channels_last=False, native=True), "bf16",
-                                  "contiguous")
+        variants["monai_bf16"] = (
+            _peer_step(monai_net(), device, x, y, amp=True, channels_last=False, native=True),
+            "bf16",
+            "contiguous",
+        )
     for step, _, _ in variants.values():
         for _ in range(args.warmup):
             step()
@@ -344,19 +380,38 @@ def bench_peer(args, device: torch.device) -> list[dict]:
     rows = []
     for name, (_, precision, layout) in variants.items():
         med = statistics.median(times[name])
-        row = {"section": "peer", "variant": name, "size": size, "batch": batch,
-               "precision": precision, "memory_format": layout, "median_s": med,
-               "min_s": min(times[name]), "max_s": max(times[name]), "times_s": times[name],
-               "ratio_to_monai_fp32": med / ref}
+        row = {
+            "section": "peer",
+            "variant": name,
+            "size": size,
+            "batch": batch,
+            "precision": precision,
+            "memory_format": layout,
+            "median_s": med,
+            "min_s": min(times[name]),
+            "max_s": max(times[name]),
+            "times_s": times[name],
+            "ratio_to_monai_fp32": med / ref,
+        }
         rows.append(row)
-        print(f"  peer {name:18s} {precision:4s} {layout:16s} {med * 1e3:9.1f} ms "
-              f"(min {row['min_s'] * 1e3:.1f})  x{row['ratio_to_monai_fp32']:.2f} of MONAI fp32")
-    rows.append({"section": "peer_check", "max_abs_output_diff_same_weights": diff,
-                 "monai": __import__("monai").__version__, "rounds": args.repeats,
-                 "loadavg_before": load,
-                 "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None})
-    print(f"  peer: same weights give outputs equal to {diff:.1e}; "
-          f"load average {load} -> {rows[-1]['loadavg_after']}")
+        print(
+            f"  peer {name:18s} {precision:4s} {layout:16s} {med * 1e3:9.1f} ms "
+            f"(min {row['min_s'] * 1e3:.1f})  x{row['ratio_to_monai_fp32']:.2f} of MONAI fp32"
+        )
+    rows.append(
+        {
+            "section": "peer_check",
+            "max_abs_output_diff_same_weights": diff,
+            "monai": __import__("monai").__version__,
+            "rounds": args.repeats,
+            "loadavg_before": load,
+            "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        }
+    )
+    print(
+        f"  peer: same weights give outputs equal to {diff:.1e}; "
+        f"load average {load} -> {rows[-1]['loadavg_after']}"
+    )
     return rows
 
 
@@ -369,16 +424,17 @@ def bench_bezier(args, device: torch.device) -> list[dict]:
 
     n = 128
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand(n, n, n, generator=g) * 2 - 1)
+    x = torch.rand(n, n, n, generator=g) * 2 - 1
     # The original code's way: sample the curve densely, np.interp every voxel through it.
     t = np.linspace(0.0, 1.0, 100_000)
     v = 0.3
     pts = np.array([[-1, -1], [-v, v], [v, -v], [1, 1]], dtype=np.float64)
-    bern = np.stack([(1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t ** 2 * (1 - t), t ** 3])
+    bern = np.stack([(1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t**2 * (1 - t), t**3])
     xs, ys = np.sort(bern.T @ pts[:, 0]), np.sort(bern.T @ pts[:, 1])
     xn = x.numpy()
-    base = time_fn(lambda: np.interp(xn, xs, ys), torch.device("cpu"),
-                   warmup=1, repeats=args.repeats)
+    base = time_fn(
+        lambda: np.interp(xn, xs, ys), torch.device("cpu"), warmup=1, repeats=args.repeats
+    )
     rows = []
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
     for dev in devices:
@@ -386,13 +442,24 @@ def bench_bezier(args, device: torch.device) -> list[dict]:
         lut_path = partial(_bezier_lut_path, x.to(dev), v, dev)
         t_lut = time_fn(lut_path, dev, warmup=2, repeats=args.repeats)
         speedup = base["median_s"] / t_lut["median_s"]
-        rows.append({"section": "bezier", "device": str(dev), "voxels": n ** 3,
-                     "np_interp_s": base["median_s"], "lut_s": t_lut["median_s"],
-                     "lut_voxels_per_s": n ** 3 / t_lut["median_s"],
-                     "np_interp_voxels_per_s": n ** 3 / base["median_s"],
-                     "speedup": speedup, "goal": 5.0, "goal_met": speedup >= 5.0})
-        print(f"  bezier {dev}: LUT {t_lut['median_s'] * 1e3:.1f} ms vs np.interp "
-              f"{base['median_s'] * 1e3:.1f} ms -> {speedup:.1f}x (goal >= 5x)")
+        rows.append(
+            {
+                "section": "bezier",
+                "device": str(dev),
+                "voxels": n**3,
+                "np_interp_s": base["median_s"],
+                "lut_s": t_lut["median_s"],
+                "lut_voxels_per_s": n**3 / t_lut["median_s"],
+                "np_interp_voxels_per_s": n**3 / base["median_s"],
+                "speedup": speedup,
+                "goal": 5.0,
+                "goal_met": speedup >= 5.0,
+            }
+        )
+        print(
+            f"  bezier {dev}: LUT {t_lut['median_s'] * 1e3:.1f} ms vs np.interp "
+            f"{base['median_s'] * 1e3:.1f} ms -> {speedup:.1f}x (goal >= 5x)"
+        )
     return rows
 
 
@@ -431,15 +498,22 @@ def bench_inference(args, device: torch.device) -> list[dict]:
             return sliding_window_inference(model, x, roi, overlap=0.5, sw_batch_size=2)
 
     t = time_fn(run, device, warmup=1, repeats=max(1, args.repeats // 2))
-    row = {"section": "inference", "volume": [240, 240, 155], "roi": roi, "overlap": 0.5,
-           "precision": "bf16" if amp else "fp32", **t}
+    row = {
+        "section": "inference",
+        "volume": [240, 240, 155],
+        "roi": roi,
+        "overlap": 0.5,
+        "precision": "bf16" if amp else "fp32",
+        **t,
+    }
     print(f"  inference 240x240x155 roi {roi}: {t['median_s']:.2f} s")
     return [row]
 
 
 # ----------------------------------------------------------------------------- scaling
-def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int, port: int,
-                queue, amp: bool) -> None:
+def _ddp_worker(
+    rank: int, world: int, size: int, global_batch: int, steps: int, port: int, queue, amp: bool
+) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
@@ -472,7 +546,6 @@ def _ddp_worker(rank: int, world: int, size: int, global_batch: int, steps: int,
 
 def bench_scaling(args) -> list[dict]:
 
-
     rows = []
     size, global_batch, steps = min(args.size, 48), 2, max(2, args.repeats)
     per_step = {}
@@ -482,15 +555,27 @@ def bench_scaling(args) -> list[dict]:
             port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
         queue = ctx.SimpleQueue()
-        mp.start_processes(_ddp_worker, args=(world, size, global_batch, steps, port, queue,
-                                                     args.amp == "bf16"),
-                           nprocs=world, start_method="spawn")
+        mp.start_processes(
+            _ddp_worker,
+            args=(world, size, global_batch, steps, port, queue, args.amp == "bf16"),
+            nprocs=world,
+            start_method="spawn",
+        )
         per_step[world] = queue.get()
-        print(f"  scaling: {world} process(es), global batch {global_batch}, {size}^3: "
-              f"{per_step[world] * 1e3:.0f} ms/step")
-    rows.append({"section": "scaling", "size": size, "global_batch": global_batch,
-                 "step_s_1proc": per_step[1], "step_s_2proc": per_step[2],
-                 "speedup_2proc": per_step[1] / per_step[2]})
+        print(
+            f"  scaling: {world} process(es), global batch {global_batch}, {size}^3: "
+            f"{per_step[world] * 1e3:.0f} ms/step"
+        )
+    rows.append(
+        {
+            "section": "scaling",
+            "size": size,
+            "global_batch": global_batch,
+            "step_s_1proc": per_step[1],
+            "step_s_2proc": per_step[2],
+            "speedup_2proc": per_step[1] / per_step[2],
+        }
+    )
     return rows
 
 
@@ -513,7 +598,7 @@ def _lesion_case(noise: float) -> tuple[np.ndarray, np.ndarray]:
     pred = np.roll(truth, (2, -3, 1), axis=(1, 2, 3))
     pred[0] &= ~ell((180, 60, 100), (7, 7, 6))  # the small satellite is missed
     for k in range(5):  # false-positive blobs in every region
-        pred[:, 20 + 40 * k: 23 + 40 * k, 20:23, 130:133] = True
+        pred[:, 20 + 40 * k : 23 + 40 * k, 20:23, 130:133] = True
     if noise > 0:
         pred[0] |= np.random.default_rng(0).random(wt.shape) < noise
     return truth, pred
@@ -527,16 +612,34 @@ def bench_lesion(args) -> list[dict]:
     try:
         for noise in (0.0, 0.0005):
             truth, pred = _lesion_case(noise)
-            t = time_fn(lambda p=pred, g=truth: region_metrics(p, g), torch.device("cpu"),
-                        warmup=0, repeats=args.repeats)
+            t = time_fn(
+                lambda p=pred, g=truth: region_metrics(p, g),
+                torch.device("cpu"),
+                warmup=0,
+                repeats=args.repeats,
+            )
             rows.append({"section": "lesion", "metrics": "legacy", "speckle": noise, **t})
             print(f"  {'legacy':10s} speckle {noise:g}: {t['median_s']:.2f} s")
             for name in LESION_RULES:
-                t = time_fn(lambda p=pred, g=truth, n=name: lesion_region_metrics(p, g, rules=n),
-                            torch.device("cpu"), warmup=0, repeats=args.repeats)
-                rows.append({"section": "lesion", "metrics": "lesion", "rules": name,
-                             "speckle": noise, "volume": [240, 240, 155], "regions": 3,
-                             "goal_s": 2.0, "meets_goal": t["median_s"] <= 2.0, **t})
+                t = time_fn(
+                    lambda p=pred, g=truth, n=name: lesion_region_metrics(p, g, rules=n),
+                    torch.device("cpu"),
+                    warmup=0,
+                    repeats=args.repeats,
+                )
+                rows.append(
+                    {
+                        "section": "lesion",
+                        "metrics": "lesion",
+                        "rules": name,
+                        "speckle": noise,
+                        "volume": [240, 240, 155],
+                        "regions": 3,
+                        "goal_s": 2.0,
+                        "meets_goal": t["median_s"] <= 2.0,
+                        **t,
+                    }
+                )
                 print(f"  {name:10s} speckle {noise:g}: {t['median_s']:.2f} s (goal <= 2 s)")
     finally:
         torch.set_num_threads(threads)
@@ -548,25 +651,46 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--size", type=int, default=None, help="cube edge for the training step "
-                   "(default 64 on CPU, 128 on CUDA)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="cube edge for the training step (default 64 on CPU, 128 on CUDA)",
+    )
     p.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 2 on CUDA")
     p.add_argument("--roi", type=int, default=128, help="sliding-window ROI for inference")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: PyTorch's, one per core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: PyTorch's, one per core)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                   help="networks for the training-step section")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=list(MODELS),
+        help="networks for the training-step section",
+    )
     p.add_argument("--data-cases", type=int, default=4)
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--quick", action="store_true", help="skip channels-last variants")
-    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
-                   help="bf16 rows and bf16 inference: auto = where the device has native bf16")
-    p.add_argument("--peer", choices=("monai",), default=None,
-                   help="also time MONAI's SegResNet against dgseg's, interleaved in this process "
-                   "(MONAI must be installed; it is not a dgseg dependency)")
+    p.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="bf16 rows and bf16 inference: auto = where the device has native bf16",
+    )
+    p.add_argument(
+        "--peer",
+        choices=("monai",),
+        default=None,
+        help="also time MONAI's SegResNet against dgseg's, interleaved in this process "
+        "(MONAI must be installed; it is not a dgseg dependency)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -583,8 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(args.amp, why))
 
     recorded = {k: (v.name if isinstance(v, Path) else str(v)) for k, v in vars(args).items()}
-    result = {"machine": machine_info(device), "args": recorded,
-              "results": []}
+    result = {"machine": machine_info(device), "args": recorded, "results": []}
     print(f"dgseg benchmark on {result['machine']}")
     sections = set(args.sections)
     train_rows: list[dict] = []
@@ -596,11 +719,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer == "monai":
         print("[peer]")
         result["results"] += bench_peer(args, device)
-    for name, fn in (("bezier", lambda: bench_bezier(args, device)),
-                     ("data", lambda: bench_data(args)),
-                     ("inference", lambda: bench_inference(args, device)),
-                     ("scaling", lambda: bench_scaling(args)),
-                     ("lesion", lambda: bench_lesion(args))):
+    for name, fn in (
+        ("bezier", lambda: bench_bezier(args, device)),
+        ("data", lambda: bench_data(args)),
+        ("inference", lambda: bench_inference(args, device)),
+        ("scaling", lambda: bench_scaling(args)),
+        ("lesion", lambda: bench_lesion(args)),
+    ):
         if name in sections:
             if name == "scaling" and device.type == "cuda":
                 continue  # the scaling figure is the CPU/gloo one

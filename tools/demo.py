@@ -57,10 +57,26 @@ class Size:
 
 # FULL: 672 steps per preset at 24³ (a 32³ step costs ~2.5x more); the baseline's validation
 # mean Dice reaches ~0.6, the adversarial model learns much more slowly on its augmented domains.
-FULL = Size(cases=40, shape=(40, 40, 30), patch=24, epochs=24, init_filters=8, val_every=8,
-            overlays=3, bootstrap=1000)
-QUICK = Size(cases=10, shape=(40, 40, 30), patch=32, epochs=1, init_filters=4, val_every=1,
-             overlays=1, bootstrap=100)
+FULL = Size(
+    cases=40,
+    shape=(40, 40, 30),
+    patch=24,
+    epochs=24,
+    init_filters=8,
+    val_every=8,
+    overlays=3,
+    bootstrap=1000,
+)
+QUICK = Size(
+    cases=10,
+    shape=(40, 40, 30),
+    patch=32,
+    epochs=1,
+    init_filters=4,
+    val_every=1,
+    overlays=1,
+    bootstrap=100,
+)
 
 
 def train_overrides(s: Size, args: argparse.Namespace) -> list[str]:
@@ -94,8 +110,13 @@ def threads(nproc: int) -> tuple[int, str]:
 def launcher(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+    ]
 
 
 def run(stage: str, cmd: Sequence[object], env: dict) -> float:
@@ -105,8 +126,12 @@ def run(stage: str, cmd: Sequence[object], env: dict) -> float:
     t0 = time.monotonic()
     code = subprocess.run(words, env=env, check=False).returncode
     if code != 0:
-        print(f"[demo] stage '{stage}' failed with exit status {code}; command:\n  "
-              f"{shlex.join(words)}", file=sys.stderr, flush=True)
+        print(
+            f"[demo] stage '{stage}' failed with exit status {code}; command:\n  "
+            f"{shlex.join(words)}",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(1)
     return time.monotonic() - t0
 
@@ -121,18 +146,29 @@ def training_done(run_dir: Path, epochs: int) -> bool:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     p.add_argument("--quick", action="store_true", help="tiny end-to-end check (< 1 minute)")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
-    p.add_argument("--presets", nargs="+", default=list(PRESETS),
-                   help=f"presets to train, baseline first (default: {' '.join(PRESETS)})")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=list(PRESETS),
+        help=f"presets to train, baseline first (default: {' '.join(PRESETS)})",
+    )
     p.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun)")
     p.add_argument("--seed", type=int, default=0, help="data, split and training seed")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra tools/train.py override for every preset (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra tools/train.py override for every preset (repeatable)",
+    )
     args = p.parse_args(argv)
     if args.nproc < 1:
         p.error(f"--nproc must be >= 1, got {args.nproc}")
@@ -150,52 +186,129 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(out)
     raw, shards, runs, eval_dir = out / "raw", out / "shards", out / "runs", out / "eval"
     n_threads, why = threads(args.nproc)
-    env = {**os.environ, "OMP_NUM_THREADS": str(n_threads), "MPLBACKEND": "Agg",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    print(f"[demo] {'quick ' if args.quick else ''}run in {out}: {s.cases} synthetic cases, "
-          f"presets {', '.join(args.presets)}, {s.epochs} epoch(s) each; {args.nproc} "
-          f"process(es) x {n_threads} thread(s) ({why})", flush=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(n_threads),
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    print(
+        f"[demo] {'quick ' if args.quick else ''}run in {out}: {s.cases} synthetic cases, "
+        f"presets {', '.join(args.presets)}, {s.epochs} epoch(s) each; {args.nproc} "
+        f"process(es) x {n_threads} thread(s) ({why})",
+        flush=True,
+    )
     t_start, times = time.monotonic(), {}
 
     if not (shards / "manifest.json").exists():
-        times["data"] = run("data", [sys.executable, TOOLS / "make_synthetic_brats.py", "--output",
-                                     raw, "--n-cases", s.cases, "--shape", *s.shape, "--seed",
-                                     args.seed, "--workers", min(2, os.cpu_count() or 1)], env)
-        times["shards"] = run("shards", [sys.executable, TOOLS / "prepare_brats.py", "--input",
-                                         raw, "--output", shards, "--size", 32, "--seed",
-                                         args.seed, "--workers", min(2, os.cpu_count() or 1),
-                                         "--quiet", "--strict"], env)
+        times["data"] = run(
+            "data",
+            [
+                sys.executable,
+                TOOLS / "make_synthetic_brats.py",
+                "--output",
+                raw,
+                "--n-cases",
+                s.cases,
+                "--shape",
+                *s.shape,
+                "--seed",
+                args.seed,
+                "--workers",
+                min(2, os.cpu_count() or 1),
+            ],
+            env,
+        )
+        times["shards"] = run(
+            "shards",
+            [
+                sys.executable,
+                TOOLS / "prepare_brats.py",
+                "--input",
+                raw,
+                "--output",
+                shards,
+                "--size",
+                32,
+                "--seed",
+                args.seed,
+                "--workers",
+                min(2, os.cpu_count() or 1),
+                "--quiet",
+                "--strict",
+            ],
+            env,
+        )
     items = train_overrides(s, args)
     for preset in args.presets:
         if training_done(runs / preset, s.epochs):
             print(f"[demo] train {preset}: done before, skipped", flush=True)
             continue
-        cmd = [*launcher(args.nproc), TOOLS / "train.py", "--preset", preset, "--data", shards,
-               "--out", runs, "--resume"]
-        times[f"train {preset}"] = run(f"train {preset}",
-                                       cmd + [w for i in items for w in ("--set", i)], env)
+        cmd = [
+            *launcher(args.nproc),
+            TOOLS / "train.py",
+            "--preset",
+            preset,
+            "--data",
+            shards,
+            "--out",
+            runs,
+            "--resume",
+        ]
+        times[f"train {preset}"] = run(
+            f"train {preset}", cmd + [w for i in items for w in ("--set", i)], env
+        )
 
-    ckpts = [runs / p / ("best.pt" if (runs / p / "best.pt").exists() else "last.pt")
-             for p in args.presets]
+    ckpts = [
+        runs / p / ("best.pt" if (runs / p / "best.pt").exists() else "last.pt")
+        for p in args.presets
+    ]
     summary = eval_dir / "summary.json"
     if summary.exists() and all(c.stat().st_mtime < summary.stat().st_mtime for c in ckpts):
         print(f"[demo] eval: done before, skipped\n\n{(eval_dir / 'table.md').read_text()}")
     else:
-        times["eval"] = run("eval", [*launcher(args.nproc), TOOLS / "evaluate.py",
-                                     "--checkpoint", *ckpts, "--data", shards, "--out", eval_dir,
-                                     "--overlays", s.overlays, "--bootstrap", s.bootstrap,
-                                     "--device", args.device, "--quiet"], env)
+        times["eval"] = run(
+            "eval",
+            [
+                *launcher(args.nproc),
+                TOOLS / "evaluate.py",
+                "--checkpoint",
+                *ckpts,
+                "--data",
+                shards,
+                "--out",
+                eval_dir,
+                "--overlays",
+                s.overlays,
+                "--bootstrap",
+                s.bootstrap,
+                "--device",
+                args.device,
+                "--quiet",
+            ],
+            env,
+        )
 
     total = time.monotonic() - t_start
-    print("\n[demo] wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-          + f"; total {total / 60:.1f} min")
+    print(
+        "\n[demo] wall time: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+        + f"; total {total / 60:.1f} min"
+    )
     curves = sorted(str(p) for p in runs.glob("*/curves.png"))
-    print(f"[demo] report: {eval_dir}/table.md, summary.json, per_case.csv"
-          + (", overlays/" if (eval_dir / "overlays").is_dir() else "")
-          + (f"; training curves: {', '.join(curves)}" if curves else
-             "; no PNGs (pip install matplotlib)"))
-    print(f"[demo] T2 is the training modality; T1, T1CE and FLAIR were never seen. Compare each "
-          f"row with the baseline {args.presets[0]} column by column.")
+    print(
+        f"[demo] report: {eval_dir}/table.md, summary.json, per_case.csv"
+        + (", overlays/" if (eval_dir / "overlays").is_dir() else "")
+        + (
+            f"; training curves: {', '.join(curves)}"
+            if curves
+            else "; no PNGs (pip install matplotlib)"
+        )
+    )
+    print(
+        f"[demo] T2 is the training modality; T1, T1CE and FLAIR were never seen. Compare each "
+        f"row with the baseline {args.presets[0]} column by column."
+    )
     return 0
 
 

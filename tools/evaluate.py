@@ -83,48 +83,94 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", nargs="+", type=Path, help="checkpoint file(s) (.pt)")
     src.add_argument(
-        "--predictions", type=Path, help="folder of <case_id>.nii.gz label maps to score "
-        "against the raw segmentations in --data (original image space)"
+        "--predictions",
+        type=Path,
+        help="folder of <case_id>.nii.gz label maps to score "
+        "against the raw segmentations in --data (original image space)",
     )
-    p.add_argument("--data", type=Path, required=True,
-                   help="prepared shard folder (manifest.json); raw data folder with --predictions")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="prepared shard folder (manifest.json); raw data folder with --predictions",
+    )
     p.add_argument("--split", default="test", help="manifest split to evaluate")
-    p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES,
-                   help="test modalities (columns)")
-    p.add_argument("--labels", nargs="+", default=None,
-                   help="row label per checkpoint (equal labels = seeds, aggregated); default: "
-                   "the run name in each checkpoint's config")
-    p.add_argument("--roi", type=int, default=None,
-                   help="sliding-window size; default: config run.val_roi, else data.patch_size, "
-                   "else one window over the whole volume (sides rounded up to multiples of 16)")
+    p.add_argument(
+        "--modalities",
+        nargs="+",
+        default=list(MODALITIES),
+        choices=MODALITIES,
+        help="test modalities (columns)",
+    )
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        help="row label per checkpoint (equal labels = seeds, aggregated); default: "
+        "the run name in each checkpoint's config",
+    )
+    p.add_argument(
+        "--roi",
+        type=int,
+        default=None,
+        help="sliding-window size; default: config run.val_roi, else data.patch_size, "
+        "else one window over the whole volume (sides rounded up to multiples of 16)",
+    )
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
     p.add_argument("--tta", action="store_true", help="8-fold flip test-time augmentation")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     p.add_argument("--max-cases", type=int, default=None, help="only the first N test cases")
-    p.add_argument("--overlays", type=int, default=0,
-                   help="overlay PNG per test modality with this many cases (needs matplotlib)")
+    p.add_argument(
+        "--overlays",
+        type=int,
+        default=0,
+        help="overlay PNG per test modality with this many cases (needs matplotlib)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
-                   help="bf16 autocast for the network (blending stays float32); auto: bf16 "
-                   "where the device has native bf16, else fp32")
+    p.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="bf16 autocast for the network (blending stays float32); auto: bf16 "
+        "where the device has native bf16, else fp32",
+    )
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--metric-workers", type=int, default=None,
-                   help="worker processes per rank computing Dice/HD95 while the network "
-                   "predicts; 0 = inline; default: CPUs per rank - 1, at most 8")
-    p.add_argument("--metrics", choices=tuple(METRIC_SETS), default="legacy",
-                   help="legacy per-case Dice/HD95 (BraTS 2021 rules), lesion-wise Dice/HD95/NSD, "
-                   "or all")
-    p.add_argument("--lesion-rules", choices=sorted(LESION_RULES), default="panoptica",
-                   help="lesion-wise rule set: panoptica (official BraTS_evaluation package) or "
-                   "brats2023 (BraTS 2023/2024 lesion-wise metrics)")
-    p.add_argument("--nsd-tolerance", type=float, default=None,
-                   help="NSD tolerance in mm (default: the smallest voxel spacing)")
-    p.add_argument("--regions", choices=sorted(REGION_SETS), default="brats2021",
-                   help="label groups of --predictions files (checkpoints: WT, TC, ET channels)")
+    p.add_argument(
+        "--metric-workers",
+        type=int,
+        default=None,
+        help="worker processes per rank computing Dice/HD95 while the network "
+        "predicts; 0 = inline; default: CPUs per rank - 1, at most 8",
+    )
+    p.add_argument(
+        "--metrics",
+        choices=tuple(METRIC_SETS),
+        default="legacy",
+        help="legacy per-case Dice/HD95 (BraTS 2021 rules), lesion-wise Dice/HD95/NSD, or all",
+    )
+    p.add_argument(
+        "--lesion-rules",
+        choices=sorted(LESION_RULES),
+        default="panoptica",
+        help="lesion-wise rule set: panoptica (official BraTS_evaluation package) or "
+        "brats2023 (BraTS 2023/2024 lesion-wise metrics)",
+    )
+    p.add_argument(
+        "--nsd-tolerance",
+        type=float,
+        default=None,
+        help="NSD tolerance in mm (default: the smallest voxel spacing)",
+    )
+    p.add_argument(
+        "--regions",
+        choices=sorted(REGION_SETS),
+        default="brats2021",
+        help="label groups of --predictions files (checkpoints: WT, TC, ET channels)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
@@ -152,18 +198,30 @@ def lesion_rules(args: argparse.Namespace) -> LesionRules:
     return get_lesion_rules(args.lesion_rules, **extra)
 
 
-def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace,
-                  footer: Sequence[str]) -> str:
+def write_outputs(
+    records: list[dict[str, Any]], args: argparse.Namespace, footer: Sequence[str]
+) -> str:
     """per_case.csv, summary.json and table.md in ``--out``; returns the printed tables."""
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("quiet",)}
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("quiet",)
+    }
     settings["checkpoint"] = [str(c) for c in (args.checkpoint or [])]
     raw = args.predictions is not None
-    return write_report(records, args.out, metric_set=args.metrics,
-                        lesion_rules=lesion_rules(args),
-                        regions=tuple(REGION_SETS[args.regions]) if raw else None,
-                        n_boot=args.bootstrap, seed=args.seed, split=args.split,
-                        scored="raw files" if raw else None, settings=settings, footer=footer)
+    return write_report(
+        records,
+        args.out,
+        metric_set=args.metrics,
+        lesion_rules=lesion_rules(args),
+        regions=tuple(REGION_SETS[args.regions]) if raw else None,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        split=args.split,
+        scored="raw files" if raw else None,
+        settings=settings,
+        footer=footer,
+    )
 
 
 def evaluate_predictions(args: argparse.Namespace) -> int:
@@ -174,15 +232,26 @@ def evaluate_predictions(args: argparse.Namespace) -> int:
     labelled = [(c.case_id, c.label_file, c.label_convention) for c in cases if c.has_label]
     with OrderedPool(args.metric_workers) as pool:
         records, missing = score_prediction_files(
-            labelled[: args.max_cases], args.predictions, pool, region_set=args.regions,
-            metrics=args.metrics, lesion_rules=lesion_rules(args))
+            labelled[: args.max_cases],
+            args.predictions,
+            pool,
+            region_set=args.regions,
+            metrics=args.metrics,
+            lesion_rules=lesion_rules(args),
+        )
     for cid, why in missing:
         print(f"skipped {cid}: {why}", file=sys.stderr)
     if not records:
         print("no prediction could be scored", file=sys.stderr)
         return 1
-    print(write_outputs(records, args, ["Column 'nifti': label maps in original image space vs "
-                                        "the raw segmentation files."]), end="")
+    print(
+        write_outputs(
+            records,
+            args,
+            ["Column 'nifti': label maps in original image space vs the raw segmentation files."],
+        ),
+        end="",
+    )
     return 0
 
 
@@ -195,8 +264,9 @@ def load_plans(args: argparse.Namespace, device: torch.device) -> tuple[list[Pla
         label = args.labels[k] if args.labels else cfg.run.name
         roi = args.roi or cfg.eval_roi
         rois.setdefault(label, roi or "whole volume")
-        plans.append(Plan(path, label, model, roi,
-                          input_specs(tuple(cfg.data.modalities), args.modalities)))
+        plans.append(
+            Plan(path, label, model, roi, input_specs(tuple(cfg.data.modalities), args.modalities))
+        )
     return plans, ", ".join(f"{k} {v}" for k, v in rois.items())
 
 
@@ -222,22 +292,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if dist.is_main:
             print(f"[eval] {describe(args.amp, why)}", file=sys.stderr, flush=True)
         settings = EvalSettings(
-            split=args.split, max_cases=args.max_cases, overlap=args.overlap,
-            sw_batch_size=args.sw_batch_size, blend=args.blend, tta=args.tta,
-            threshold=args.threshold, overlays=args.overlays, metrics=args.metrics,
+            split=args.split,
+            max_cases=args.max_cases,
+            overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size,
+            blend=args.blend,
+            tta=args.tta,
+            threshold=args.threshold,
+            overlays=args.overlays,
+            metrics=args.metrics,
             lesion_rules=lesion_rules(args),
-            autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None)
+            autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None,
+        )
         total = count_work(plans, n_cases, args.max_cases, dist.rank, dist.world_size)
         scope = f" rank 0 of {dist.world_size}" if dist.world_size > 1 else ""
-        progress = Progress(total, label=f"[eval{scope}]", unit="predictions scored", every=2.0,
-                            enabled=dist.is_main and not args.quiet)
+        progress = Progress(
+            total,
+            label=f"[eval{scope}]",
+            unit="predictions scored",
+            every=2.0,
+            enabled=dist.is_main and not args.quiet,
+        )
         if dist.is_main and not args.quiet:
-            print(f"[eval] metrics in {args.metric_workers or 'no'} worker process(es) per rank",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[eval] metrics in {args.metric_workers or 'no'} worker process(es) per rank",
+                file=sys.stderr,
+                flush=True,
+            )
         with OrderedPool(args.metric_workers) as pool:
             records, overlays = evaluate_cases(
-                plans, args.data, settings, rank=dist.rank, world=dist.world_size,
-                device=dist.device, progress=progress, pool=pool)
+                plans,
+                args.data,
+                settings,
+                rank=dist.rank,
+                world=dist.world_size,
+                device=dist.device,
+                progress=progress,
+                pool=pool,
+            )
         progress.close()
         gathered = all_gather_objects((records, overlays))
         if dist.is_main:
@@ -246,14 +338,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Gathered by rank: put the rows back into a deterministic order.
             order = {str(p): k for k, p in enumerate(args.checkpoint)}
             records.sort(key=lambda r: (order[r["checkpoint"]], r["column"], r["case_id"]))
-            extra = [f"Sliding window: roi ({roi_text}), overlap {args.overlap}, "
-                     f"{args.blend} blending, threshold {args.threshold}, TTA "
-                     f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es).",
-                     scored_extent(load_manifest(args.data), args.split)["text"]]
+            extra = [
+                f"Sliding window: roi ({roi_text}), overlap {args.overlap}, "
+                f"{args.blend} blending, threshold {args.threshold}, TTA "
+                f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es).",
+                scored_extent(load_manifest(args.data), args.split)["text"],
+            ]
             print(write_outputs(records, args, extra), end="")
             if overlays:
-                print(save_overlays(overlays, args.out / "overlays", titles=COLUMN_TITLES),
-                      file=sys.stderr)
+                print(
+                    save_overlays(overlays, args.out / "overlays", titles=COLUMN_TITLES),
+                    file=sys.stderr,
+                )
             print(f"wrote {args.out}/per_case.csv, summary.json, table.md", file=sys.stderr)
         # Nobody tears the process group down while rank 0 still writes: a gloo peer that
         # disappears mid-way can abort the writing process.

@@ -43,24 +43,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, type=Path, help="folder to write the cases into")
     p.add_argument("--n-cases", type=int, default=8, help="number of cases (default 8)")
-    p.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155), metavar=("X", "Y", "Z"),
-                   help="volume size (default 240 240 155, the BraTS size)")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=(240, 240, 155),
+        metavar=("X", "Y", "Z"),
+        help="volume size (default 240 240 155, the BraTS size)",
+    )
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    p.add_argument("--layout", choices=LAYOUTS, default="brats2021",
-                   help="folder layout and label convention (default brats2021)")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="brats2021",
+        help="folder layout and label convention (default brats2021)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--start-index", type=int, default=0, help="global index of the first case")
-    p.add_argument("--montage", type=Path, default=None,
-                   help="also write a PNG montage of the first (up to 4) cases (needs matplotlib)")
+    p.add_argument(
+        "--montage",
+        type=Path,
+        default=None,
+        help="also write a PNG montage of the first (up to 4) cases (needs matplotlib)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        ids = write_dataset(args.output, args.n_cases, shape=args.shape, seed=args.seed,
-                            layout=args.layout, workers=args.workers,
-                            start_index=args.start_index, progress=_Report())
+        ids = write_dataset(
+            args.output,
+            args.n_cases,
+            shape=args.shape,
+            seed=args.seed,
+            layout=args.layout,
+            workers=args.workers,
+            start_index=args.start_index,
+            progress=_Report(),
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -59,24 +59,47 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (.pt)")
-    p.add_argument("--input", type=Path, required=True,
-                   help="a case folder, a dataset folder, or one NIfTI file (.nii / .nii.gz)")
-    p.add_argument("--output", type=Path, required=True,
-                   help="folder for <case_id>.nii.gz (single file: <stem>_seg.nii.gz)")
-    p.add_argument("--modality", choices=MODALITIES, default=None,
-                   help="feed this modality to every input channel (default: own inputs)")
-    p.add_argument("--size", default="128",
-                   help="stored crop size as in tools/prepare_brats.py: an int or 'full'")
-    p.add_argument("--roi", type=int, default=None,
-                   help="sliding-window size; default: config run.val_roi, else data.patch_size, "
-                   "else one window over the whole volume (sides rounded up to multiples of 16)")
+    p.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="a case folder, a dataset folder, or one NIfTI file (.nii / .nii.gz)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="folder for <case_id>.nii.gz (single file: <stem>_seg.nii.gz)",
+    )
+    p.add_argument(
+        "--modality",
+        choices=MODALITIES,
+        default=None,
+        help="feed this modality to every input channel (default: own inputs)",
+    )
+    p.add_argument(
+        "--size",
+        default="128",
+        help="stored crop size as in tools/prepare_brats.py: an int or 'full'",
+    )
+    p.add_argument(
+        "--roi",
+        type=int,
+        default=None,
+        help="sliding-window size; default: config run.val_roi, else data.patch_size, "
+        "else one window over the whole volume (sides rounded up to multiples of 16)",
+    )
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--tta", action="store_true", help="8-fold flip test-time augmentation")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--amp", choices=AMP_CHOICES, default="auto",
-                   help="bf16 autocast for the network (blending stays float32); auto: bf16 "
-                   "where the device has native bf16, else fp32")
+    p.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="bf16 autocast for the network (blending stays float32); auto: bf16 "
+        "where the device has native bf16, else fp32",
+    )
     args = p.parse_args(argv)
     if args.size != "full":
         try:
@@ -92,17 +115,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def predict_case(raw: RawCase, prob_fn: ProbFn, channels: Sequence[str], out_dir: Path, *,
-                 size: Optional[int] = 128, threshold: float = 0.5,
-                 filename: str | None = None) -> Path:
+def predict_case(
+    raw: RawCase,
+    prob_fn: ProbFn,
+    channels: Sequence[str],
+    out_dir: Path,
+    *,
+    size: Optional[int] = 128,
+    threshold: float = 0.5,
+    filename: str | None = None,
+) -> Path:
     """Load, preprocess, segment and write one raw case; returns the written file.
 
     Only the modalities in ``channels`` are read: the brain box and the z-scores are theirs.
     The file is ``out_dir / filename``, by default ``<case_id>.nii.gz``.
     """
     prepared = preprocess_case(load_raw_case(raw, modalities=channels), size=size)
-    return predict_to_file(prepared, prob_fn, channels,
-                           out_dir / (filename or f"{raw.case_id}.nii.gz"), threshold=threshold)
+    return predict_to_file(
+        prepared,
+        prob_fn,
+        channels,
+        out_dir / (filename or f"{raw.case_id}.nii.gz"),
+        threshold=threshold,
+    )
 
 
 def is_single_file(path: Path) -> bool:
@@ -155,9 +190,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         amp, why = resolve_amp(args.amp, device)
         autocast = torch.bfloat16 if amp == "bf16" else None
         prob_fn, channels, what = load_predictor(
-            args.checkpoint, device, modality=args.modality,
-            single_file=is_single_file(args.input), roi=args.roi, overlap=args.overlap,
-            tta=args.tta, autocast_dtype=autocast)
+            args.checkpoint,
+            device,
+            modality=args.modality,
+            single_file=is_single_file(args.input),
+            roi=args.roi,
+            overlap=args.overlap,
+            tta=args.tta,
+            autocast_dtype=autocast,
+        )
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
@@ -180,8 +221,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress = Progress(len(cases), label="[predict]", unit="cases", every=0.0)
     for raw in cases:
         try:
-            path = predict_case(raw, prob_fn, channels, args.output, size=args.size,
-                                threshold=args.threshold)
+            path = predict_case(
+                raw, prob_fn, channels, args.output, size=args.size, threshold=args.threshold
+            )
         except Exception as e:  # noqa: BLE001 - one bad case must not stop the batch
             reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line
             skipped.append((raw.case_id, reason))

@@ -50,8 +50,9 @@ def _size(text: str) -> int | str:
     except ValueError:
         v = 0
     if v < 1:
-        raise argparse.ArgumentTypeError(f"--size must be a positive integer or 'full', "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--size must be a positive integer or 'full', got {text!r}"
+        )
     return v
 
 
@@ -63,8 +64,9 @@ def _chunks(text: str) -> str | int:
     except ValueError:
         v = 0
     if v < 1:
-        raise argparse.ArgumentTypeError(f"--chunks must be volume, contiguous or a positive int, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--chunks must be volume, contiguous or a positive int, got {text!r}"
+        )
     return v
 
 
@@ -79,62 +81,123 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--input", type=Path, default=None,
-                   help="raw data folder (default: generate the built-in synthetic set)")
-    p.add_argument("--output", type=Path, default=None,
-                   help=f"output folder (default: {DEFAULT_DATA_ROOT}, the training default "
-                        "data.root; data/synthetic without --input)")
-    p.add_argument("--size", type=_size, default=None,
-                   help="stored cube edge in voxels, or 'full' to keep the brain box (default 128; "
-                        f"{SYNTHETIC_SIZE} for the synthetic set)")
-    p.add_argument("--workers", type=_positive, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                   help="worker processes (default: CPUs - 1, at most 8)")
-    p.add_argument("--eval-size", choices=EVAL_SIZES, default="full",
-                   help="val/test cases: 'full' = the whole brain box, so evaluation covers the "
-                        "whole brain (default); 'same' = cropped/padded to --size like train")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    p.add_argument(
+        "--input",
+        type=Path,
+        default=None,
+        help="raw data folder (default: generate the built-in synthetic set)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"output folder (default: {DEFAULT_DATA_ROOT}, the training default "
+        "data.root; data/synthetic without --input)",
+    )
+    p.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        help="stored cube edge in voxels, or 'full' to keep the brain box (default 128; "
+        f"{SYNTHETIC_SIZE} for the synthetic set)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+        help="worker processes (default: CPUs - 1, at most 8)",
+    )
+    p.add_argument(
+        "--eval-size",
+        choices=EVAL_SIZES,
+        default="full",
+        help="val/test cases: 'full' = the whole brain box, so evaluation covers the "
+        "whole brain (default); 'same' = cropped/padded to --size like train",
+    )
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--split", type=float, nargs=3, default=(0.7, 0.1, 0.2),
-                   metavar=("TRAIN", "VAL", "TEST"), help="patient fractions (default 0.7 0.1 0.2)")
-    p.add_argument("--split-file", type=Path, default=None,
-                   help="JSON {case_id: train|val|test|fold} or CSV 'case_id,split' replacing "
-                        "the seeded split")
-    p.add_argument("--folds", type=_positive, default=None,
-                   help="K >= 2 cross-validation folds of the non-test patients (seeded)")
+    p.add_argument(
+        "--split",
+        type=float,
+        nargs=3,
+        default=(0.7, 0.1, 0.2),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="patient fractions (default 0.7 0.1 0.2)",
+    )
+    p.add_argument(
+        "--split-file",
+        type=Path,
+        default=None,
+        help="JSON {case_id: train|val|test|fold} or CSV 'case_id,split' replacing "
+        "the seeded split",
+    )
+    p.add_argument(
+        "--folds",
+        type=_positive,
+        default=None,
+        help="K >= 2 cross-validation folds of the non-test patients (seeded)",
+    )
     p.add_argument("--cases-per-shard", type=_positive, default=8, help="default 8")
-    p.add_argument("--compression", choices=COMPRESSIONS, default=STORAGE_DEFAULTS["compression"],
-                   help=f"image filter (default {STORAGE_DEFAULTS['compression']}; gzip = level 1 "
-                        "+ shuffle)")
-    p.add_argument("--chunks", type=_chunks, default=None,
-                   help="'contiguous' (no chunks; uncompressed only), 'volume' (one chunk per "
-                        f"image) or a cube edge (default {STORAGE_DEFAULTS['chunks']}; volume "
-                        "with a filter)")
-    p.add_argument("--verify", action="store_true",
-                   help="checksum re-used shards and re-read every shard against the manifest")
+    p.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        default=STORAGE_DEFAULTS["compression"],
+        help=f"image filter (default {STORAGE_DEFAULTS['compression']}; gzip = level 1 + shuffle)",
+    )
+    p.add_argument(
+        "--chunks",
+        type=_chunks,
+        default=None,
+        help="'contiguous' (no chunks; uncompressed only), 'volume' (one chunk per "
+        f"image) or a cube edge (default {STORAGE_DEFAULTS['chunks']}; volume "
+        "with a filter)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="checksum re-used shards and re-read every shard against the manifest",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when any case is skipped")
     p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.add_argument("--synthetic-cases", type=_positive, default=SYNTHETIC_CASES,
-                   help=f"cases of the built-in set (default {SYNTHETIC_CASES})")
+    p.add_argument(
+        "--synthetic-cases",
+        type=_positive,
+        default=SYNTHETIC_CASES,
+        help=f"cases of the built-in set (default {SYNTHETIC_CASES})",
+    )
     return p.parse_args(argv)
 
 
 def synthetic_source(folder: Path, n_cases: int, *, quiet: bool = False) -> Path:
     """Generate (once) the built-in synthetic cases under ``folder``; return it."""
     marker = folder / ".complete.json"
-    want = {"n_cases": n_cases, "shape": list(SYNTHETIC_SHAPE), "seed": SYNTHETIC_SEED,
-            "layout": "brats2021"}
+    want = {
+        "n_cases": n_cases,
+        "shape": list(SYNTHETIC_SHAPE),
+        "seed": SYNTHETIC_SEED,
+        "layout": "brats2021",
+    }
     try:
         if json.loads(marker.read_text()) == want:
             return folder  # already there: same files, same mtimes, so shards are re-used
     except (OSError, ValueError):
         pass
     if not quiet:
-        print(f"generating {n_cases} synthetic cases {SYNTHETIC_SHAPE} in {folder}",
-              file=sys.stderr)
-    write_dataset(folder, n_cases, shape=SYNTHETIC_SHAPE, seed=SYNTHETIC_SEED, layout="brats2021",
-                  workers=max(1, min(4, os.cpu_count() or 1)))
+        print(
+            f"generating {n_cases} synthetic cases {SYNTHETIC_SHAPE} in {folder}", file=sys.stderr
+        )
+    write_dataset(
+        folder,
+        n_cases,
+        shape=SYNTHETIC_SHAPE,
+        seed=SYNTHETIC_SEED,
+        layout="brats2021",
+        workers=max(1, min(4, os.cpu_count() or 1)),
+    )
     atomic_write_json(marker, want)
     return folder
 
@@ -144,8 +207,9 @@ def main(argv=None) -> int:
     size = None if args.size == "full" else args.size
     if args.input is None:
         output = args.output or Path("data/synthetic")
-        source = synthetic_source(output / "synthetic_source", args.synthetic_cases,
-                                  quiet=args.quiet)
+        source = synthetic_source(
+            output / "synthetic_source", args.synthetic_cases, quiet=args.quiet
+        )
         size = SYNTHETIC_SIZE if args.size is None else size
     else:
         output = args.output or Path(DEFAULT_DATA_ROOT)
@@ -155,11 +219,23 @@ def main(argv=None) -> int:
             print(f"error: --input {source} is not a folder", file=sys.stderr)
             return 2
     try:
-        res = prepare(source, output, size=size, workers=args.workers, seed=args.seed,
-                      split=args.split, cases_per_shard=args.cases_per_shard,
-                      compression=args.compression, chunks=args.chunks, verify=args.verify,
-                      strict=args.strict, progress=not args.quiet, split_file=args.split_file,
-                      folds=args.folds, eval_size=args.eval_size)
+        res = prepare(
+            source,
+            output,
+            size=size,
+            workers=args.workers,
+            seed=args.seed,
+            split=args.split,
+            cases_per_shard=args.cases_per_shard,
+            compression=args.compression,
+            chunks=args.chunks,
+            verify=args.verify,
+            strict=args.strict,
+            progress=not args.quiet,
+            split_file=args.split_file,
+            folds=args.folds,
+            eval_size=args.eval_size,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -143,8 +143,9 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
     )
     val_ds = None  # no validation cases: no validation, no best.pt
     if split_cases(load_manifest(d.root), d.val_split, d.fold):
-        val_ds = ShardDataset(d.root, split=d.val_split, modalities=d.modalities, seed=cfg.run.seed,
-                              fold=d.fold)
+        val_ds = ShardDataset(
+            d.root, split=d.val_split, modalities=d.modalities, seed=cfg.run.seed, fold=d.fold
+        )
     # Same sampler seed on every rank: the ranks split one shared permutation per epoch.
     sampler = DistributedSampler(
         train_ds,
@@ -258,8 +259,10 @@ def _train(
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     channels_last, why = channels_last_choice(cfg, dist.device, shape)  # as the engine decides
-    log(f"memory format: {'channels-last' if channels_last else 'contiguous'} ({why})",
-        is_main=is_main)
+    log(
+        f"memory format: {'channels-last' if channels_last else 'contiguous'} ({why})",
+        is_main=is_main,
+    )
     net, model = build_model(cfg, dist, channels_last=channels_last)
     seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
     steps_per_epoch = len(loader)

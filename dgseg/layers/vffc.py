@@ -43,7 +43,13 @@ import torch.nn.functional as F
 from dgseg.layers.blocks import group_norm
 
 __all__ = [
-    "NORMS", "PADDING_MODES", "make_norm", "FourierUnit", "SpectralTransform", "FFC", "VFFCBlock",
+    "NORMS",
+    "PADDING_MODES",
+    "make_norm",
+    "FourierUnit",
+    "SpectralTransform",
+    "FFC",
+    "VFFCBlock",
     "VFFC",
 ]
 
@@ -180,16 +186,24 @@ class FFC(nn.Module):
         def conv(cin: int, cout: int) -> Optional[nn.Conv3d]:
             if cin == 0 or cout == 0:
                 return None  # path between an empty branch and anything: omitted
-            return nn.Conv3d(cin, cout, kernel_size, stride=stride, padding=kernel_size // 2,
-                             bias=False, padding_mode=padding_mode)
+            return nn.Conv3d(
+                cin,
+                cout,
+                kernel_size,
+                stride=stride,
+                padding=kernel_size // 2,
+                bias=False,
+                padding_mode=padding_mode,
+            )
 
         self.convl2l = conv(self.in_l, self.out_l)
         self.convl2g = conv(self.in_l, self.out_g)
         self.convg2l = conv(self.in_g, self.out_l)
         self.convg2g = None
         if self.in_g and self.out_g:
-            self.convg2g = SpectralTransform(self.in_g, self.out_g, stride=stride, lfu=lfu,
-                                             norm=norm)
+            self.convg2g = SpectralTransform(
+                self.in_g, self.out_g, stride=stride, lfu=lfu, norm=norm
+            )
 
     def forward(self, x: Union[torch.Tensor, Branches]) -> Union[torch.Tensor, Branches]:
         if isinstance(x, torch.Tensor):
@@ -225,8 +239,7 @@ class VFFCBlock(nn.Module):
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        kw = dict(ratio_gin=ratio, ratio_gout=ratio, lfu=lfu, norm=norm,
-                  padding_mode=padding_mode)
+        kw = dict(ratio_gin=ratio, ratio_gout=ratio, lfu=lfu, norm=norm, padding_mode=padding_mode)
         self.ffc1 = FFC(channels, channels, **kw)
         self.ffc2 = FFC(channels, channels, **kw)
         c_l, c_g = self.ffc1.out_l, self.ffc1.out_g

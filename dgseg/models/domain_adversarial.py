@@ -52,7 +52,10 @@ class DomainAdversarialNet(nn.Module):
         self.segmenter = segmenter
         self.bottleneck_channels = int(segmenter.bottleneck_channels)
         self.domain_classifier = DomainClassifier(
-            self.bottleneck_channels, num_domains, hidden=hidden, dropout=dropout,
+            self.bottleneck_channels,
+            num_domains,
+            hidden=hidden,
+            dropout=dropout,
             input_norm=input_norm,
         )
 

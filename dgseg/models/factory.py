@@ -39,8 +39,14 @@ def build_model(
         width = int(tuple(cfg.unet_features)[-1])
     bottleneck = None
     if cfg.vffc:
-        bottleneck = VFFC(width, ratio=cfg.vffc_ratio, n_blocks=cfg.vffc_blocks, lfu=cfg.vffc_lfu,
-                          norm=cfg.vffc_norm, padding_mode=cfg.vffc_padding)
+        bottleneck = VFFC(
+            width,
+            ratio=cfg.vffc_ratio,
+            n_blocks=cfg.vffc_blocks,
+            lfu=cfg.vffc_lfu,
+            norm=cfg.vffc_norm,
+            padding_mode=cfg.vffc_padding,
+        )
     if cfg.arch == "segresnet":
         model: nn.Module = SegResNet(
             in_channels,
@@ -52,9 +58,11 @@ def build_model(
             bottleneck=bottleneck,
         )
     else:
-        model = UNet3D(in_channels, cfg.out_channels, features=tuple(cfg.unet_features),
-                       bottleneck=bottleneck)
+        model = UNet3D(
+            in_channels, cfg.out_channels, features=tuple(cfg.unet_features), bottleneck=bottleneck
+        )
     if cfg.grl:
-        model = DomainAdversarialNet(model, cfg.num_domains, hidden=cfg.domain_hidden,
-                                     input_norm=cfg.domain_input_norm)
+        model = DomainAdversarialNet(
+            model, cfg.num_domains, hidden=cfg.domain_hidden, input_norm=cfg.domain_input_norm
+        )
     return model

@@ -31,6 +31,7 @@ import torch
 
 __all__ = ["bezier_curve", "bezier_lut", "apply_lut", "bezier_domain_transform"]
 
+
 def bezier_curve(v: float, *, n_samples: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
     """Densely sampled, sorted curve of control points (−1,−1), (−v,v), (v,−v), (1,1).
 

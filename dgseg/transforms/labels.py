@@ -45,8 +45,14 @@ CONVENTIONS = LABEL_CONVENTIONS
 REGION_SETS: dict[str, dict[str, tuple[int, ...]]] = {
     "brats2021": REGION_LABELS,
     "brats2023": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
-    "brats2024": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,), "NETC": (1,), "SNFH": (2,),
-                  "RC": (4,)},  # RC belongs to no tumour region
+    "brats2024": {
+        "WT": (1, 2, 3),
+        "TC": (1, 3),
+        "ET": (3,),
+        "NETC": (1,),
+        "SNFH": (2,),
+        "RC": (4,),
+    },  # RC belongs to no tumour region
 }
 
 
@@ -148,14 +154,16 @@ def region_masks(label: Array, region_set: str) -> Array:
         ValueError: unknown region set, or values the set does not define (named).
     """
     if region_set not in REGION_SETS:
-        raise ValueError(f"unknown region set {region_set!r}; expected one of "
-                         f"{sorted(REGION_SETS)}")
+        raise ValueError(
+            f"unknown region set {region_set!r}; expected one of {sorted(REGION_SETS)}"
+        )
     groups = REGION_SETS[region_set]
     values = sorted({0, *(v for vals in groups.values() for v in vals)})
     lab = _lookup(label, {v: v for v in values}, region_set)  # validates, uint8
     if isinstance(lab, torch.Tensor):
-        return torch.stack([torch.isin(lab, torch.tensor(v, device=lab.device))
-                            for v in groups.values()])  # (R, ...)
+        return torch.stack(
+            [torch.isin(lab, torch.tensor(v, device=lab.device)) for v in groups.values()]
+        )  # (R, ...)
     return np.stack([np.isin(lab, v) for v in groups.values()])  # (R, ...)
 
 
@@ -167,8 +175,9 @@ def labels_for_region_set(label: Array, convention: str, region_set: str) -> Arr
     conventions; such data comes in the 2023 file layout), validated by :func:`region_masks`.
     """
     if region_set not in REGION_SETS:
-        raise ValueError(f"unknown region set {region_set!r}; expected one of "
-                         f"{sorted(REGION_SETS)}")
+        raise ValueError(
+            f"unknown region set {region_set!r}; expected one of {sorted(REGION_SETS)}"
+        )
     if region_set == "brats2024":
         region_masks(label, region_set)  # raises on values outside 0..4
         return label
