@@ -31,9 +31,9 @@ def tiny_shards(tmp_path_factory) -> Path:
 def raw_sets(tmp_path_factory) -> Path:
     """The same 3 synthetic cases (same seed) written in the 2021, 2023 and MSD layouts
     (``prepared_data.SHAPE``); read-only."""
-    from prepared_data import SHAPE
-
     from data_prep.synthetic import write_dataset
+
+    from prepared_data import SHAPE
 
     root = tmp_path_factory.mktemp("raw")
     for layout in ("brats2021", "brats2023", "msd"):
@@ -45,9 +45,9 @@ def raw_sets(tmp_path_factory) -> Path:
 def prepared_sets(raw_sets, tmp_path_factory):
     """(folder, {layout: PrepareResult}): each layout of ``raw_sets`` prepared at
     ``prepared_data.SIZE``; read-only."""
-    from prepared_data import SIZE
-
     from data_prep.pipeline import prepare
+
+    from prepared_data import SIZE
 
     out = tmp_path_factory.mktemp("prepared")
     results = {}

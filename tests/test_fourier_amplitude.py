@@ -8,37 +8,9 @@ import torch
 from dgseg.transforms.fourier_amplitude import fourier_amplitude
 from dgseg.transforms.intensity import rezscore
 
+from intensity_phantoms import check_contract, gen, synthetic_brain
+
 DIMS = (-3, -2, -1)
-
-
-def synthetic_brain(channels: int = 1, size: int = 24, seed: int = 0) -> torch.Tensor:
-    """Three piecewise-constant 'tissues' plus noise in a sphere, z-scored, background exactly 0."""
-    g = torch.Generator().manual_seed(seed)
-    ax = torch.linspace(-1, 1, size)
-    r = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij")).pow(2).sum(0).sqrt()  # (D, H, W)
-    tissue = torch.stack(
-        [
-            torch.where(r < 0.35, 3.0 - c, torch.where(r < 0.6, 1.0, 2.0 + c))
-            for c in range(channels)
-        ]
-    )  # (C, D, H, W)
-    image = tissue + 0.2 * torch.randn(channels, size, size, size, generator=g)
-    return rezscore(image, r < 0.9)
-
-
-def gen(seed: int, device: str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def check_contract(image: torch.Tensor, out: torch.Tensor) -> None:
-    """Same shape/dtype, finite, background exactly 0, brain z-scored per channel."""
-    assert out.shape == image.shape and out.dtype == image.dtype and out.device == image.device
-    assert torch.isfinite(out).all() and out.is_contiguous()
-    brain = (image != 0).any(dim=0)
-    assert (out[:, ~brain] == 0).all()
-    values = out[:, brain].double()  # (C, N)
-    assert (values.mean(1).abs() < 1e-5).all(), values.mean(1)
-    assert ((values.std(1, correction=0) - 1).abs() < 1e-4).all(), values.std(1, correction=0)
 
 
 def low_band(size: tuple[int, int, int], ratio: float) -> torch.Tensor:

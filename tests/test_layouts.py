@@ -9,11 +9,12 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from prepared_data import REGIONS_IN_SOURCE, SEG_NAME, SIZE, read_nifti
 
 from data_prep.pipeline import prepare
 from data_prep.synthetic import write_dataset
 from dgseg.constants import MODALITIES
+
+from prepared_data import REGIONS_IN_SOURCE, SEG_NAME, SIZE, read_nifti
 
 
 @pytest.mark.parametrize("layout", ["brats2021", "brats2023", "msd"])

@@ -7,12 +7,13 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
-from prepared_data import SHAPE, read_nifti
 
 from data_prep.layouts import discover_cases
 from data_prep.loading import load_raw_case
 from data_prep.preprocess import preprocess_case
 from dgseg.constants import MODALITIES
+
+from prepared_data import SHAPE, read_nifti
 
 
 def test_loader_and_transforms_convert_labels_alike():

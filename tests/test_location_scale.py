@@ -12,56 +12,7 @@ from dgseg.transforms.location_scale import (
     saliency_mix,
 )
 
-N = 24  # phantom side
-
-
-def phantom(channels: int = 1, noise: float = 0.05, seed: int = 0):
-    """A 24³ brain: three equal-volume shells A < B < C (outer to inner), a tumour with edema
-    (2, noisy), a constant core (1) and an enhancing rim (4); z-scored, background 0.
-
-    Returns (image (C, N, N, N), label (N, N, N) uint8, tissue (N, N, N) long: 0 outside, 1 A,
-    2 B, 3 C, 4 tumour).
-    """
-    g = torch.Generator().manual_seed(seed)
-    ax = torch.arange(N, dtype=torch.float32) - (N - 1) / 2
-    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
-    r = (z**2 + y**2 + x**2).sqrt()
-    rt = ((z - 4) ** 2 + y**2 + (x - 3) ** 2).sqrt()  # tumour centre off the middle
-    brain = r < 10.5
-    tissue = torch.where(
-        r < 10.5 * (1 / 3) ** (1 / 3), 3, torch.where(r < 10.5 * (2 / 3) ** (1 / 3), 2, 1)
-    )
-    label = torch.zeros(N, N, N, dtype=torch.uint8)
-    label[rt < 4] = 2
-    label[rt < 2.5] = 4
-    label[rt < 1.5] = 1
-    label[~brain] = 0
-    tissue = torch.where(label > 0, 4, tissue) * brain
-    chans = []
-    for c in range(channels):
-        v = torch.tensor([0.0, 1.0, 2.0, 3.0, 0.0])[tissue] * (1 + 0.3 * c)  # healthy A < B < C
-        v = v + noise * torch.randn(N, N, N, generator=g)
-        v = torch.where(label == 2, 2.5 + noise * torch.randn(N, N, N, generator=g), v)
-        v = torch.where(label == 4, 3.5, v)
-        v = torch.where(label == 1, 0.5, v)  # constant: must stay constant under one curve
-        v = (v - v[brain].mean()) / v[brain].std(correction=0)
-        chans.append(v * brain)
-    return torch.stack(chans), label, tissue
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def check_contract(out: torch.Tensor, image: torch.Tensor) -> None:
-    brain = (image != 0).any(0)
-    assert out.shape == image.shape and out.dtype == image.dtype
-    assert torch.isfinite(out).all()
-    assert (out[:, ~brain] == 0).all()  # background exactly 0
-    for c in range(out.shape[0]):
-        v = out[c][brain].double()
-        assert abs(v.mean().item()) < 1e-4 and abs(v.std(correction=0).item() - 1) < 1e-4
-
+from intensity_phantoms import N, check_contract, gen, phantom
 
 TRANSFORMS = {
     "gla": lambda img, lab, g: global_location_scale(img, g),
@@ -77,7 +28,7 @@ def test_contract_and_determinism(name, channels):
     img, lab, _ = phantom(channels)
     f = TRANSFORMS[name]
     for seed in range(3):
-        check_contract(f(img, lab, gen(seed)), img)
+        check_contract(img, f(img, lab, gen(seed)))
     assert torch.equal(f(img, lab, gen(7)), f(img, lab, gen(7)))
     assert not torch.equal(f(img, lab, gen(7)), f(img, lab, gen(8)))
     assert torch.equal(img, phantom(channels)[0])  # input untouched
@@ -226,7 +177,7 @@ def test_cuda():
         for g in (torch.Generator(device="cuda").manual_seed(0), torch.Generator().manual_seed(0)):
             out = f(gpu, lab_gpu, g)
             assert out.is_cuda, name
-            check_contract(out.cpu(), img)
+            check_contract(img, out.cpu())
     # CPU generator: the same draws, so the same result up to float rounding
     cpu = local_location_scale(img, lab, gen(5))
     assert torch.allclose(local_location_scale(gpu, lab_gpu, gen(5)).cpu(), cpu, atol=1e-4)

@@ -16,12 +16,13 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from prepared_data import SIZE, read_nifti
 
 from data_prep.layouts import patient_id
 from data_prep.pipeline import assign_splits, prepare, verify_output
 from data_prep.shards import ShardInvalid, check_shard
 from data_prep.synthetic import write_dataset
+
+from prepared_data import SIZE, read_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 

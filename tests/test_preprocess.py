@@ -6,11 +6,12 @@ import json
 
 import h5py
 import numpy as np
-from prepared_data import SIZE, read_nifti
 
 from data_prep.pipeline import prepare
 from dgseg.constants import MODALITIES
 from dgseg.data.window import restore_to_original
+
+from prepared_data import SIZE, read_nifti
 
 
 def test_zscore_and_crop_match_independent_computation(raw_sets, prepared_sets):
