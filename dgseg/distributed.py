@@ -9,6 +9,7 @@ frozen :class:`DistState`; only the process with ``is_main`` writes files or pri
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, List
@@ -43,6 +44,21 @@ class DistState:
     world_size: int  # number of processes
     device: torch.device  # this process's compute device
     is_main: bool  # global rank 0: the only process that logs and writes
+
+
+def launch_command(nproc: int) -> List[str]:
+    """The command that starts a training script with ``nproc`` processes on this machine:
+    the current Python for one, ``torchrun --standalone`` (as ``python -m torch.distributed.run``,
+    so the same interpreter runs every rank) for more."""
+    if nproc == 1:
+        return [sys.executable]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+    ]
 
 
 def _env_int(name: str, default: int) -> int:

@@ -33,6 +33,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dgseg.distributed import launch_command
+
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 
@@ -105,18 +107,6 @@ def threads(nproc: int) -> tuple[int, str]:
     busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
     n = max(1, min(cores - busy, cores) // nproc)
     return n, f"{cores} core(s), load average {busy}, {nproc} process(es)"
-
-
-def launcher(nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-    ]
 
 
 def run(stage: str, cmd: Sequence[object], env: dict) -> float:
@@ -245,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[demo] train {preset}: done before, skipped", flush=True)
             continue
         cmd = [
-            *launcher(args.nproc),
+            *launch_command(args.nproc),
             TOOLS / "train.py",
             "--preset",
             preset,
@@ -270,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         times["eval"] = run(
             "eval",
             [
-                *launcher(args.nproc),
+                *launch_command(args.nproc),
                 TOOLS / "evaluate.py",
                 "--checkpoint",
                 *ckpts,

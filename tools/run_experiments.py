@@ -51,6 +51,7 @@ import torch
 from dgseg.atomic import atomic_write_json
 from dgseg.config import PRESETS, apply_overrides, get_preset
 from dgseg.data.manifest import load_manifest, scored_extent
+from dgseg.distributed import launch_command
 from dgseg.evaluation import EVAL_RULE
 from dgseg.logging_utils import format_eta
 from dgseg.study import BASELINES, read_records, write_study
@@ -226,21 +227,9 @@ def settings(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     }
 
 
-def launcher(nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-    ]
-
-
 def train_command(args: argparse.Namespace, run: Run) -> list[str]:
     cmd = [
-        *launcher(args.nproc_per_node),
+        *launch_command(args.nproc_per_node),
         str(TOOLS / "train.py"),
         "--preset",
         run.preset,
