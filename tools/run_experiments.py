@@ -22,15 +22,14 @@ spatial-only), study_table.csv, study_paired.csv, study.json and, with matplotli
 
 ``--scale cpu`` prepends ``CPU_SCALE`` (printed by ``--dry-run``) to the ``--set`` items: every
 preset at the same small size (8 filters and one block per SegResNet level, a 8-128 channel UNet,
-32³ patches, lr 2e-3, Dice + BCE, 16 epochs; bf16 only where it is native), so the default
-matrix (9 presets x 3 seeds) on the built-in synthetic set (``--synthetic 40``: 24 train, 4 val,
-12 test cases) finishes in about an hour on an otherwise idle 2-core CPU (estimated from one run
-measured under load: 9 min at 20 epochs with 1 thread at a load of ~5, i.e. ~2.5 min idle at 16
-epochs; on a shared machine set OMP_NUM_THREADS=1, as oversubscribed OpenMP threads are 3-5x
-slower). The original-network preset keeps what distinguishes it (dropout 0.2, three
-reflect-padded BatchNorm VFFC blocks, domain head without LayerNorm and 64 hidden units, Adam with
-amsgrad and L2 decay) but not its size: ``model.init_filters=8`` narrows it to a 64-channel
-bottleneck and head input.
+32³ patches, lr 2e-3, Dice + BCE, 40 epochs validated once at the end; bf16 only where it is
+native). Measured on a 2-core AMD EPYC (AVX2, float32), 1 thread per run, two or three runs at
+once: 4.5-6 minutes per run on the 29 training cases of docs/results/study (train 4-5.5 min,
+evaluation of 14 whole-brain test cases x 4 modalities 0.4-0.7 min). On a shared machine set
+OMP_NUM_THREADS=1: oversubscribed OpenMP threads are 3-5x slower. The original-network preset
+keeps what distinguishes it (dropout 0.2, three reflect-padded BatchNorm VFFC blocks, domain head
+without LayerNorm and 64 hidden units, Adam with amsgrad and L2 decay) but not its size:
+``model.init_filters=8`` narrows it to a 64-channel bottleneck and head input.
 Items given with ``--set`` come after the scale's, so they win.
 """
 
@@ -75,10 +74,10 @@ DEFAULT_PRESETS = (
 )
 DEFAULT_SEEDS = (0, 1, 2)
 
-# --scale cpu: every preset small enough for a 2-core CPU (the demo's sizes, fewer epochs), plus
-# run.amp: bf16 where oneDNN has native bf16 (2.5x faster), float32 elsewhere (bf16 emulation is
-# slower than float32). With --synthetic 40 (24 train cases of 64³ at 32³ patches, 12 test cases
-# as their whole brain box) one run is 384 steps plus the evaluation of 48 volumes.
+# --scale cpu: every preset small enough for a 2-core CPU, plus run.amp: bf16 where oneDNN has
+# native bf16 (2.5x faster), float32 elsewhere (bf16 emulation is slower than float32). 40 epochs
+# because the augmented presets were still learning at 16 (the screening in docs/results/); one
+# validation, after the last epoch, so the checkpoint scored is the last one for every preset.
 CPU_SCALE = (
     "model.init_filters=8",
     "model.blocks_down=1,1,1,1",
@@ -86,9 +85,9 @@ CPU_SCALE = (
     "data.patch_size=32",
     "data.workers=0",
     "optim.lr=2e-3",
-    "optim.epochs=16",
+    "optim.epochs=40",
     "loss.bce_weight=1",
-    "run.val_every=10",
+    "run.val_every=40",
     "run.log_every=100",
 )
 SCALES = {"full": (), "cpu": CPU_SCALE}
