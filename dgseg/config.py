@@ -507,6 +507,13 @@ PRESETS: Dict[str, Config] = {
             data=dict(intensity_augs=SDG_RECOMMENDED, **_SPATIAL),
             model=dict(grl=True, num_domains=len(SDG_RECOMMENDED)),
         ),
+        # ... and with the VFFC bottleneck (the one write-up component that moved T1 and T1CE in
+        # the seeded study).
+        _preset(
+            "segresnet_t2_sdg_vffc",
+            data=dict(intensity_augs=SDG_RECOMMENDED, **_SPATIAL),
+            model=dict(vffc=True),
+        ),
         # Seconds to minutes on a CPU (tests, demo): narrow SegResNet for 32³-64³ volumes, higher
         # lr and BCE (it empties the background much faster than Dice alone on few steps).
         _preset(
