@@ -122,6 +122,11 @@ def test_matrix_runs_skips_finished_runs_and_aggregates(tiny_shards, tmp_path, c
     assert log.count("(finished earlier)") == 4 and " start " not in log
     assert (out / "study" / "study.md").exists()
 
+    # The same resolved config reached by other items (a repeated --epochs) is the same run.
+    assert tool.main(_argv(tiny_shards, out, "--set", "optim.epochs=1")) == 0
+    log = capsys.readouterr().out
+    assert log.count("(finished earlier)") == 4 and " start " not in log
+
     # Other settings never reuse these folders: every run fails with a message, nothing trains.
     assert tool.main(_argv(tiny_shards, out, "--set", "optim.lr=1e-3")) == 1
     log = capsys.readouterr().out

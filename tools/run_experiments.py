@@ -11,9 +11,10 @@ Every (preset, seed) is one run in its own folder ``<out>/<preset>/seed<S>/``: t
 split into ``eval/``, with the logs ``train.log`` / ``eval.log`` and, once both succeeded,
 ``done.json``. A run with ``done.json`` is skipped, so an interrupted or re-submitted job
 continues (an interrupted training resumes from its last.pt); a run folder made with other
-settings is never reused (that run fails with a message; use another ``--out``). A failed run is
-reported at the end and the others continue. One line per run started / finished, with its wall
-time and an ETA for the matrix (mean time of the runs finished so far x runs left).
+settings (another resolved config.json) is never reused (that run fails with a message; use
+another ``--out``). A failed run is reported at the end and the others continue. One line per run
+started / finished, with its wall time and an ETA for the matrix (mean time of the runs finished
+so far x runs left).
 
 Aggregation (``dgseg.study``) into ``<out>/study/``: study.md (the write-up's table, rows =
 presets, columns = T1 / T1CE / T2 / FLAIR, cells ``Mean - WT | TC | ET`` as mean ± sd over seeds;
@@ -269,27 +270,25 @@ def eval_command(args: argparse.Namespace, run: Run) -> list[str]:
     ]
 
 
+def matches(args: argparse.Namespace, run: Run) -> bool:
+    """Whether the run folder's resolved config is the one these settings make (so the same
+    settings given in another order, or by a newer ``--scale``, still match)."""
+    expected = apply_overrides(
+        get_preset(run.preset), [f"data.root={args.data}", *run_items(args, run)]
+    )
+    try:
+        return json.loads((run.folder / "config.json").read_text()) == expected.to_dict()
+    except (OSError, ValueError):
+        return False
+
+
 def status(args: argparse.Namespace, run: Run) -> str:
     """ "done" (finished with these settings), "conflict" (made with others) or "todo"."""
-    done = run.folder / "done.json"
-    if done.exists():
-        try:
-            same = json.loads(done.read_text()).get("settings") == settings(args, run)
-        except (OSError, ValueError):
-            same = False
+    if (run.folder / "done.json").exists():
         ok = (run.folder / "eval" / "per_case.csv").exists()
-        return "done" if same and ok else "conflict"
-    config = run.folder / "config.json"
-    if config.exists():  # an unfinished run: resumable only if it is this run
-        expected = apply_overrides(
-            get_preset(run.preset), [f"data.root={args.data}", *run_items(args, run)]
-        )
-        try:
-            same = json.loads(config.read_text()) == expected.to_dict()
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            return "conflict"
+        return "done" if ok and matches(args, run) else "conflict"
+    if (run.folder / "config.json").exists() and not matches(args, run):
+        return "conflict"  # an unfinished run is resumable only if it is this run
     return "todo"
 
 
