@@ -264,8 +264,12 @@ def plot_study_bars(
     models = result["summary"]["models"]
     columns = result["columns"]
     width = 0.8 / max(len(models), 1)
-    fig = _figure(figsize=(max(6.0, 1.2 * len(columns) * max(len(models), 1) * 0.35), 4.0))
+    fig = _figure(figsize=(min(16.0, max(6.0, 0.1 * len(columns) * len(models) + 4.0)), 4.5))
     ax = fig.subplots()
+    import matplotlib  # optional dependency: _figure has just checked that it is installed
+
+    # tab10 repeats after ten presets; tab20 keeps up to twenty apart (light/dark pairs).
+    cmap = matplotlib.colormaps["tab10" if len(models) <= 10 else "tab20"]
     for k, m in enumerate(models):
         xs, ys, es = [], [], []
         for j, c in enumerate(columns):
@@ -274,14 +278,14 @@ def plot_study_bars(
                 xs.append(j + (k - (len(models) - 1) / 2) * width)
                 ys.append(stat["mean"])
                 es.append(stat["sd"])
-        ax.bar(xs, ys, width * 0.95, yerr=es, capsize=2, label=m["model"])
+        ax.bar(xs, ys, width * 0.95, yerr=es, capsize=2, label=m["model"], color=cmap(k % cmap.N))
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels([titles.get(c, c) for c in columns])
     ax.set_xlabel("test modality")
     ax.set_ylabel("mean Dice (WT, TC, ET)")
     ax.set_ylim(0, 1)
     ax.set_title("Mean Dice per target modality (error bars: sd over seeds)")
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return _save(fig, path, dpi=120)
 
