@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dgseg.constants import BRATS_EMPTY_HD95, MODALITIES
 from dgseg.cross_modality import OrderedPool
-from dgseg.evaluation import CaseJob, score_job
+from dgseg.evaluation import score_job
+
+from case_jobs import case_job
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -24,23 +25,10 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _case_job(case_id, seed, n_preds=3, shape=(3, 13, 11, 9)):
-    rng = np.random.default_rng(seed)
-    truth = np.zeros(shape, bool)
-    truth[:, 3:9, 2:8, 2:7] = True
-    truth[1, 3:5] = False
-    truth[2, :, :, :4] = False
-    preds = [
-        ({"model": "m", "case_id": case_id, "k": k}, rng.random(shape) < 0.2 * (k + 1))
-        for k in range(n_preds)
-    ]
-    return CaseJob.build(case_id, truth, (1.0, 1.5, 0.8), preds), truth, preds
-
-
 def test_ordered_pool_matches_inline_and_names_the_failing_case():
     """Worker processes give the inline results, in submission order, whatever finishes first;
     a failure in a worker is raised with the case it belongs to."""
-    jobs = [_case_job(f"c{i}", i, n_preds=1 + i % 3)[0] for i in range(6)]
+    jobs = [case_job(f"c{i}", i, n_preds=1 + i % 3)[0] for i in range(6)]
     with OrderedPool(0) as inline:
         want = [r for job in jobs for r in inline.submit(f"case {job.case_id}", score_job, job)]
     assert [tag for tag, _ in want] == [f"case c{i}" for i in range(6)]

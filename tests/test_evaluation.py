@@ -17,6 +17,8 @@ from dgseg.evaluation import (
     unpack_mask,
 )
 
+from case_jobs import case_job
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -62,24 +64,13 @@ def test_case_record_hand_computed():
 
 
 # ----------------------------------------------------------------------------- metric jobs
-def _case_job(case_id, seed, n_preds=3, shape=(3, 13, 11, 9)):
-    rng = np.random.default_rng(seed)
-    truth = np.zeros(shape, bool)
-    truth[:, 3:9, 2:8, 2:7] = True
-    truth[1, 3:5] = False
-    truth[2, :, :, :4] = False
-    preds = [
-        ({"model": "m", "case_id": case_id, "k": k}, rng.random(shape) < 0.2 * (k + 1))
-        for k in range(n_preds)
-    ]
-    return CaseJob.build(case_id, truth, (1.0, 1.5, 0.8), preds), truth, preds
 
 
 def test_pack_roundtrip_and_score_job_is_case_record():
     m = np.random.default_rng(0).random((3, 5, 7, 3)) < 0.5  # 315 voxels: not a multiple of 8
     assert pack_mask(m).nbytes == 40
     np.testing.assert_array_equal(unpack_mask(pack_mask(m), m.shape), m)
-    job, truth, preds = _case_job("c7", 1)
+    job, truth, preds = case_job("c7", 1)
     rows = score_job(job)
     assert rows == [case_record(p, truth, (1.0, 1.5, 0.8), **keys) for keys, p in preds]
     assert [r["k"] for r in rows] == [0, 1, 2] and list(rows[0])[:3] == ["model", "case_id", "k"]
