@@ -514,6 +514,17 @@ PRESETS: Dict[str, Config] = {
             data=dict(intensity_augs=SDG_RECOMMENDED, **_SPATIAL),
             model=dict(vffc=True),
         ),
+        # ... and with the write-up's Bezier curves as a third draw: the decreasing curve is the
+        # only whole-image inversion of the pool (T2's bright fluid becomes dark as in T1).
+        _preset(
+            "segresnet_t2_sdg_bezier",
+            data=dict(intensity_augs=(*SDG_RECOMMENDED, "bezier"), **_SPATIAL),
+        ),
+        _preset(
+            "segresnet_t2_sdg_bezier_vffc",
+            data=dict(intensity_augs=(*SDG_RECOMMENDED, "bezier"), **_SPATIAL),
+            model=dict(vffc=True),
+        ),
         # Seconds to minutes on a CPU (tests, demo): narrow SegResNet for 32³-64³ volumes, higher
         # lr and BCE (it empties the background much faster than Dice alone on few steps).
         _preset(

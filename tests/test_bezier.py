@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from dgseg.transforms import apply_lut, bezier_curve, bezier_domain_transform, bezier_lut
+from dgseg.transforms import (
+    apply_lut,
+    bezier_curve,
+    bezier_domain_transform,
+    bezier_lut,
+    intensity_augment,
+)
+
+from intensity_phantoms import check_contract, gen, synthetic_brain
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -126,3 +134,18 @@ def test_cuda_matches_cpu():
     gpu = bezier_domain_transform(img.cuda(), 2, torch.Generator().manual_seed(3))
     assert gpu.is_cuda
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+def test_sdg_pool_bezier_draws_both_curves_per_sample():
+    """The ``bezier`` entry of the SDG pool: the write-up's curve 1 or 2, with the same contract
+    as every pool transform, and the decreasing draws invert the order of the intensities."""
+    image = synthetic_brain(channels=2)
+    brain = (image != 0).any(0)
+    signs = []
+    for seed in range(12):
+        out = intensity_augment("bezier", image, None, gen(seed))
+        check_contract(image, out)
+        assert torch.equal(out, intensity_augment("bezier", image, None, gen(seed)))
+        r = np.corrcoef(image[0, brain].numpy(), out[0, brain].numpy())[0, 1]
+        signs.append(r > 0)
+    assert any(signs) and not all(signs)  # both curve kinds drawn, ~half each

@@ -169,7 +169,7 @@ def test_cross_section_consistency_is_checked():
 
 def test_intensity_augs_are_checked_and_label_the_domains():
     with pytest.raises(ValueError, match="data.intensity_augs entry"):
-        apply_overrides(Config(), ["data.intensity_augs=gin,bezier"])
+        apply_overrides(Config(), ["data.intensity_augs=gin,curves"])
     with pytest.raises(ValueError, match="makes 2 domains but model.num_domains=3"):
         apply_overrides(Config(), ["data.intensity_augs=none,gin", "model.grl=1"])
     with pytest.raises(ValueError, match="use one of them"):
@@ -180,7 +180,7 @@ def test_intensity_augs_are_checked_and_label_the_domains():
     assert cfg.data.intensity_augs == ("none", "gin") and cfg.model.grl
     sdg = [p for p in PRESETS if p.startswith("segresnet_t2_")]
     sdg = [p for p in sdg if PRESETS[p].data.intensity_augs]
-    assert len(sdg) == 9  # six transforms, sdg, sdg_grl, sdg_vffc
+    assert len(sdg) == 11  # six transforms, sdg, sdg_grl, sdg_vffc, sdg_bezier(_vffc)
     for name in sdg:
         preset = PRESETS[name]
         assert preset.data.intensity_augs and preset.data.modalities == ("t2",)

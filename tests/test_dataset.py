@@ -324,7 +324,7 @@ def test_intensity_augs_draw_one_per_sample_and_label_its_domain(tiny_shards):
     assert seen == {0, 1, 2}
     # The drawn augmentation is the one named by the label, applied with the sample's generator.
     with pytest.raises(ValueError, match="unknown intensity augmentation"):
-        intensity_augment("bezier", torch.zeros(1, 4, 4, 4), None, torch.Generator())
+        intensity_augment("curves", torch.zeros(1, 4, 4, 4), None, torch.Generator())
     with pytest.raises(ValueError, match="unknown intensity augmentation"):
         ShardDataset(tiny_shards, "train", ("t2",), intensity_augs=("gin", "nope"))
 

@@ -15,6 +15,7 @@ name               transform                                                    
 ``fourier``        low-frequency amplitude perturbation, phase kept (Xu 2021, FedDG)    image
 ``location_scale`` global or class-wise random curve + location/scale (SLAug, Su 2023)  label
 ``resynthesis``    random intensity per intensity class and tumour region (SynthSeg)    label
+``bezier``         the write-up's Bezier curve, increasing or decreasing (p = 1/2)      image
 =================  ===================================================================  =========
 
 "reads label" means the transform uses the tumour sub-regions of the training label map as
@@ -30,6 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
+from dgseg.transforms.bezier import bezier_domain_transform
 from dgseg.transforms.contrast_resynthesis import resynthesize_contrast
 from dgseg.transforms.fourier_amplitude import fourier_amplitude
 from dgseg.transforms.gin import gin, ipa
@@ -40,6 +42,17 @@ __all__ = ["INTENSITY_AUGS", "intensity_augment"]
 
 Transform = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Generator], torch.Tensor]
 
+
+def _bezier(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The write-up's domain 1 or 2 (docs/SPEC.md, "Domains"), drawn per sample.
+
+    In the pool it is the only whole-image inversion: the decreasing curve is what moved T1 in
+    the seeded study (docs/results/study), which no class-wise transform did.
+    """
+    curve = 1 + int(torch.randint(2, (), generator=g, device=g.device))  # 1 up, 2 down
+    return bezier_domain_transform(image, curve, g)
+
+
 _TRANSFORMS: dict[str, Transform] = {
     "none": lambda image, label, g: image,
     "gin": lambda image, label, g: gin(image, g),
@@ -48,6 +61,7 @@ _TRANSFORMS: dict[str, Transform] = {
     "fourier": lambda image, label, g: fourier_amplitude(image, g),
     "location_scale": lambda image, label, g: location_scale(image, label, g),
     "resynthesis": lambda image, label, g: resynthesize_contrast(image, g, label=label),
+    "bezier": lambda image, label, g: _bezier(image, g),
 }
 
 INTENSITY_AUGS = tuple(_TRANSFORMS)
