@@ -11,6 +11,8 @@ Sections:
              fp32 vs bf16 autocast, contiguous vs channels-last-3d; peak memory; FLOPs and FLOP/s
   vffc       SegResNet+VFFC+GRL step / plain SegResNet step (goal <= 1.10)
   bezier     LUT Bezier transform vs np.interp over the densely sampled curve (goal >= 5x)
+  sdg        ms per one-channel 128³ training sample of every SDG intensity augmentation
+             (dgseg.transforms.sdg), on a synthetic T2 case with its label, each call a fresh draw
   data       shard loader vs NIfTI.gz (goal >= 10x); preparation vs bare decompression (<= 1.5x);
              shard storage options: size, write and read times (data_prep/bench.py measures)
   inference  sliding-window prediction of one 240x240x155 volume
@@ -48,6 +50,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_prep import bench as data_bench
+from data_prep.synthetic import make_case
 from dgseg.atomic import atomic_write_text
 from dgseg.config import Config, OptimConfig, apply_overrides
 from dgseg.engine import use_channels_last
@@ -61,8 +64,10 @@ from dgseg.models import SegResNet, build_model
 from dgseg.optim import build_optimizer
 from dgseg.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp
 from dgseg.transforms.bezier import apply_lut, bezier_lut
+from dgseg.transforms.intensity import rezscore
+from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 
-SECTIONS = ("train", "vffc", "bezier", "data", "inference", "scaling", "lesion")
+SECTIONS = ("train", "vffc", "bezier", "sdg", "data", "inference", "scaling", "lesion")
 
 # (label, build_model keywords): the three networks of the write-up's tables.
 MODELS = {
@@ -463,6 +468,56 @@ def bench_bezier(args, device: torch.device) -> list[dict]:
     return rows
 
 
+class _FreshDraws:
+    """``intensity_augment(name, ...)`` with a new generator seed on every call."""
+
+    def __init__(self, name: str, image: torch.Tensor, label: torch.Tensor):
+        self.name, self.image, self.label, self.calls = name, image, label, 0
+
+    def __call__(self) -> torch.Tensor:
+        self.calls += 1
+        g = torch.Generator(device=self.image.device).manual_seed(self.calls)
+        return intensity_augment(self.name, self.image, self.label, g)
+
+
+def bench_sdg(args, device: torch.device) -> list[dict]:
+    # A realistic sample: a synthetic case's T2 at --sdg-size³ (brain ~half the box), z-scored
+    # over the brain as the shards store it, with its label (location-scale and re-synthesis
+    # read it).
+    n = args.sdg_size
+    images, seg = make_case((n, n, n), seed=0)
+    t2 = torch.from_numpy(images["t2"].astype(np.float32))[None]  # (1, n, n, n)
+    image_cpu = rezscore(t2, t2[0] != 0)
+    label_cpu = torch.from_numpy(seg)
+    rows = []
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    for dev in devices:
+        image, label = image_cpu.to(dev), label_cpu.to(dev)
+        for name in INTENSITY_AUGS:
+            if name == "none":
+                continue
+            t = time_fn(_FreshDraws(name, image, label), dev, warmup=1, repeats=args.repeats)
+            rows.append(
+                {
+                    "section": "sdg",
+                    "device": str(dev),
+                    "threads": torch.get_num_threads(),
+                    "augmentation": name,
+                    "voxels": image.numel(),
+                    "brain_fraction": float((image != 0).float().mean()),
+                    "median_ms": t["median_s"] * 1e3,
+                    "min_ms": t["min_s"] * 1e3,
+                    "max_ms": t["max_s"] * 1e3,
+                }
+            )
+            print(
+                f"  sdg {dev} {name:15s} {t['median_s'] * 1e3:8.1f} ms "
+                f"(min {t['min_s'] * 1e3:.1f}, max {t['max_s'] * 1e3:.1f}; "
+                f"{args.repeats} draws)"
+            )
+    return rows
+
+
 # ----------------------------------------------------------------------------- data
 def bench_data(args) -> list[dict]:
     rows = []
@@ -665,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch intra-op threads (default: PyTorch's, one per core)",
     )
+    p.add_argument("--sdg-size", type=int, default=128, help="sample side of the sdg section")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
@@ -721,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         result["results"] += bench_peer(args, device)
     for name, fn in (
         ("bezier", lambda: bench_bezier(args, device)),
+        ("sdg", lambda: bench_sdg(args, device)),
         ("data", lambda: bench_data(args)),
         ("inference", lambda: bench_inference(args, device)),
         ("scaling", lambda: bench_scaling(args)),
