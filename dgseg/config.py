@@ -525,6 +525,12 @@ PRESETS: Dict[str, Config] = {
             data=dict(intensity_augs=(*SDG_RECOMMENDED, "bezier"), **_SPATIAL),
             model=dict(vffc=True),
         ),
+        # ... with re-synthesis's tumour classes iso-intense to healthy tissue half of the time
+        # (as edema and enhancing tumour are to grey matter on a native T1)
+        _preset(
+            "segresnet_t2_sdg_iso",
+            data=dict(intensity_augs=("location_scale", "resynthesis_iso", "bezier"), **_SPATIAL),
+        ),
         # Seconds to minutes on a CPU (tests, demo): narrow SegResNet for 32³-64³ volumes, higher
         # lr and BCE (it empties the background much faster than Dice alone on few steps).
         _preset(

@@ -73,6 +73,24 @@ def test_classes_map_to_constants_without_corruptions():
     assert top_share(resynthesize_contrast(img, gen(0), **PLAIN)[0], 3) > 0.99
 
 
+def test_isointense_tumour_classes_take_healthy_intensities():
+    # isointense=1: every tumour class takes one of the K healthy intensities, so the whole brain
+    # holds K values; isointense=0 (the default) gives the tumour classes values of their own
+    img, lab, _ = phantom(noise=0.2)
+    brain = img[0] != 0
+    for seed in range(3):
+        out = resynthesize_contrast(img, gen(seed), label=lab, isointense=1.0, **PLAIN)[0]
+        healthy = out[brain & (lab == 0)].unique()
+        for t in (1, 2, 4):
+            v = out[lab == t]
+            assert v.max() - v.min() < 1e-5
+            assert (healthy - v[0]).abs().min() < 1e-4, (seed, t)  # a healthy class's value
+        plain = resynthesize_contrast(img, gen(seed), label=lab, **PLAIN)[0]
+        assert min((healthy - plain[lab == t][0]).abs().min() for t in (1, 2, 4)) > 1e-3
+    with pytest.raises(ValueError, match="isointense"):
+        resynthesize_contrast(img, gen(0), label=lab, isointense=1.5)
+
+
 def test_texture_kept_within_a_class():
     # soft intensity classes, no corruptions: within the noisy edema class the map is affine with
     # one gain s_k, so the output is perfectly correlated (or anti-correlated) with the input

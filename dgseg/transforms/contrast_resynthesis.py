@@ -11,7 +11,10 @@ re-synthesise a real image instead. Per sample:
    ``label``, when given, are three more classes;
 2. per class k a random target intensity m_k ~ U(0, 1) and texture scale s_k ~ U(texture_scale),
    and every voxel maps as  x' = m_k + s_k (x − μ_k)  (μ_k: the class mean), which keeps the
-   within-class texture while the class order is random (non-monotonic);
+   within-class texture while the class order is random (non-monotonic); with probability
+   ``isointense`` a tumour class instead takes the intensity of a random healthy class, as
+   lesions do in some sequences (edema and enhancing tumour are near grey matter on a native
+   T1): the tumour must then be found by its shape, texture and boundaries, not its brightness;
 3. soft class boundaries: intensity classes blend by a softmax over squared distances to the
    class centres (``temperature``), tumour classes by Gaussian-blurred one-hot masks
    (``boundary_sigma``);
@@ -126,6 +129,7 @@ def resynthesize_contrast(
     blur_sigma: tuple[float, float] = (0.0, 1.0),
     gamma: float = 0.4,
     noise_std: float = 0.05,
+    isointense: float = 0.0,
 ) -> torch.Tensor:
     """Re-synthesise every channel with a random, class-wise, non-monotonic contrast.
 
@@ -150,6 +154,9 @@ def resynthesize_contrast(
         blur_sigma: range of the Gaussian blur σ in voxels (below 0.2 no blur).
         gamma: std of log γ for the gamma x^γ on [0, 1] brain intensities.
         noise_std: largest std of the additive Gaussian noise, in [0, 1] brain units.
+        isointense: probability that a tumour class (1, 2, 4 of ``label``) takes the intensity
+            m_k of a random healthy intensity class instead of its own draw (0: SynthSeg's
+            i.i.d. draws). Its texture gain stays its own.
 
     Returns:
         New (C, D, H, W) tensor, z-scored over the brain per channel, background 0.
@@ -169,6 +176,8 @@ def resynthesize_contrast(
         raise ValueError(f"kmeans_iters must be an int >= 1, got {kmeans_iters!r}")
     _check_range("texture_scale", texture_scale)
     _check_range("blur_sigma", blur_sigma, 0.0)
+    if not 0.0 <= isointense <= 1.0:
+        raise ValueError(f"isointense must lie in [0, 1], got {isointense}")
     for name, v in (
         ("temperature", temperature),
         ("boundary_sigma", boundary_sigma),
@@ -237,6 +246,10 @@ def resynthesize_contrast(
         # texture gains: keep, damp, amplify or invert each class's own texture
         s = torch.rand(n_cls, generator=generator, device=gdev).to(dev)
         s = texture_scale[0] + (texture_scale[1] - texture_scale[0]) * s  # (K+3,)
+        if isointense > 0:  # drawn only when asked: the default keeps SynthSeg's draws
+            iso = torch.rand(len(_TUMOUR_LABELS), generator=generator, device=gdev) < isointense
+            twin = torch.randint(k, (len(_TUMOUR_LABELS),), generator=generator, device=gdev)
+            m[k:] = torch.where(iso.to(dev), m[twin.to(dev)], m[k:])  # (3,) tumour intensities
         bias_std = uniform(generator, 0.0, bias_field)
         log_bias = torch.randn((bias_grid,) * 3, generator=generator, device=gdev).to(dev)
         sigma = uniform(generator, *blur_sigma)

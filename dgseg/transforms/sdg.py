@@ -5,18 +5,19 @@ Each name maps to one transform of this package, called as ``fn(image, label, ge
 augmentation (docs/SPEC.md, "Intensity pipeline"). Every transform returns the brain re-z-scored
 per channel and the background at exactly 0.
 
-=================  ===================================================================  =========
-name               transform                                                            reads
-=================  ===================================================================  =========
-``none``           identity (the source image as it is)                                 –
-``gin``            random shallow conv net, mixed with the input (GIN, Ouyang 2022)     image
-``ipa``            two GIN views blended by a smooth random field (IPA, Ouyang 2022)    image
-``random_conv``    one random convolution layer (RandConv, Xu et al. ICLR 2021)         image
-``fourier``        low-frequency amplitude perturbation, phase kept (Xu 2021, FedDG)    image
-``location_scale`` global or class-wise random curve + location/scale (SLAug, Su 2023)  label
-``resynthesis``    random intensity per intensity class and tumour region (SynthSeg)    label
-``bezier``         the write-up's Bezier curve, increasing or decreasing (p = 1/2)      image
-=================  ===================================================================  =========
+===================  ===================================================================  =====
+name                 transform                                                            reads
+===================  ===================================================================  =====
+``none``             identity (the source image as it is)                                 –
+``gin``              random shallow conv net, mixed with the input (GIN, Ouyang 2022)     image
+``ipa``              two GIN views blended by a smooth random field (IPA, Ouyang 2022)    image
+``random_conv``      one random convolution layer (RandConv, Xu et al. ICLR 2021)         image
+``fourier``          low-frequency amplitude perturbation, phase kept (Xu 2021, FedDG)    image
+``location_scale``   global or class-wise random curve + location/scale (SLAug, Su 2023)  label
+``resynthesis``      random intensity per intensity class and tumour region (SynthSeg)    label
+``resynthesis_iso``  ... each tumour class iso-intense to a healthy one with p = 1/2      label
+``bezier``           the write-up's Bezier curve, increasing or decreasing (p = 1/2)      image
+===================  ===================================================================  =====
 
 "reads label" means the transform uses the tumour sub-regions of the training label map as
 classes of their own, as SLAug and SynthSeg do; no transform knows how the data were generated.
@@ -61,6 +62,9 @@ _TRANSFORMS: dict[str, Transform] = {
     "fourier": lambda image, label, g: fourier_amplitude(image, g),
     "location_scale": lambda image, label, g: location_scale(image, label, g),
     "resynthesis": lambda image, label, g: resynthesize_contrast(image, g, label=label),
+    "resynthesis_iso": lambda image, label, g: resynthesize_contrast(
+        image, g, label=label, isointense=0.5
+    ),
     "bezier": lambda image, label, g: _bezier(image, g),
 }
 
