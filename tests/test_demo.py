@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "tools" / "demo.py"
-PRESETS = ("segresnet_t2_noaug", "segresnet_t2_vffc_grl")
+PRESETS = ("segresnet_t2_noaug", "segresnet_t2_vffc_grl", "segresnet_t2_sdg")
 MODALITY_TITLES = ("T1", "T1CE", "T2", "FLAIR")
 
 
@@ -40,7 +40,7 @@ def _run_demo(*args, timeout=300):
 
 
 # ------------------------------------------------------------------------------- unit pieces
-def test_default_presets_are_the_baseline_then_the_write_ups_method():
+def test_default_presets_are_the_baseline_the_write_ups_method_and_the_sdg_one():
     demo = _load_demo()
     assert demo.PRESETS == PRESETS
     assert demo.parse_args([]).presets == list(PRESETS)

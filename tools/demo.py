@@ -8,8 +8,9 @@ failing stage stops the demo with the command and its exit status:
 1. ``data``   tools/make_synthetic_brats.py: seeded BraTS-like cases (all four modalities);
 2. ``shards`` tools/prepare_brats.py: crop to the brain, z-score, store 32³ volumes;
 3. ``train``  tools/train.py for each of :data:`PRESETS` on T2 only, with the small-network
-   overrides of :func:`train_overrides` (the source-only baseline, then the write-up's method:
-   three Bezier domains, VFFC bottleneck, domain classifier behind a gradient-reversal layer);
+   overrides of :func:`train_overrides` (the source-only baseline, the write-up's method: three
+   Bezier domains, VFFC bottleneck, domain classifier behind a gradient-reversal layer, and the
+   recommended single-source DG preset: location-scale or contrast re-synthesis per sample);
 4. ``eval``   tools/evaluate.py on the test split with each of T1, T1CE, T2 and FLAIR as input:
    the cross-modality table, ``table.md``, ``summary.json``, ``per_case.csv``, overlay PNGs.
 
@@ -38,9 +39,9 @@ from dgseg.distributed import launch_command
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
 
-# Trained in this order; the first is the baseline the others are read against. Another preset
-# (e.g. a recommended SDG one) joins the demo by adding its name here or with --presets.
-PRESETS = ("segresnet_t2_noaug", "segresnet_t2_vffc_grl")
+# Trained in this order; the first is the baseline the others are read against: the write-up's
+# method, then the recommended single-source DG preset. Others join with --presets.
+PRESETS = ("segresnet_t2_noaug", "segresnet_t2_vffc_grl", "segresnet_t2_sdg")
 
 
 @dataclasses.dataclass(frozen=True)
