@@ -480,15 +480,28 @@ class _FreshDraws:
         return intensity_augment(self.name, self.image, self.label, g)
 
 
+def _fit(vol: np.ndarray, n: int) -> np.ndarray:
+    """Centre-crop or zero-pad each axis of ``vol`` to ``n``."""
+    for axis, size in enumerate(vol.shape):
+        if size > n:
+            vol = np.take(vol, range((size - n) // 2, (size - n) // 2 + n), axis=axis)
+        elif size < n:
+            pad = [(0, 0)] * vol.ndim
+            pad[axis] = ((n - size) // 2, n - size - (n - size) // 2)
+            vol = np.pad(vol, pad)
+    return vol
+
+
 def bench_sdg(args, device: torch.device) -> list[dict]:
-    # A realistic sample: a synthetic case's T2 at --sdg-size³ (brain ~half the box), z-scored
-    # over the brain as the shards store it, with its label (location-scale and re-synthesis
-    # read it).
+    # A training sample as the shards hold it: a synthetic case's T2 cropped to its brain box and
+    # fitted to --sdg-size³ (the brain ~40 % of it), z-scored over the brain, with its label
+    # (location-scale and re-synthesis read it).
     n = args.sdg_size
-    images, seg = make_case((n, n, n), seed=0)
-    t2 = torch.from_numpy(images["t2"].astype(np.float32))[None]  # (1, n, n, n)
+    images, seg = make_case(tuple(round(n * f) for f in (1.375, 1.375, 1.125)), seed=0)
+    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(images["t2"]))
+    t2 = torch.from_numpy(_fit(images["t2"][box], n).astype(np.float32))[None]  # (1, n, n, n)
     image_cpu = rezscore(t2, t2[0] != 0)
-    label_cpu = torch.from_numpy(seg)
+    label_cpu = torch.from_numpy(_fit(seg[box], n))
     rows = []
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
     for dev in devices:
