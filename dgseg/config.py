@@ -75,6 +75,10 @@ class DataConfig:
     # Single-source DG intensity augmentations (dgseg.transforms.sdg); each training sample draws
     # one uniformly, and the index of the drawn one is its domain label.
     intensity_augs: Tuple[str, ...] = ()  # names from dgseg.transforms.sdg; () = none
+    # SLAug's saliency-balanced fusion (Su et al. 2023): each sample carries a global and a
+    # class-wise location-scale view, each step trains on the global view and on the two fused by
+    # the input-gradient saliency (two forward/backward passes, one optimizer step).
+    saliency_balancing: bool = False  # dgseg.engine.saliency_balanced_backward
     workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     val_split: str = "val"  # manifest split used for validation / best checkpoint
     fold: Optional[int] = None  # CV fold i: validate on fold i, train on the other non-test cases
@@ -243,6 +247,11 @@ class Config:
         # Cross-section consistency: the domain labels come from the drawn intensity augmentation
         # when data.intensity_augs is set, else from the data's Bezier scheme.
         augs = self.data.intensity_augs
+        if self.data.saliency_balancing and (augs or self.data.bezier != "none" or self.model.grl):
+            raise ValueError(
+                "data.saliency_balancing trains on SLAug's two location-scale views: it does not "
+                "combine with data.intensity_augs, data.bezier or model.grl"
+            )
         if augs:
             if self.data.bezier in ("partition", "pair"):
                 raise ValueError(
@@ -525,6 +534,8 @@ PRESETS: Dict[str, Config] = {
             data=dict(intensity_augs=(*SDG_RECOMMENDED, "bezier"), **_SPATIAL),
             model=dict(vffc=True),
         ),
+        # SLAug as its authors train it: location-scale views fused by saliency, two passes a step
+        _preset("segresnet_t2_slaug_sbf", data=dict(saliency_balancing=True, **_SPATIAL)),
         # ... with re-synthesis's tumour classes iso-intense to healthy tissue half of the time
         # (as edema and enhancing tumour are to grey matter on a native T1)
         _preset(

@@ -9,6 +9,11 @@ domain classifier and GRL_λ the gradient-reversal layer (identity forward, −�
 p = step / total_steps is updated every optimizer step. The domain head runs on every step even
 when λ = 0 so that the autograd graph never changes (DDP needs no ``find_unused_parameters``).
 
+With ``data.saliency_balancing`` (SLAug, Su et al. AAAI 2023, Sec. 3.2) a step is two passes:
+L_seg on the global location-scale view x_g, whose input gradient gives the saliency s; then
+L_seg on x_g·s + x_l·(1 − s) (x_l the class-wise view); gradients of both accumulate into one
+optimizer step, as in the authors' code.
+
 The step issues no host synchronisation: losses, Dice and a "first non-finite step" marker are
 accumulated on the device and read with ``.item()`` only every ``run.log_every`` steps.
 """
@@ -32,6 +37,7 @@ from dgseg.logging_utils import JsonlWriter, format_progress, log
 from dgseg.metrics import dice_per_region
 from dgseg.models import segmenter_of
 from dgseg.precision import resolve_amp
+from dgseg.transforms.location_scale import saliency_mix
 
 __all__ = [
     "NonFiniteLossError",
@@ -41,6 +47,7 @@ __all__ = [
     "use_channels_last",
     "grl_lambda",
     "forward_loss",
+    "saliency_balanced_backward",
     "train_one_epoch",
     "validate",
 ]
@@ -161,6 +168,37 @@ def forward_loss(
     }
 
 
+def saliency_balanced_backward(
+    model: nn.Module,
+    batch: Dict[str, Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    device: torch.device,
+    amp: str = "none",
+    channels_last: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """SLAug's two passes on a batch with "image" (global view) and "image_local"; backward of
+    both done (the caller zeroes the gradients before and steps after).
+
+    Returns:
+        :func:`forward_loss`'s dict for the fused view, with "loss" and "seg_loss" the sum of the
+        two passes' losses (the objective whose gradient was accumulated).
+    """
+    image = batch["image"].to(device, non_blocking=True).requires_grad_(True)  # (B, C, D, H, W)
+    local = batch["image_local"].to(device, non_blocking=True)
+    kw = dict(
+        grl=False, lambd=0.0, domain_weight=0.0, device=device, amp=amp, channels_last=channels_last
+    )
+    first = forward_loss(model, {**batch, "image": image}, loss_fn, **kw)
+    first["loss"].backward()
+    # the fused view is data: no gradient flows back into the saliency
+    fused = saliency_mix(image.detach(), local, image.grad)  # (B, C, D, H, W)
+    out = forward_loss(model, {**batch, "image": fused}, loss_fn, **kw)
+    out["loss"].backward()
+    total = first["loss"].detach() + out["loss"].detach()
+    return {**out, "loss": total, "seg_loss": total}
+
+
 def _batch_dice(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of the hard Dice averaged over WT/TC/ET (no host sync)."""
     with torch.no_grad():
@@ -218,20 +256,26 @@ def train_one_epoch(
 
     for batch in loader:
         lambd = grl_lambda(step, total_steps, cfg.loss.lambda_max) if cfg.model.grl else 0.0
-        out = forward_loss(
-            model,
-            batch,
-            loss_fn,
-            grl=cfg.model.grl,
-            lambd=lambd,
-            domain_weight=cfg.loss.domain_weight,
-            device=dev,
-            amp=cfg.run.amp,
-            channels_last=use_channels_last(cfg, dev, batch["image"].shape[2:]),
-        )
-        loss = out["loss"]
+        channels_last = use_channels_last(cfg, dev, batch["image"].shape[2:])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if "image_local" in batch:
+            out = saliency_balanced_backward(
+                model, batch, loss_fn, device=dev, amp=cfg.run.amp, channels_last=channels_last
+            )
+        else:
+            out = forward_loss(
+                model,
+                batch,
+                loss_fn,
+                grl=cfg.model.grl,
+                lambd=lambd,
+                domain_weight=cfg.loss.domain_weight,
+                device=dev,
+                amp=cfg.run.amp,
+                channels_last=channels_last,
+            )
+            out["loss"].backward()
+        loss = out["loss"]
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)  # returns a tensor, no sync
         optimizer.step()

@@ -174,6 +174,11 @@ def test_intensity_augs_are_checked_and_label_the_domains():
         apply_overrides(Config(), ["data.intensity_augs=none,gin", "model.grl=1"])
     with pytest.raises(ValueError, match="use one of them"):
         apply_overrides(Config(), ["data.intensity_augs=gin", "data.bezier=partition"])
+    for other in ("data.intensity_augs=gin", "data.bezier=random", "model.grl=1"):
+        with pytest.raises(ValueError, match="data.saliency_balancing"):
+            apply_overrides(Config(), ["data.saliency_balancing=true", other])
+    sbf = PRESETS["segresnet_t2_slaug_sbf"].data
+    assert sbf.saliency_balancing and not sbf.intensity_augs and sbf.bezier == "none"
     cfg = apply_overrides(
         Config(), ["data.intensity_augs=none,gin", "model.grl=1", "model.num_domains=2"]
     )

@@ -329,6 +329,32 @@ def test_intensity_augs_draw_one_per_sample_and_label_its_domain(tiny_shards):
         ShardDataset(tiny_shards, "train", ("t2",), intensity_augs=("gin", "nope"))
 
 
+def test_saliency_pair_gives_two_location_scale_views_under_one_spatial_augmentation(tiny_shards):
+    ds = ShardDataset(
+        tiny_shards, "train", ("t2",), flip=True, rotation_degrees=10, seed=2, saliency_pair=True
+    )
+    plain = ShardDataset(tiny_shards, "train", ("t2",), seed=2)
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            s = ds[i]
+            g, loc = s["image"], s["image_local"]
+            assert g.shape == loc.shape == plain[i]["image"].shape
+            assert torch.isfinite(g).all() and torch.isfinite(loc).all()
+            assert not torch.equal(g, loc)
+            # one spatial transform for both: the same brain support (rotation blurs the rim, so
+            # compare where either is clearly inside)
+            inside_g, inside_l = g.abs() > 1e-3, loc.abs() > 1e-3
+            assert (inside_g ^ inside_l).float().mean() < 0.02
+            assert int(s["domain"]) == 0
+    val = ShardDataset(tiny_shards, "val", ("t2",), saliency_pair=True)
+    assert "image_local" not in val[0]  # only training samples carry the pair
+    with pytest.raises(ValueError, match="saliency_pair"):
+        ShardDataset(tiny_shards, "train", ("t2",), saliency_pair=True, intensity_augs=("gin",))
+    with pytest.raises(ValueError, match="saliency_pair"):
+        ShardDataset(tiny_shards, "train", ("t2",), saliency_pair=True, bezier="random")
+
+
 def test_eval_splits_ignore_intensity_augs(tiny_shards):
     ds = ShardDataset(tiny_shards, "test", ("t2",), intensity_augs=("gin",))
     case = ds.cases[0]

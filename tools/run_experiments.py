@@ -49,7 +49,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 
 from dgseg.atomic import atomic_write_json
-from dgseg.config import PRESETS, apply_overrides, get_preset
+from dgseg.config import PRESETS, Config, apply_overrides, get_preset
 from dgseg.data.manifest import load_manifest, scored_extent
 from dgseg.distributed import launch_command
 from dgseg.evaluation import EVAL_RULE
@@ -272,12 +272,13 @@ def eval_command(args: argparse.Namespace, run: Run) -> list[str]:
 
 def matches(args: argparse.Namespace, run: Run) -> bool:
     """Whether the run folder's resolved config is the one these settings make (so the same
-    settings given in another order, or by a newer ``--scale``, still match)."""
+    settings given in another order, or by a newer ``--scale``, still match; so does a
+    config.json written before a field existed, when that field has its default)."""
     expected = apply_overrides(
         get_preset(run.preset), [f"data.root={args.data}", *run_items(args, run)]
     )
     try:
-        return json.loads((run.folder / "config.json").read_text()) == expected.to_dict()
+        return Config.from_dict(json.loads((run.folder / "config.json").read_text())) == expected
     except (OSError, ValueError):
         return False
 

@@ -140,6 +140,7 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
         seed=cfg.run.seed,
         rank=dist.rank,
         intensity_augs=d.intensity_augs,
+        saliency_pair=d.saliency_balancing,
     )
     val_ds = None  # no validation cases: no validation, no best.pt
     if split_cases(load_manifest(d.root), d.val_split, d.fold):

@@ -48,6 +48,7 @@ from dgseg.transforms import (
     random_rot90,
     random_rotation,
 )
+from dgseg.transforms.location_scale import global_location_scale, local_location_scale
 
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 
@@ -148,9 +149,13 @@ class ShardDataset(Dataset):
             draws one uniformly (after its Bezier curve, if any), and its index becomes the
             sample's domain label. Empty: none.
         fold: cross-validation fold held out as "val" (``split_cases``); None: manifest splits.
+        saliency_pair: SLAug's two views for saliency-balanced training: "image" is the global
+            location-scale view and "image_local" the class-wise one, both under the same
+            spatial augmentation (``dgseg.engine`` fuses them). Not with Bezier or SDG augs.
 
     Sample: ``{"image": float32 (C, D, H, W), "label": float32 (3, D, H, W) WT/TC/ET (zeros when
-    unlabelled), "domain": int64 scalar, "case_id": str, "has_label": bool}``.
+    unlabelled), "domain": int64 scalar, "case_id": str, "has_label": bool}``, and with
+    ``saliency_pair`` (training) ``"image_local"`` of the image's shape.
     """
 
     def __init__(self, root: Path | str, split: str = "train",
@@ -159,7 +164,7 @@ class ShardDataset(Dataset):
                  rot90: bool = False, rotation_degrees: float = 0.0, bezier: str = "none",
                  num_domains: int = 3, seed: int = 0, rank: int = 0,
                  intensity_augs: Sequence[str] = (),
-                 fold: int | None = None) -> None:
+                 fold: int | None = None, saliency_pair: bool = False) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
         if isinstance(modalities, str):
@@ -179,6 +184,9 @@ class ShardDataset(Dataset):
         if unknown:
             raise ValueError(f"unknown intensity augmentation(s) {unknown}; valid: "
                              f"{INTENSITY_AUGS}")
+        if saliency_pair and (intensity_augs or bezier != "none"):
+            raise ValueError("saliency_pair makes its own two location-scale views: it does not "
+                             "combine with bezier or intensity_augs")
         if not 0.0 <= float(rotation_degrees) <= 180.0:
             raise ValueError(f"rotation_degrees must lie in [0, 180], got {rotation_degrees!r}")
         for name, v in (("seed", seed), ("rank", rank)):
@@ -198,6 +206,7 @@ class ShardDataset(Dataset):
         self.rotation_degrees = float(rotation_degrees)
         self.bezier = bezier if self.train else "none"
         self.intensity_augs = intensity_augs if self.train else ()
+        self.saliency_pair = bool(saliency_pair) and self.train
         self.num_domains = int(num_domains)
         self.seed, self.rank = int(seed), int(rank)
         ids = [c["id"] for c in self.cases]
@@ -340,17 +349,27 @@ class ShardDataset(Dataset):
         if self.intensity_augs:  # the drawn augmentation is the domain label
             domain = int(torch.randint(0, len(self.intensity_augs), (1,), generator=g))
             intensity = self.intensity_augs[domain]
-        if self.train:
+        local = None
+        if self.saliency_pair:  # both views, then one spatial augmentation for the two
+            c = img.shape[0]
+            img = torch.cat([global_location_scale(img, g), local_location_scale(img, lab, g)])
+            img, lab = augment(img, lab, g, flip=self.flip, rot90=self.rot90,
+                               rotation_degrees=self.rotation_degrees)  # (2C, D, H, W)
+            img, local = img[:c], img[c:]
+        elif self.train:
             img, lab = augment(img, lab, g, curve=kind, intensity=intensity, flip=self.flip,
                                rot90=self.rot90,
                                rotation_degrees=self.rotation_degrees)
-        return {
+        sample = {
             "image": img.contiguous(),
             "label": region_channels(lab),  # (3, D, H, W) float32 WT, TC, ET
             "domain": torch.tensor(domain, dtype=torch.int64),
             "case_id": case["id"],
             "has_label": has_label,
         }
+        if local is not None:
+            sample["image_local"] = local.contiguous()
+        return sample
 
     def __repr__(self) -> str:
         return (f"ShardDataset(root={str(self.root)!r}, split={self.split!r}, "
