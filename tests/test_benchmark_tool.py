@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 from dgseg.transforms import INTENSITY_AUGS
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "dgseg_benchmark_tool", ROOT / "tools" / "benchmark.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool_modules import load_tool
 
 
 def test_sdg_section_times_every_augmentation(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--sections", "sdg", "--sdg-size", "24", "--repeats", "2"]
-    assert _tool().main([*argv, "--threads", "1", "--json", str(out)]) == 0
+    assert load_tool("benchmark").main([*argv, "--threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = [r for r in result["results"] if r["section"] == "sdg"]
     assert [r["augmentation"] for r in rows] == [a for a in INTENSITY_AUGS if a != "none"]

@@ -1,7 +1,6 @@
 """dgseg/predict.py and tools/predict.py: label maps back in the original space; evaluate/predict
 round trip."""
 
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -14,21 +13,13 @@ from dgseg.evaluation import score_label_files
 from dgseg.predict import load_predictor, predict_prepared, write_label_nifti
 from dgseg.transforms.labels import labels_to_channels
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from tool_modules import load_tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (30, 26, 22)  # raw (X, Y, Z), not a cube, so axis mix-ups show
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-predict = _load_tool("predict")
+predict = load_tool("predict")
 
 
 def _affine():
@@ -257,7 +248,7 @@ def test_stacked_model_refuses_single_modality(tmp_path):
 
 def test_predictions_scored_by_evaluate_cli(tmp_path, capsys):
     """Perfect NIfTI predictions through `tools/evaluate.py --predictions`: Dice 1, HD95 0."""
-    evaluate = _load_tool("evaluate")
+    evaluate = load_tool("evaluate")
     raw = tmp_path / "raw"
     for k in range(3):
         case = write_raw_case(raw, f"BraTS2021_0002{k}", seed=20 + k)

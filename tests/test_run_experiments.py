@@ -1,13 +1,12 @@
 """tools/run_experiments.py: a 2-preset x 2-seed matrix end to end, skip on re-run, conflicts."""
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tool_modules import load_tool
+
 PRESETS = ("segresnet_t2_noaug", "segresnet_t2_spatial")
 TINY = (
     "model.init_filters=4",
@@ -22,12 +21,7 @@ TINY = (
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "dgseg_run_experiments", ROOT / "tools" / "run_experiments.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("run_experiments")
 
 
 def _argv(data, out, *extra):
