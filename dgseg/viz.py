@@ -268,8 +268,14 @@ def plot_study_bars(
     ax = fig.subplots()
     import matplotlib  # optional dependency: _figure has just checked that it is installed
 
-    # tab10 repeats after ten presets; tab20 keeps up to twenty apart (light/dark pairs).
-    cmap = matplotlib.colormaps["tab10" if len(models) <= 10 else "tab20"]
+    # tab10 repeats after ten presets, tab20 (light/dark pairs) after twenty; beyond that, evenly
+    # spaced colours of a perceptual map keep every preset apart.
+    n = len(models)
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+        colours = [cmap(k) for k in range(n)]
+    else:
+        colours = list(matplotlib.colormaps["turbo"](np.linspace(0.05, 0.95, n)))
     for k, m in enumerate(models):
         xs, ys, es = [], [], []
         for j, c in enumerate(columns):
@@ -278,7 +284,7 @@ def plot_study_bars(
                 xs.append(j + (k - (len(models) - 1) / 2) * width)
                 ys.append(stat["mean"])
                 es.append(stat["sd"])
-        ax.bar(xs, ys, width * 0.95, yerr=es, capsize=2, label=m["model"], color=cmap(k % cmap.N))
+        ax.bar(xs, ys, width * 0.95, yerr=es, capsize=2, label=m["model"], color=colours[k])
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels([titles.get(c, c) for c in columns])
     ax.set_xlabel("test modality")
