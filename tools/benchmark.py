@@ -50,6 +50,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_prep import bench as data_bench
+from data_prep.loading import LoadedCase
+from data_prep.preprocess import preprocess_case
 from data_prep.synthetic import make_case
 from dgseg.atomic import atomic_write_text
 from dgseg.config import Config, OptimConfig, apply_overrides
@@ -64,7 +66,6 @@ from dgseg.models import SegResNet, build_model
 from dgseg.optim import build_optimizer
 from dgseg.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp
 from dgseg.transforms.bezier import apply_lut, bezier_lut
-from dgseg.transforms.intensity import rezscore
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 
 SECTIONS = ("train", "vffc", "bezier", "sdg", "data", "inference", "scaling", "lesion")
@@ -480,28 +481,24 @@ class _FreshDraws:
         return intensity_augment(self.name, self.image, self.label, g)
 
 
-def _fit(vol: np.ndarray, n: int) -> np.ndarray:
-    """Centre-crop or zero-pad each axis of ``vol`` to ``n``."""
-    for axis, size in enumerate(vol.shape):
-        if size > n:
-            vol = np.take(vol, range((size - n) // 2, (size - n) // 2 + n), axis=axis)
-        elif size < n:
-            pad = [(0, 0)] * vol.ndim
-            pad[axis] = ((n - size) // 2, n - size - (n - size) // 2)
-            vol = np.pad(vol, pad)
-    return vol
-
-
 def bench_sdg(args, device: torch.device) -> list[dict]:
-    # A training sample as the shards hold it: a synthetic case's T2 cropped to its brain box and
-    # fitted to --sdg-size³ (the brain ~40 % of it), z-scored over the brain, with its label
+    # A training sample as the shards hold it: a synthetic case's T2 through the preprocessing
+    # (brain box, z-score, crop/pad to --sdg-size³; the brain ~40 % of it), with its label
     # (location-scale and re-synthesis read it).
     n = args.sdg_size
     images, seg = make_case(tuple(round(n * f) for f in (1.375, 1.375, 1.125)), seed=0)
-    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(images["t2"]))
-    t2 = torch.from_numpy(_fit(images["t2"][box], n).astype(np.float32))[None]  # (1, n, n, n)
-    image_cpu = rezscore(t2, t2[0] != 0)
-    label_cpu = torch.from_numpy(_fit(seg[box], n))
+    raw = LoadedCase(
+        case_id="bench",
+        images=images["t2"][None],  # (1, X, Y, Z)
+        label=seg,
+        affine=np.eye(4),
+        spacing=(1.0, 1.0, 1.0),
+        source_sha256={},
+        modalities=("t2",),
+    )
+    prepared = preprocess_case(raw, n)
+    image_cpu = torch.from_numpy(prepared.images)  # (1, n, n, n)
+    label_cpu = torch.from_numpy(prepared.label)
     rows = []
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
     for dev in devices:
