@@ -2,7 +2,6 @@
 
 import ast
 import dataclasses
-import importlib.util
 import inspect
 import json
 from pathlib import Path
@@ -17,6 +16,8 @@ from dgseg.config import (
     get_preset,
     valid_keys,
 )
+
+from tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +34,7 @@ EXPERIMENTS = (
 
 
 def _load_train():
-    spec = importlib.util.spec_from_file_location("dgseg_train_tool", ROOT / "tools" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("train")
 
 
 def test_write_up_hyper_parameters_are_the_defaults():
@@ -319,12 +317,7 @@ def test_partition_with_more_domains_than_curve_kinds_is_refused_by_the_config()
 
 
 def test_one_default_data_folder():
-    prepare = importlib.util.spec_from_file_location(
-        "dgseg_prepare_tool", ROOT / "tools" / "prepare_brats.py"
-    )
-    mod = importlib.util.module_from_spec(prepare)
-    prepare.loader.exec_module(mod)
-    assert Config().data.root == mod.DEFAULT_DATA_ROOT == "data/prepared"
+    assert Config().data.root == load_tool("prepare_brats").DEFAULT_DATA_ROOT == "data/prepared"
 
 
 def test_overwrite_is_gone_and_an_existing_run_is_never_restarted(tmp_path, capsys):

@@ -18,6 +18,7 @@ from dgseg.cross_modality import OrderedPool
 from dgseg.evaluation import score_job
 
 from case_jobs import case_job
+from tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -163,10 +164,7 @@ def test_evaluate_tool_smoke_and_distributed(tiny_shards, tmp_path):
 
 
 def _evaluate_tool():
-    spec = importlib.util.spec_from_file_location("tool_evaluate", ROOT / "tools" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("evaluate")
 
 
 def test_evaluate_tool_reports_expected_faults_in_one_line(tiny_shards, tmp_path, capsys):

@@ -7,7 +7,6 @@ failing stage stops the demo with its command and exit status.
 """
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tool_modules import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "tools" / "demo.py"
 PRESETS = ("segresnet_t2_noaug", "segresnet_t2_vffc_grl", "segresnet_t2_sdg")
@@ -23,11 +24,7 @@ MODALITY_TITLES = ("T1", "T1CE", "T2", "FLAIR")
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("dgseg_demo_tool", DEMO)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("demo")
 
 
 def _run_demo(*args, timeout=300):

@@ -4,7 +4,6 @@ The capability probes are mocked for the branches this machine cannot show (a CP
 bf16, a CUDA GPU); one test checks the real probe against the CPU's own flags.
 """
 
-import importlib.util
 import platform
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from dgseg.losses import SegLoss
 from dgseg.models import build_model
 from dgseg.precision import AMP_CHOICES, describe, resolve_amp
 
-ROOT = Path(__file__).resolve().parents[1]
+from tool_modules import load_tool
+
 CPU = torch.device("cpu")
 
 
@@ -141,9 +141,7 @@ def test_default_config_step_computes_in_fp32(cpu_without_bf16):
 def test_training_with_the_default_config_runs_in_fp32(
     tiny_shards, tmp_path, monkeypatch, capsys, cpu_without_bf16
 ):
-    spec = importlib.util.spec_from_file_location("dgseg_train_tool", ROOT / "tools" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_tool("train")
     seen = []
     real = torch.autocast
 

@@ -4,7 +4,6 @@ The end-to-end tests (marked slow) train a narrow SegResNet on 32³ synthetic ca
 exact resume, non-finite loss handling, and learning (in-domain T2 WT Dice above a threshold).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,15 +22,14 @@ from dgseg.config import PRESETS, apply_overrides
 from dgseg.engine import grl_lambda
 from dgseg.models import build_model
 
+from tool_modules import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
 def _load_train():
-    spec = importlib.util.spec_from_file_location("dgseg_train_tool", ROOT / "tools" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("train")
 
 
 def test_expected_faults_stop_with_one_line_naming_the_path(tmp_path):
