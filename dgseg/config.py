@@ -79,6 +79,10 @@ class DataConfig:
     # class-wise location-scale view, each step trains on the global view and on the two fused by
     # the input-gradient saliency (two forward/backward passes, one optimizer step).
     saliency_balancing: bool = False  # dgseg.engine.saliency_balanced_backward
+    # GIN-IPA's training recipe (Ouyang et al. 2022): N views of each sample, each with its own
+    # draw from intensity_augs under one spatial augmentation; the segmentation loss on the first
+    # view plus loss.consistency_weight times the KL consistency of all (dgseg.engine).
+    consistency_views: int = 1  # 1: plain training; the authors use 3
     workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     val_split: str = "val"  # manifest split used for validation / best checkpoint
     fold: Optional[int] = None  # CV fold i: validate on fold i, train on the other non-test cases
@@ -95,6 +99,7 @@ class DataConfig:
         for a in self.intensity_augs:
             _check_choice("data.intensity_augs entry", a, INTENSITY_AUGS)
         _check_positive("data.workers", self.workers, allow_zero=True)
+        _check_positive("data.consistency_views", self.consistency_views)
         if self.fold is not None:
             _check_positive("data.fold", self.fold, allow_zero=True)
 
@@ -186,11 +191,13 @@ class LossConfig:
     squared_pred: bool = False  # Dice denominator with squared predictions (V-Net variant)
     domain_weight: float = 1.0  # weight of the domain cross-entropy (used when model.grl)
     lambda_max: float = 1.0  # λmax of the DANN schedule; λ reaches it at the last step
+    consistency_weight: float = 10.0  # of the KL view consistency (GIN-IPA's 10)
 
     def __post_init__(self) -> None:
         _check_positive("loss.bce_weight", self.bce_weight, allow_zero=True)
         _check_positive("loss.domain_weight", self.domain_weight, allow_zero=True)
         _check_positive("loss.lambda_max", self.lambda_max, allow_zero=True)
+        _check_positive("loss.consistency_weight", self.consistency_weight, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -251,6 +258,11 @@ class Config:
             raise ValueError(
                 "data.saliency_balancing trains on SLAug's two location-scale views: it does not "
                 "combine with data.intensity_augs, data.bezier or model.grl"
+            )
+        if self.data.consistency_views > 1 and (not augs or self.model.grl):
+            raise ValueError(
+                "data.consistency_views > 1 needs data.intensity_augs to draw the views from (else "
+                "they are identical) and does not combine with model.grl (one domain per sample)"
             )
         if augs:
             if self.data.bezier in ("partition", "pair"):
@@ -536,6 +548,17 @@ PRESETS: Dict[str, Config] = {
         ),
         # SLAug as its authors train it: location-scale views fused by saliency, two passes a step
         _preset("segresnet_t2_slaug_sbf", data=dict(saliency_balancing=True, **_SPATIAL)),
+        # GIN-IPA as its authors train it (Ouyang et al. 2022): three views a sample, each GIN or
+        # IPA, the segmentation loss on the first and the KL consistency of all three (weight 10)
+        _preset(
+            "segresnet_t2_gin_ipa_cons",
+            data=dict(intensity_augs=("gin", "ipa"), consistency_views=3, **_SPATIAL),
+        ),
+        # ... and the same consistency training on the views of the SDG pool + Bezier
+        _preset(
+            "segresnet_t2_sdg_bezier_cons",
+            data=dict(intensity_augs=(*SDG_RECOMMENDED, "bezier"), consistency_views=3, **_SPATIAL),
+        ),
         # ... with re-synthesis's tumour classes iso-intense to healthy tissue half of the time
         # (as edema and enhancing tumour are to grey matter on a native T1)
         _preset(

@@ -14,6 +14,13 @@ L_seg on the global location-scale view x_g, whose input gradient gives the sali
 L_seg on x_g·s + x_l·(1 − s) (x_l the class-wise view); gradients of both accumulate into one
 optimizer step, as in the authors' code.
 
+With ``data.consistency_views`` = V > 1 (GIN-IPA, Ouyang et al. IEEE TMI 2022, Eq. 8) the V views
+of each sample go through the network as one batch of V·B, and
+
+    L = L_seg(y, ŷ_1) + w_cons · mean_v KL(p̄ ‖ p_v),    p̄ = mean of the V views' sigmoids,
+
+with the segmentation loss on the first view only, as in the authors' code.
+
 The step issues no host synchronisation: losses, Dice and a "first non-finite step" marker are
 accumulated on the device and read with ``.item()`` only every ``run.log_every`` steps.
 """
@@ -34,6 +41,7 @@ from dgseg.distributed import DistState, all_reduce_min, all_reduce_sum
 from dgseg.inference import sliding_window_inference
 from dgseg.layers import dann_lambda
 from dgseg.logging_utils import JsonlWriter, format_progress, log
+from dgseg.losses import view_consistency_loss
 from dgseg.metrics import dice_per_region
 from dgseg.models import segmenter_of
 from dgseg.precision import resolve_amp
@@ -47,6 +55,7 @@ __all__ = [
     "use_channels_last",
     "grl_lambda",
     "forward_loss",
+    "consistency_forward_loss",
     "saliency_balanced_backward",
     "train_one_epoch",
     "validate",
@@ -168,6 +177,46 @@ def forward_loss(
     }
 
 
+def consistency_forward_loss(
+    model: nn.Module,
+    batch: Dict[str, Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    weight: float,
+    device: torch.device,
+    amp: str = "none",
+    channels_last: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """GIN-IPA's objective on a batch with "views" (B, V, C, D, H, W); no backward.
+
+    Returns:
+        :func:`forward_loss`'s dict (its "logits" those of the first view) with
+        "consistency_loss" added.
+    """
+    views = batch["views"].to(device, non_blocking=True)  # (B, V, C, D, H, W)
+    b, v = views.shape[:2]
+    x = views.transpose(0, 1).reshape(v * b, *views.shape[2:])  # (V·B, C, D, H, W), view-major
+    out = forward_loss(
+        model,
+        {**batch, "image": x},
+        lambda logits, label: loss_fn(logits[:b], label),  # the first view's B samples
+        grl=False,
+        lambd=0.0,
+        domain_weight=0.0,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+    )
+    logits = out["logits"]  # (V·B, K, D, H, W)
+    consistency = view_consistency_loss(logits.view(v, b, *logits.shape[1:]))  # (V, B, K, ...)
+    return {
+        **out,
+        "loss": out["loss"] + weight * consistency,
+        "consistency_loss": consistency,
+        "logits": logits[:b],
+    }
+
+
 def saliency_balanced_backward(
     model: nn.Module,
     batch: Dict[str, Any],
@@ -228,7 +277,8 @@ def train_one_epoch(
         scheduler: stepped after every optimizer step when ``optim.schedule_interval == "step"``.
 
     Returns:
-        (epoch means over all ranks: loss, seg_loss, domain_loss, dice; the updated step).
+        (epoch means over all ranks: loss, seg_loss, domain_loss, consistency_loss, dice;
+            the updated step).
 
     Raises:
         NonFiniteLossError: a loss was NaN/inf (detected at the next log point or epoch end).
@@ -237,10 +287,11 @@ def train_one_epoch(
     dev = dist.device
     per_step_sched = scheduler is not None and cfg.optim.schedule_interval == "step"
     params = [p for p in model.parameters() if p.requires_grad]
-    # Device-side accumulators: [loss, seg_loss, domain_loss, dice, samples].
-    window = torch.zeros(5, device=dev, dtype=torch.float64)
-    totals = torch.zeros(5, device=dev, dtype=torch.float64)
+    # Device-side accumulators: [loss, seg_loss, domain_loss, consistency_loss, dice, samples].
+    window = torch.zeros(6, device=dev, dtype=torch.float64)
+    totals = torch.zeros(6, device=dev, dtype=torch.float64)
     first_bad = torch.full((), math.inf, device=dev, dtype=torch.float64)
+    zero = torch.zeros((), device=dev)  # the consistency loss of steps without views
     t_epoch = t_window = time.perf_counter()
     steps_in_window = steps_in_epoch = n = 0
     lambd = 0.0
@@ -262,6 +313,17 @@ def train_one_epoch(
             out = saliency_balanced_backward(
                 model, batch, loss_fn, device=dev, amp=cfg.run.amp, channels_last=channels_last
             )
+        elif "views" in batch:
+            out = consistency_forward_loss(
+                model,
+                batch,
+                loss_fn,
+                weight=cfg.loss.consistency_weight,
+                device=dev,
+                amp=cfg.run.amp,
+                channels_last=channels_last,
+            )
+            out["loss"].backward()
         else:
             out = forward_loss(
                 model,
@@ -288,6 +350,7 @@ def train_one_epoch(
                 loss.detach() * n,
                 out["seg_loss"].detach() * n,
                 out["domain_loss"].detach() * n,
+                out.get("consistency_loss", zero).detach() * n,
                 _batch_dice(out["logits"], out["label"]),
                 torch.ones((), device=loss.device) * n,
             ]
@@ -311,12 +374,13 @@ def train_one_epoch(
     if steps_in_window:  # the tail of the epoch also gets a record
         report(time.perf_counter())
     totals = all_reduce_sum(totals).tolist()
-    count = max(totals[4], 1.0)
+    count = max(totals[5], 1.0)
     summary = {
         "loss": totals[0] / count,
         "seg_loss": totals[1] / count,
         "domain_loss": totals[2] / count,
-        "dice": totals[3] / count,
+        "consistency_loss": totals[3] / count,
+        "dice": totals[4] / count,
         "lambda": lambd,
         "epoch_time_s": time.perf_counter() - t_epoch,
     }
@@ -339,7 +403,7 @@ def _window_record(
     lambd: float,
     optimizer: torch.optim.Optimizer,
 ) -> Dict[str, Any]:
-    loss, seg, dom, dice, count = all_reduce_sum(window).tolist()
+    loss, seg, dom, cons, dice, count = all_reduce_sum(window).tolist()
     count = max(count, 1.0)
     return {
         "kind": "train",
@@ -350,6 +414,7 @@ def _window_record(
         "loss": loss / count,
         "seg_loss": seg / count,
         "domain_loss": dom / count,
+        "consistency_loss": cons / count,
         "dice": dice / count,
         "lambda": lambd,
         "lr": optimizer.param_groups[0]["lr"],

@@ -46,10 +46,13 @@ def format_eta(seconds: float) -> str:
 
 
 def format_progress(rec: Dict[str, Any]) -> str:
-    """One progress line from a training record of :func:`dgseg.engine.train_one_epoch`."""
+    """One progress line from a training record of :func:`dgseg.engine.train_one_epoch`
+    (the view consistency appears only where it is being trained)."""
+    cons = rec.get("consistency_loss", 0.0)
     return (
         f"epoch {rec['epoch']:>3d}/{rec['epochs']} step {rec['step']:>7d}/{rec['total_steps']} "
-        f"loss {rec['loss']:.4f} dice {rec['dice']:.3f} λ {rec['lambda']:.3f} "
+        f"loss {rec['loss']:.4f}" + (f" (consistency {cons:.4f})" if cons else "") + " "
+        f"dice {rec['dice']:.3f} λ {rec['lambda']:.3f} "
         f"lr {rec['lr']:.2e} {rec['samples_per_s']:.1f} samples/s eta {format_eta(rec['eta_s'])}"
     )
 

@@ -15,6 +15,9 @@ prediction: a constant loss of 1 with no Dice gradient (the optional BCE term st
 
 Everything is computed in float32 with autocast disabled: under bf16/fp16 autocast the sums over
 128³ voxels lose most of their digits.
+
+:func:`view_consistency_loss` is GIN-IPA's consistency term (Ouyang et al., IEEE TMI 2022, Eq. 8)
+for sigmoid channels: the KL divergence from the views' mean prediction to each view's.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["dice_loss", "SegLoss"]
+__all__ = ["dice_loss", "SegLoss", "view_consistency_loss"]
 
 
 def _check_pair(logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -93,3 +96,35 @@ class SegLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bce_weight={self.bce_weight}, squared_pred={self.squared_pred}"
+
+
+def view_consistency_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL divergence from the views' mean prediction to each view's, per sigmoid channel.
+
+    For V views of the same samples with probabilities p_v = sigmoid(logits_v) and their mean
+    p̄ = (1/V) Σ_v p_v, every channel of every voxel is a Bernoulli variable and
+
+        L = mean over v, b, c, voxels of  p̄·(log p̄ − log p_v) + (1 − p̄)·(log(1 − p̄) − log(1 − p_v)).
+
+    It is 0 exactly when all views predict the same, and positive otherwise. Ouyang et al. use
+    ``nn.KLDivLoss()(log_softmax(view), mean softmax)`` over softmax classes with the mean not
+    detached; this is the same with the sigmoid's two outcomes summed (their elementwise mean
+    also divides by the number of classes), and the gradient also flows through p̄ as theirs.
+
+    Args:
+        logits: (V, B, C, *spatial) raw outputs of the V views, V >= 2.
+
+    Returns:
+        float32 scalar.
+    """
+    if logits.ndim < 4 or logits.shape[0] < 2:
+        raise ValueError(f"expected logits (V >= 2, B, C, ...), got {tuple(logits.shape)}")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        z = logits.float()
+        log_p, log_q = F.logsigmoid(z), F.logsigmoid(-z)  # log p_v, log(1 − p_v)
+        mean = torch.sigmoid(z).mean(0, keepdim=True)  # (1, B, C, ...) p̄
+        eps = torch.finfo(torch.float32).tiny  # 0·log 0 = 0 where p̄ reaches 0 or 1
+        kl = mean * (torch.log(mean.clamp_min(eps)) - log_p) + (1.0 - mean) * (
+            torch.log((1.0 - mean).clamp_min(eps)) - log_q
+        )
+        return kl.mean()

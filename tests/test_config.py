@@ -175,6 +175,20 @@ def test_intensity_augs_are_checked_and_label_the_domains():
     for other in ("data.intensity_augs=gin", "data.bezier=random", "model.grl=1"):
         with pytest.raises(ValueError, match="data.saliency_balancing"):
             apply_overrides(Config(), ["data.saliency_balancing=true", other])
+    with pytest.raises(ValueError, match="data.consistency_views > 1"):
+        apply_overrides(Config(), ["data.consistency_views=3"])
+    with pytest.raises(ValueError, match="data.consistency_views > 1"):
+        apply_overrides(
+            Config(),
+            [
+                "data.consistency_views=3",
+                "data.intensity_augs=gin,ipa",
+                "model.grl=1",
+                "model.num_domains=2",
+            ],
+        )
+    cons = PRESETS["segresnet_t2_gin_ipa_cons"]
+    assert cons.data.consistency_views == 3 and cons.loss.consistency_weight == 10.0
     sbf = PRESETS["segresnet_t2_slaug_sbf"].data
     assert sbf.saliency_balancing and not sbf.intensity_augs and sbf.bezier == "none"
     cfg = apply_overrides(
@@ -183,7 +197,8 @@ def test_intensity_augs_are_checked_and_label_the_domains():
     assert cfg.data.intensity_augs == ("none", "gin") and cfg.model.grl
     sdg = [p for p in PRESETS if p.startswith("segresnet_t2_")]
     sdg = [p for p in sdg if PRESETS[p].data.intensity_augs]
-    assert len(sdg) == 12  # six transforms, sdg, sdg_grl, sdg_vffc, sdg_bezier(_vffc), sdg_iso
+    # six transforms, sdg, sdg_grl, sdg_vffc, sdg_bezier(_vffc), sdg_iso, the two consistency ones
+    assert len(sdg) == 14
     for name in sdg:
         preset = PRESETS[name]
         assert preset.data.intensity_augs and preset.data.modalities == ("t2",)

@@ -355,6 +355,29 @@ def test_saliency_pair_gives_two_location_scale_views_under_one_spatial_augmenta
         ShardDataset(tiny_shards, "train", ("t2",), saliency_pair=True, bezier="random")
 
 
+def test_views_draw_their_own_intensity_augmentation_under_one_spatial_augmentation(tiny_shards):
+    kw = dict(flip=True, rotation_degrees=10, seed=3, intensity_augs=("gin", "ipa"))
+    ds = ShardDataset(tiny_shards, "train", ("t2",), views=3, **kw)
+    for i in range(len(ds)):
+        s = ds[i]
+        v = s["views"]
+        assert v.shape == (3, *s["image"].shape) and torch.equal(v[0], s["image"])
+        assert torch.isfinite(v).all()
+        assert not torch.equal(v[0], v[1]) and not torch.equal(v[1], v[2])
+        inside = v.abs() > 1e-3  # one spatial transform: the same brain support in every view
+        assert (inside[0] ^ inside[1]).float().mean() < 0.02
+        assert (inside[0] ^ inside[2]).float().mean() < 0.02
+        for view in v:  # each view follows the intensity contract on its own
+            brain = view != 0
+            assert abs(float(view[brain].mean())) < 0.05
+        torch.testing.assert_close(ds[i]["views"], v)  # reproducible
+    assert "views" not in ShardDataset(tiny_shards, "val", ("t2",), views=3, **kw)[0]
+    with pytest.raises(ValueError, match="views > 1"):
+        ShardDataset(tiny_shards, "train", ("t2",), views=2)
+    with pytest.raises(ValueError, match="views must be"):
+        ShardDataset(tiny_shards, "train", ("t2",), views=0, intensity_augs=("gin",))
+
+
 def test_eval_splits_ignore_intensity_augs(tiny_shards):
     ds = ShardDataset(tiny_shards, "test", ("t2",), intensity_augs=("gin",))
     case = ds.cases[0]

@@ -9,6 +9,7 @@ from dgseg.config import PRESETS, apply_overrides
 from dgseg.distributed import DistState
 from dgseg.engine import (
     check_cpu_bf16_depths,
+    consistency_forward_loss,
     forward_loss,
     grl_lambda,
     saliency_balanced_backward,
@@ -16,7 +17,7 @@ from dgseg.engine import (
     validate,
 )
 from dgseg.logging_utils import JsonlWriter, read_jsonl
-from dgseg.losses import SegLoss
+from dgseg.losses import SegLoss, view_consistency_loss
 from dgseg.models import build_model
 from dgseg.transforms.location_scale import saliency_mix
 
@@ -212,6 +213,46 @@ def test_train_one_epoch_takes_the_saliency_balanced_step_for_pairs():
     )
     assert step == 1 and summary["loss"] > float(single["loss"].detach()) > 0
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_consistency_objective_is_seg_loss_on_the_first_view_plus_weighted_kl():
+    model, batch = _sbf_setup()
+    views = torch.stack(
+        [batch["image"], batch["image_local"], batch["image"].flip(-1)], dim=1
+    )  # (B, 3, C, D, H, W)
+    batch = {**batch, "views": views}
+    loss_fn = SegLoss()
+    out = consistency_forward_loss(model, batch, loss_fn, weight=10.0, device=CPU)
+    # independently: each view through the network on its own
+    per_view = torch.stack([model(views[:, v]) for v in range(3)])  # (V, B, 3, D, H, W)
+    seg = loss_fn(per_view[0], batch["label"])
+    cons = view_consistency_loss(per_view)
+    torch.testing.assert_close(out["seg_loss"], seg)
+    torch.testing.assert_close(out["consistency_loss"], cons)
+    torch.testing.assert_close(out["loss"], seg + 10.0 * cons)
+    assert out["logits"].shape == batch["label"].shape and float(cons) > 0
+
+
+def test_train_one_epoch_takes_the_consistency_step_for_views():
+    cfg = apply_overrides(PRESETS["segresnet_t2_gin_ipa_cons"], ["optim.epochs=1", "run.amp=none"])
+    model, batch = _sbf_setup()
+    local = batch.pop("image_local")
+    views = torch.stack([batch["image"], local], dim=1)  # (B, 2, C, D, H, W)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    summary, step = train_one_epoch(
+        model,
+        [{**batch, "views": views}],
+        opt,
+        None,
+        SegLoss(),
+        cfg=cfg,
+        dist=ONE,
+        epoch=0,
+        step=0,
+        total_steps=1,
+    )
+    assert step == 1 and summary["consistency_loss"] > 0
+    assert summary["loss"] == pytest.approx(summary["seg_loss"] + 10 * summary["consistency_loss"])
 
 
 def test_validate_uses_the_segmenter_and_the_configured_window():

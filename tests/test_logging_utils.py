@@ -40,6 +40,10 @@ def test_progress_line_jsonl_and_curves(tmp_path):
         "eta 0:02:05",
     ):
         assert part in line, part
+    assert "consistency" not in line
+    assert "loss 0.5123 (consistency 0.0200) dice" in format_progress(
+        {**rec, "consistency_loss": 0.02}
+    )
     log = tmp_path / "log.jsonl"
     writer = JsonlWriter(log)
     writer.write(rec)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dgseg.losses import SegLoss, dice_loss
+from dgseg.losses import SegLoss, dice_loss, view_consistency_loss
 
 LN3 = math.log(3.0)  # sigmoid(±ln 3) = 0.75 / 0.25
 
@@ -105,3 +105,31 @@ def test_cuda_autocast_float32():
         got = SegLoss(bce_weight=1.0)(logits.cuda().half(), target.cuda())
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref.item(), abs=2e-3)  # fp16 rounding of the logits only
+
+
+def test_view_consistency_is_the_bernoulli_kl_to_the_mean_of_the_views():
+    # two views, one voxel: p = 0.75 and 0.25, mean 0.5; KL(0.5 || 0.75) = KL(0.5 || 0.25)
+    # = 0.5·ln(0.5/0.75) + 0.5·ln(0.5/0.25) = 0.5·ln(4/3)
+    logits = torch.tensor([LN3, -LN3]).reshape(2, 1, 1, 1)
+    expected = 0.5 * math.log(4.0 / 3.0)
+    assert float(view_consistency_loss(logits)) == pytest.approx(expected, rel=1e-6)
+    # against torch.distributions on random logits (mean over views, samples, channels, voxels)
+    z = torch.randn(
+        3, 2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    p = torch.sigmoid(z)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Bernoulli(probs=p.mean(0, keepdim=True).expand_as(p)),
+        torch.distributions.Bernoulli(probs=p),
+    ).mean()
+    torch.testing.assert_close(view_consistency_loss(z), ref.float(), rtol=1e-5, atol=1e-7)
+    # zero for identical views, also at saturated probabilities (0·log 0 = 0)
+    same = torch.tensor([30.0, -30.0, 0.0]).reshape(1, 1, 3, 1).expand(3, 1, 3, 1)
+    assert float(view_consistency_loss(same)) == pytest.approx(0.0, abs=1e-6)
+    # its gradient pulls the views together (a step down it lowers the loss)
+    zz = z.float().clone().requires_grad_(True)
+    loss = view_consistency_loss(zz)
+    loss.backward()
+    assert float(view_consistency_loss(zz.detach() - 10.0 * zz.grad)) < loss.item()
+    with pytest.raises(ValueError, match="V >= 2"):
+        view_consistency_loss(torch.zeros(1, 1, 1, 4))

@@ -141,6 +141,7 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
         rank=dist.rank,
         intensity_augs=d.intensity_augs,
         saliency_pair=d.saliency_balancing,
+        views=d.consistency_views,
     )
     val_ds = None  # no validation cases: no validation, no best.pt
     if split_cases(load_manifest(d.root), d.val_split, d.fold):

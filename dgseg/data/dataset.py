@@ -152,10 +152,15 @@ class ShardDataset(Dataset):
         saliency_pair: SLAug's two views for saliency-balanced training: "image" is the global
             location-scale view and "image_local" the class-wise one, both under the same
             spatial augmentation (``dgseg.engine`` fuses them). Not with Bezier or SDG augs.
+        views: training views per sample for GIN-IPA's consistency loss; above 1, each view
+            draws its own augmentation from ``intensity_augs`` (after the sample's Bezier curve,
+            if any) and all views share one spatial augmentation. The first view's draw is the
+            sample's domain.
 
     Sample: ``{"image": float32 (C, D, H, W), "label": float32 (3, D, H, W) WT/TC/ET (zeros when
     unlabelled), "domain": int64 scalar, "case_id": str, "has_label": bool}``, and with
-    ``saliency_pair`` (training) ``"image_local"`` of the image's shape.
+    ``saliency_pair`` (training) ``"image_local"`` of the image's shape, and with ``views`` > 1
+    (training) ``"views"`` float32 (V, C, D, H, W), of which "image" is the first.
     """
 
     def __init__(self, root: Path | str, split: str = "train",
@@ -164,7 +169,7 @@ class ShardDataset(Dataset):
                  rot90: bool = False, rotation_degrees: float = 0.0, bezier: str = "none",
                  num_domains: int = 3, seed: int = 0, rank: int = 0,
                  intensity_augs: Sequence[str] = (),
-                 fold: int | None = None, saliency_pair: bool = False) -> None:
+                 fold: int | None = None, saliency_pair: bool = False, views: int = 1) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
         if isinstance(modalities, str):
@@ -187,6 +192,10 @@ class ShardDataset(Dataset):
         if saliency_pair and (intensity_augs or bezier != "none"):
             raise ValueError("saliency_pair makes its own two location-scale views: it does not "
                              "combine with bezier or intensity_augs")
+        if int(views) != views or views < 1:
+            raise ValueError(f"views must be a positive integer, got {views!r}")
+        if views > 1 and not intensity_augs:
+            raise ValueError("views > 1 draws each view from intensity_augs, which is empty")
         if not 0.0 <= float(rotation_degrees) <= 180.0:
             raise ValueError(f"rotation_degrees must lie in [0, 180], got {rotation_degrees!r}")
         for name, v in (("seed", seed), ("rank", rank)):
@@ -207,6 +216,7 @@ class ShardDataset(Dataset):
         self.bezier = bezier if self.train else "none"
         self.intensity_augs = intensity_augs if self.train else ()
         self.saliency_pair = bool(saliency_pair) and self.train
+        self.views = int(views) if self.train else 1
         self.num_domains = int(num_domains)
         self.seed, self.rank = int(seed), int(rank)
         ids = [c["id"] for c in self.cases]
@@ -349,8 +359,20 @@ class ShardDataset(Dataset):
         if self.intensity_augs:  # the drawn augmentation is the domain label
             domain = int(torch.randint(0, len(self.intensity_augs), (1,), generator=g))
             intensity = self.intensity_augs[domain]
-        local = None
-        if self.saliency_pair:  # both views, then one spatial augmentation for the two
+        local = views = None
+        if self.views > 1:  # every view its own intensity draw, then one spatial augmentation
+            c = img.shape[0]
+            names = [intensity] + [
+                self.intensity_augs[int(torch.randint(0, len(self.intensity_augs), (1,),
+                                                      generator=g))]
+                for _ in range(self.views - 1)
+            ]
+            img = torch.cat([augment(img, lab, g, curve=kind, intensity=n)[0] for n in names])
+            img, lab = augment(img, lab, g, flip=self.flip, rot90=self.rot90,
+                               rotation_degrees=self.rotation_degrees)  # (V·C, D, H, W)
+            views = img.reshape(self.views, c, *img.shape[1:])  # (V, C, D, H, W)
+            img = views[0]
+        elif self.saliency_pair:  # both views, then one spatial augmentation for the two
             c = img.shape[0]
             img = torch.cat([global_location_scale(img, g), local_location_scale(img, lab, g)])
             img, lab = augment(img, lab, g, flip=self.flip, rot90=self.rot90,
@@ -369,6 +391,8 @@ class ShardDataset(Dataset):
         }
         if local is not None:
             sample["image_local"] = local.contiguous()
+        if views is not None:
+            sample["views"] = views.contiguous()
         return sample
 
     def __repr__(self) -> str:
