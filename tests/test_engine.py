@@ -230,7 +230,7 @@ def test_consistency_objective_is_seg_loss_on_the_first_view_plus_weighted_kl():
     torch.testing.assert_close(out["seg_loss"], seg)
     torch.testing.assert_close(out["consistency_loss"], cons)
     torch.testing.assert_close(out["loss"], seg + 10.0 * cons)
-    assert out["logits"].shape == batch["label"].shape and float(cons) > 0
+    assert out["logits"].shape == batch["label"].shape and cons.item() > 0
 
 
 def test_train_one_epoch_takes_the_consistency_step_for_views():
