@@ -14,7 +14,7 @@ L_seg on the global location-scale view x_g, whose input gradient gives the sali
 L_seg on x_g·s + x_l·(1 − s) (x_l the class-wise view); gradients of both accumulate into one
 optimizer step, as in the authors' code.
 
-With ``data.consistency_views`` = V > 1 (GIN-IPA, Ouyang et al. IEEE TMI 2022, Eq. 8) the V views
+With ``data.consistency_views`` = V > 1 (GIN-IPA, Ouyang et al. IEEE TMI 2022) the V views
 of each sample go through the network as one batch of V·B, and
 
     L = L_seg(y, ŷ_1) + w_cons · mean_v KL(p̄ ‖ p_v),    p̄ = mean of the V views' sigmoids,
@@ -208,7 +208,7 @@ def consistency_forward_loss(
         channels_last=channels_last,
     )
     logits = out["logits"]  # (V·B, K, D, H, W)
-    consistency = view_consistency_loss(logits.view(v, b, *logits.shape[1:]))  # (V, B, K, ...)
+    consistency = view_consistency_loss(logits.reshape(v, b, *logits.shape[1:]))  # (V, B, K, ...)
     return {
         **out,
         "loss": out["loss"] + weight * consistency,

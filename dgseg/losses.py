@@ -16,7 +16,7 @@ prediction: a constant loss of 1 with no Dice gradient (the optional BCE term st
 Everything is computed in float32 with autocast disabled: under bf16/fp16 autocast the sums over
 128³ voxels lose most of their digits.
 
-:func:`view_consistency_loss` is GIN-IPA's consistency term (Ouyang et al., IEEE TMI 2022, Eq. 8)
+:func:`view_consistency_loss` is GIN-IPA's consistency term (Ouyang et al., IEEE TMI 2022)
 for sigmoid channels: the KL divergence from the views' mean prediction to each view's.
 """
 
