@@ -11,7 +11,7 @@ timeout 60 python3 -m pytest -q tests -k "cuda" -p no:cacheprovider 2>&1 | tail 
 
 echo "== benchmark (cuda)"
 timeout 180 python3 tools/benchmark.py --device cuda --size 128 --batch 2 --repeats 5 --warmup 2 \
-  --sections train bezier inference --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log" | tail -30
+  --sections train bezier inference sdg --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log" | tail -30
 
 echo "== synthetic data + shards"
 timeout 40 python3 tools/make_synthetic_brats.py --output "$work/raw" --n-cases 40 \
