@@ -133,14 +133,14 @@ def forward_loss(
     batch: Dict[str, Any],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
-    grl: bool,
-    lambd: float,
-    domain_weight: float,
     device: torch.device,
+    grl: bool = False,
+    lambd: float = 0.0,
+    domain_weight: float = 0.0,
     amp: str = "none",
     channels_last: bool = False,
 ) -> Dict[str, torch.Tensor]:
-    """Forward one batch and build the objective (no backward).
+    """Forward one batch and build the objective (no backward); the defaults: a plain segmenter.
 
     Args:
         model: segmenter (returns logits) or, with ``grl``, a DomainAdversarialNet (returns
@@ -196,13 +196,14 @@ def consistency_forward_loss(
     views = batch["views"].to(device, non_blocking=True)  # (B, V, C, D, H, W)
     b, v = views.shape[:2]
     x = views.transpose(0, 1).reshape(v * b, *views.shape[2:])  # (V·B, C, D, H, W), view-major
+
+    def first_view(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits[:b], label)  # the segmentation loss sees the first view's B samples
+
     out = forward_loss(
         model,
         {**batch, "image": x},
-        lambda logits, label: loss_fn(logits[:b], label),  # the first view's B samples
-        grl=False,
-        lambd=0.0,
-        domain_weight=0.0,
+        first_view,
         device=device,
         amp=amp,
         channels_last=channels_last,
@@ -235,9 +236,7 @@ def saliency_balanced_backward(
     """
     image = batch["image"].to(device, non_blocking=True).requires_grad_(True)  # (B, C, D, H, W)
     local = batch["image_local"].to(device, non_blocking=True)
-    kw = dict(
-        grl=False, lambd=0.0, domain_weight=0.0, device=device, amp=amp, channels_last=channels_last
-    )
+    kw = dict(device=device, amp=amp, channels_last=channels_last)
     first = forward_loss(model, {**batch, "image": image}, loss_fn, **kw)
     first["loss"].backward()
     # the fused view is data: no gradient flows back into the saliency

@@ -316,6 +316,14 @@ class ShardDataset(Dataset):
                 dst.append(slice(b, b + s))
         return tuple(src), tuple(dst), self.patch_size
 
+    def _spatial_together(self, parts: list[torch.Tensor], lab: torch.Tensor,
+                          g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One spatial augmentation for several (C, D, H, W) views of a sample and its label map:
+        returns the views stacked, (V, C, D, H, W), and the label."""
+        img, lab = augment(torch.cat(parts), lab, g, flip=self.flip, rot90=self.rot90,
+                           rotation_degrees=self.rotation_degrees)  # (V·C, D, H, W)
+        return img.reshape(len(parts), -1, *img.shape[1:]), lab
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self.cases):
             raise IndexError(f"index {index} out of range for {len(self.cases)} cases")
@@ -361,23 +369,17 @@ class ShardDataset(Dataset):
             intensity = self.intensity_augs[domain]
         local = views = None
         if self.views > 1:  # every view its own intensity draw, then one spatial augmentation
-            c = img.shape[0]
             names = [intensity] + [
                 self.intensity_augs[int(torch.randint(0, len(self.intensity_augs), (1,),
                                                       generator=g))]
                 for _ in range(self.views - 1)
             ]
-            img = torch.cat([augment(img, lab, g, curve=kind, intensity=n)[0] for n in names])
-            img, lab = augment(img, lab, g, flip=self.flip, rot90=self.rot90,
-                               rotation_degrees=self.rotation_degrees)  # (V·C, D, H, W)
-            views = img.reshape(self.views, c, *img.shape[1:])  # (V, C, D, H, W)
+            parts = [augment(img, lab, g, curve=kind, intensity=n)[0] for n in names]
+            views, lab = self._spatial_together(parts, lab, g)  # (V, C, D, H, W)
             img = views[0]
         elif self.saliency_pair:  # both views, then one spatial augmentation for the two
-            c = img.shape[0]
-            img = torch.cat([global_location_scale(img, g), local_location_scale(img, lab, g)])
-            img, lab = augment(img, lab, g, flip=self.flip, rot90=self.rot90,
-                               rotation_degrees=self.rotation_degrees)  # (2C, D, H, W)
-            img, local = img[:c], img[c:]
+            parts = [global_location_scale(img, g), local_location_scale(img, lab, g)]
+            (img, local), lab = self._spatial_together(parts, lab, g)
         elif self.train:
             img, lab = augment(img, lab, g, curve=kind, intensity=intensity, flip=self.flip,
                                rot90=self.rot90,
