@@ -28,7 +28,7 @@ from data_prep.layouts import MSD_DEFAULT_ORDER
 from data_prep.synthetic_anatomy import TISSUES, TUMOUR, build_anatomy, build_tumour, smooth_noise
 from dgseg.atomic import atomic_write_bytes, atomic_write_text
 from dgseg.constants import LABEL_CONVENTIONS, MODALITIES
-from dgseg.nifti import nifti_bytes
+from dgseg.inference.nifti import nifti_bytes
 from dgseg.viz import save_montage as viz_montage
 
 __all__ = [

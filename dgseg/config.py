@@ -24,10 +24,10 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from dgseg.constants import DEFAULT_DATA_ROOT, MODALITIES
 from dgseg.data.domains import BEZIER_MODES, PARTITION_MAX_DOMAINS
-from dgseg.distributed import DEVICES
 from dgseg.layers.vffc import NORMS, PADDING_MODES
-from dgseg.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
-from dgseg.precision import AMP_CHOICES
+from dgseg.training.distributed import DEVICES
+from dgseg.training.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
+from dgseg.training.precision import AMP_CHOICES
 from dgseg.transforms.sdg import INTENSITY_AUGS
 
 __all__ = [
@@ -38,14 +38,13 @@ __all__ = [
     "LossConfig",
     "RunConfig",
     "Config",
-    "PRESETS",
     "apply_overrides",
     "config_diff",
-    "get_preset",
     "valid_keys",
 ]
 
-# Choice lists live with the code that acts on them (dgseg.layers.vffc, dgseg.optim, ...); the
+# Choice lists live with the code that acts on them (dgseg.layers.vffc, dgseg.training.optim, ...);
+# the
 # architectures with ModelConfig, which dgseg.models.build_model turns into a network.
 ARCHS = ("segresnet", "unet3d")
 
@@ -78,10 +77,10 @@ class DataConfig:
     # SLAug's saliency-balanced fusion (Su et al. 2023): each sample carries a global and a
     # class-wise location-scale view, each step trains on the global view and on the two fused by
     # the input-gradient saliency (two forward/backward passes, one optimizer step).
-    saliency_balancing: bool = False  # dgseg.engine.saliency_balanced_backward
+    saliency_balancing: bool = False  # dgseg.training.engine.saliency_balanced_backward
     # GIN-IPA's training recipe (Ouyang et al. 2022): N views of each sample, each with its own
     # draw from intensity_augs under one spatial augmentation; the segmentation loss on the first
-    # view plus loss.consistency_weight times the KL consistency of all (dgseg.engine).
+    # view plus loss.consistency_weight times the KL consistency of all (dgseg.training.engine).
     consistency_views: int = 1  # 1: plain training; the authors use 3
     workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     val_split: str = "val"  # manifest split used for validation / best checkpoint
@@ -153,7 +152,7 @@ class OptimConfig:
 
     The write-up names no optimiser. Its code used ``torch.optim.Adam(amsgrad=True)`` with the
     weight decay added to the gradient (coupled, L2); dgseg defaults to AdamW, whose decay is
-    decoupled from the adaptive step (Loshchilov & Hutter 2019). See :mod:`dgseg.optim`.
+    decoupled from the adaptive step (Loshchilov & Hutter 2019). See :mod:`dgseg.training.optim`.
     """
 
     name: str = "adamw"  # "adamw" (decoupled decay) | "adam" (coupled L2 decay, original code)
@@ -208,7 +207,7 @@ class RunConfig:
     out: str = "runs"  # parent folder of the run folder
     seed: int = 0  # sampler / model-init seed (same on every rank); RNG seed is seed + rank
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda"
-    amp: str = "auto"  # "auto": bf16 where native (dgseg.precision), else fp32 | "bf16" | "none"
+    amp: str = "auto"  # "auto": bf16 where native (training.precision), else fp32 | "bf16" | "none"
     channels_last: Optional[bool] = None  # channels_last_3d; None ("auto"): on CPU for big maps
     compile: bool = False  # torch.compile the model (state dicts are saved unwrapped)
     deterministic: bool = False  # cuDNN deterministic kernels instead of cudnn.benchmark
@@ -299,7 +298,8 @@ class Config:
     @property
     def eval_roi(self) -> Optional[int]:
         """Sliding-window edge of validation and evaluation: run.val_roi, else data.patch_size;
-        None: one window covering the whole volume (``dgseg.inference.covering_roi``)."""
+        None: one window covering the whole volume
+        (``dgseg.inference.sliding_window.covering_roi``)."""
         return self.run.val_roi or self.data.patch_size
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
@@ -437,151 +437,3 @@ def config_diff(a: Config, b: Config) -> List[str]:
     return [
         f"{s}.{k}: {da[s][k]!r} -> {db[s][k]!r}" for s in da for k in da[s] if da[s][k] != db[s][k]
     ]
-
-
-def _preset(name: str, **sections: Dict[str, Any]) -> Config:
-    parts = {s: _SECTIONS[s](**sections.get(s, {})) for s in _SECTIONS if s != "run"}
-    return Config(**parts, run=RunConfig(name=name, **sections.get("run", {})))
-
-
-# Spatial augmentation of the write-up ("random flipping and random rotation for all domains").
-_SPATIAL = dict(flip=True, rotation_degrees=10.0)
-
-# Preset name suffix -> dgseg.transforms.sdg augmentation.
-_SDG_PRESETS = (
-    ("gin", "gin"),
-    ("ipa", "ipa"),
-    ("randconv", "random_conv"),
-    ("fourier", "fourier"),
-    ("slaug", "location_scale"),
-    ("resynth", "resynthesis"),
-)
-# The augmentations of the recommended preset `segresnet_t2_sdg` (one drawn per sample).
-SDG_RECOMMENDED = ("location_scale", "resynthesis")
-
-# One preset per experiment of the write-up's tables, plus the two ablations (GRL only, VFFC only),
-# the spatial-only control, the original network, and a tiny one for tests and the CPU demo. The
-# adversarial presets use the write-up's three Bezier domains: subset 0 untouched, subset 1
-# increasing curve, subset 2 decreasing curve.
-PRESETS: Dict[str, Config] = {
-    p.run.name: p
-    for p in (
-        _preset("segresnet_t2_noaug"),
-        _preset("segresnet_t2_bezier", data=dict(bezier="random", **_SPATIAL)),
-        _preset(
-            "segresnet_t2_vffc_grl",
-            data=dict(bezier="partition", **_SPATIAL),
-            model=dict(vffc=True, grl=True, num_domains=3),
-        ),
-        _preset(
-            "segresnet_t1ce_t2_bezier",
-            data=dict(modalities=("t1ce", "t2"), bezier="random", **_SPATIAL),
-        ),
-        _preset("unet_t2_noaug", model=dict(arch="unet3d")),
-        _preset("unet_stacked", data=dict(modalities=MODALITIES), model=dict(arch="unet3d")),
-        _preset(
-            "segresnet_t2_grl",
-            data=dict(bezier="partition", **_SPATIAL),
-            model=dict(grl=True, num_domains=3),
-        ),
-        _preset(
-            "segresnet_t2_vffc",
-            data=dict(bezier="partition", **_SPATIAL),
-            model=dict(vffc=True),
-        ),
-        # Control for the augmented presets: their flips and 10° rotations, no intensity change.
-        _preset("segresnet_t2_spatial", data=dict(_SPATIAL)),
-        # The write-up's network as its code built it (GRLSegResNet): SegResNet F32 with dropout
-        # 0.2, three reflect-padded BatchNorm VFFC blocks on the 256-channel bottleneck, the
-        # domain head Linear(256, 64) -> ReLU -> Linear(64, K) without input LayerNorm, Adam with
-        # amsgrad and coupled (L2) weight decay 1e-5. Data and schedules are dgseg's (correct
-        # Bezier domains, per-step λ). `--set model.init_filters=N` narrows the whole network,
-        # bottleneck and domain-head input (8N channels) included; the rest stays as listed.
-        _preset(
-            "segresnet_t2_vffc_grl_original",
-            data=dict(bezier="partition", **_SPATIAL),
-            model=dict(
-                init_filters=32,
-                dropout=0.2,
-                vffc=True,
-                vffc_blocks=3,
-                vffc_norm="batch",
-                vffc_padding="reflect",
-                grl=True,
-                num_domains=3,
-                domain_hidden=64,
-                domain_input_norm=False,
-            ),
-            optim=dict(name="adam", amsgrad=True),
-        ),
-        # Single-source DG intensity augmentations (dgseg.transforms.sdg), one preset each, with
-        # the same spatial augmentation as the write-up's presets.
-        *(
-            _preset(f"segresnet_t2_{name}", data=dict(intensity_augs=(aug,), **_SPATIAL))
-            for name, aug in _SDG_PRESETS
-        ),
-        # The recommended combination for cross-modality work (chosen by the experiments in
-        # docs/results/), alone and with the GRL domain classifier on its augmentations.
-        _preset("segresnet_t2_sdg", data=dict(intensity_augs=SDG_RECOMMENDED, **_SPATIAL)),
-        _preset(
-            "segresnet_t2_sdg_grl",
-            data=dict(intensity_augs=SDG_RECOMMENDED, **_SPATIAL),
-            model=dict(grl=True, num_domains=len(SDG_RECOMMENDED)),
-        ),
-        # ... and with the VFFC bottleneck (the one write-up component that moved T1 and T1CE in
-        # the seeded study).
-        _preset(
-            "segresnet_t2_sdg_vffc",
-            data=dict(intensity_augs=SDG_RECOMMENDED, **_SPATIAL),
-            model=dict(vffc=True),
-        ),
-        # ... and with the write-up's Bezier curves as a third draw: the decreasing curve is the
-        # only whole-image inversion of the pool (T2's bright fluid becomes dark as in T1).
-        _preset(
-            "segresnet_t2_sdg_bezier",
-            data=dict(intensity_augs=(*SDG_RECOMMENDED, "bezier"), **_SPATIAL),
-        ),
-        _preset(
-            "segresnet_t2_sdg_bezier_vffc",
-            data=dict(intensity_augs=(*SDG_RECOMMENDED, "bezier"), **_SPATIAL),
-            model=dict(vffc=True),
-        ),
-        # SLAug as its authors train it: location-scale views fused by saliency, two passes a step
-        _preset("segresnet_t2_slaug_sbf", data=dict(saliency_balancing=True, **_SPATIAL)),
-        # GIN-IPA as its authors train it (Ouyang et al. 2022): three views a sample, each GIN or
-        # IPA, the segmentation loss on the first and the KL consistency of all three (weight 10)
-        _preset(
-            "segresnet_t2_gin_ipa_cons",
-            data=dict(intensity_augs=("gin", "ipa"), consistency_views=3, **_SPATIAL),
-        ),
-        # ... and the same consistency training on the views of the SDG pool + Bezier (at weight
-        # 10 two of three seeds collapse to empty masks, which agree across views: docs/results)
-        _preset(
-            "segresnet_t2_sdg_bezier_cons",
-            data=dict(intensity_augs=(*SDG_RECOMMENDED, "bezier"), consistency_views=3, **_SPATIAL),
-        ),
-        # ... with re-synthesis's tumour classes iso-intense to healthy tissue half of the time
-        # (as edema and enhancing tumour are to grey matter on a native T1)
-        _preset(
-            "segresnet_t2_sdg_iso",
-            data=dict(intensity_augs=("location_scale", "resynthesis_iso", "bezier"), **_SPATIAL),
-        ),
-        # Seconds to minutes on a CPU (tests, demo): narrow SegResNet for 32³-64³ volumes, higher
-        # lr and BCE (it empties the background much faster than Dice alone on few steps).
-        _preset(
-            "tiny",
-            data=dict(workers=0),
-            model=dict(init_filters=8, blocks_down=(1, 1, 1, 1), blocks_up=(1, 1, 1)),
-            optim=dict(lr=2e-3, epochs=40),
-            loss=dict(bce_weight=1.0),
-            run=dict(log_every=20, val_every=10),
-        ),
-    )
-}
-
-
-def get_preset(name: str) -> Config:
-    """The named preset; ValueError listing the valid names otherwise."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]

@@ -46,7 +46,7 @@ def format_eta(seconds: float) -> str:
 
 
 def format_progress(rec: Dict[str, Any]) -> str:
-    """One progress line from a training record of :func:`dgseg.engine.train_one_epoch`
+    """One progress line from a training record of :func:`dgseg.training.engine.train_one_epoch`
     (the view consistency appears only where it is being trained)."""
     cons = rec.get("consistency_loss", 0.0)
     return (

@@ -6,7 +6,8 @@
   (1 necrotic / non-enhancing core red, 2 edema green, 4 enhancing yellow: :data:`LABEL_COLOURS`);
 * :func:`plot_curves` -- loss, Dice, GRL λ and learning rate of a training run's ``log.jsonl``;
 * :func:`plot_domain_losses` -- segmentation and domain losses of several runs on one figure;
-* :func:`plot_study_bars` -- mean Dice per target modality of a seeded ablation (``dgseg.study``);
+* :func:`plot_study_bars` -- mean Dice per target modality of a seeded ablation
+(``dgseg.evaluation.study``);
 * :func:`save_montage` -- one slice per case and modality of synthetic cases, plus the labels.
 
 No pyplot and no global backend: a ``Figure`` renders itself to PNG bytes, which
@@ -162,7 +163,7 @@ def save_overlays(
     checkpoint of each model: one seed is enough to look at); returns a line for the log.
 
     ``overlays`` are :func:`overlay_slices` dicts with ``model``, ``checkpoint``, ``column`` and
-    ``case_id``; ``titles`` names the columns (``dgseg.report.COLUMN_TITLES``). Without
+    ``case_id``; ``titles`` names the columns (``dgseg.evaluation.report.COLUMN_TITLES``). Without
     matplotlib nothing is written and the line says why.
     """
     folder, titles = Path(folder), dict(titles or {})
@@ -257,7 +258,8 @@ def plot_domain_losses(runs: Sequence[tuple[str, PathLike]], png: PathLike) -> O
 def plot_study_bars(
     result: Mapping[str, Any], path: PathLike, titles: Optional[Mapping[str, str]] = None
 ) -> Path:
-    """Grouped bar chart of a ``dgseg.study.aggregate`` result: groups = target modality, bars =
+    """Grouped bar chart of a ``dgseg.evaluation.study.aggregate`` result: groups = target
+    modality, bars =
     presets, height = mean Dice over seeds, error bars = sd over seeds; ``titles`` names the
     columns. Raises ImportError without matplotlib."""
     titles = dict(titles or {})

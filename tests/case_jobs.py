@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from dgseg.evaluation import CaseJob
+from dgseg.evaluation.scoring import CaseJob
 
 
 def case_job(case_id, seed, n_preds=3, shape=(3, 13, 11, 9)):

@@ -1,4 +1,4 @@
-"""Atomic checkpoints, weights_only loading, RNG state capture (dgseg/checkpoint.py)."""
+"""Atomic checkpoints, weights_only loading, RNG state capture (dgseg/training/checkpoint.py)."""
 
 import random
 
@@ -7,14 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from dgseg.checkpoint import (
+from dgseg.config import Config
+from dgseg.presets import PRESETS
+from dgseg.training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
     unwrap_model,
 )
-from dgseg.config import PRESETS, Config
 
 
 def _draws():
@@ -114,7 +115,7 @@ class _NotATensor:
 
 
 def test_corrupt_or_refused_checkpoints_raise_one_line_naming_the_file(tmp_path):
-    from dgseg.checkpoint import load_segmenter
+    from dgseg.training.checkpoint import load_segmenter
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x80\x02garbage")

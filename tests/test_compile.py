@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from dgseg.losses import SegLoss
 from dgseg.models import build_model
+from dgseg.training.losses import SegLoss
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None and shutil.which("gcc") is None,

@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dgseg.config import (
-    PRESETS,
-    Config,
-    ModelConfig,
-    apply_overrides,
-    get_preset,
-    valid_keys,
-)
+from dgseg.config import Config, ModelConfig, apply_overrides, valid_keys
+from dgseg.presets import PRESETS, get_preset
+from dgseg.training import fit as train_fit
 
 from tool_modules import load_tool
 
@@ -34,7 +29,7 @@ EXPERIMENTS = (
 
 
 def _load_train():
-    return load_tool("train")
+    return train_fit
 
 
 def test_write_up_hyper_parameters_are_the_defaults():
@@ -306,9 +301,9 @@ def test_vffc_norm_choices_have_one_owner():
 def test_choice_lists_are_the_ones_of_the_code_that_acts_on_them():
     import dgseg.config as config
     from dgseg.data.domains import BEZIER_MODES
-    from dgseg.distributed import DEVICES
     from dgseg.layers.vffc import PADDING_MODES
-    from dgseg.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
+    from dgseg.training.distributed import DEVICES
+    from dgseg.training.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
 
     assert config.BEZIER_MODES is BEZIER_MODES and config.DEVICES is DEVICES
     assert config.PADDING_MODES is PADDING_MODES and config.OPTIMIZERS is OPTIMIZERS

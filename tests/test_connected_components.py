@@ -1,4 +1,4 @@
-"""dgseg.connected_components against a brute-force breadth-first flood fill."""
+"""dgseg.evaluation.connected_components against a brute-force breadth-first flood fill."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgseg.connected_components import component_sizes, label_components
+from dgseg.evaluation.connected_components import component_sizes, label_components
 
 
 def _flood_fill(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:

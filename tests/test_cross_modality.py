@@ -1,4 +1,4 @@
-"""Cross-modality evaluation runs (dgseg/cross_modality.py): the ordered metric pool, and
+"""Cross-modality evaluation runs (dgseg/evaluation/cross_modality.py): the ordered metric pool, and
 tools/evaluate.py on tiny checkpoints over the tiny synthetic shards."""
 
 import csv
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dgseg.constants import BRATS_EMPTY_HD95, MODALITIES
-from dgseg.cross_modality import OrderedPool
-from dgseg.evaluation import score_job
+from dgseg.evaluation.cross_modality import OrderedPool
+from dgseg.evaluation.scoring import score_job
 
 from case_jobs import case_job
 from tool_modules import load_tool
@@ -50,9 +50,10 @@ def test_ordered_pool_matches_inline_and_names_the_failing_case():
 
 # ----------------------------------------------------------------------------- tools/evaluate.py
 def _tiny_checkpoint(path: Path, modalities, *, arch="segresnet", seed=0, name=None, roi=16):
-    from dgseg.checkpoint import save_checkpoint
-    from dgseg.config import Config, apply_overrides, get_preset
+    from dgseg.config import Config, apply_overrides
     from dgseg.models import build_model
+    from dgseg.presets import get_preset
+    from dgseg.training.checkpoint import save_checkpoint
 
     cfg = get_preset("tiny")
     mods = ",".join(modalities)

@@ -1,9 +1,13 @@
-"""Exact Euclidean distance transform (dgseg.distance_transform) against brute force."""
+"""Exact Euclidean distance transform (dgseg.evaluation.distance_transform) against brute force."""
 
 import numpy as np
 import pytest
 
-from dgseg.distance_transform import euclidean_distance_transform, squared_edt, squared_edt_at
+from dgseg.evaluation.distance_transform import (
+    euclidean_distance_transform,
+    squared_edt,
+    squared_edt_at,
+)
 
 
 def _brute_edt(mask: np.ndarray, spacing) -> np.ndarray:

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dgseg.checkpoint import load_checkpoint
 from dgseg.config import Config, apply_overrides
-from dgseg.distributed import DistState, init_distributed
+from dgseg.training.checkpoint import load_checkpoint
+from dgseg.training.distributed import DistState, init_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -69,11 +69,11 @@ def _worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     import torch.distributed as tdist
 
-    from dgseg.distributed import all_reduce_sum, cleanup, wrap_ddp
-    from dgseg.engine import forward_loss, validate
-    from dgseg.losses import SegLoss
-    from dgseg.metrics import dice_score
+    from dgseg.evaluation.metrics import dice_score
     from dgseg.models import build_model
+    from dgseg.training.distributed import all_reduce_sum, cleanup, wrap_ddp
+    from dgseg.training.engine import forward_loss, validate
+    from dgseg.training.losses import SegLoss
 
     dist = init_distributed("cpu", timeout_s=120)
     try:

@@ -1,13 +1,17 @@
-"""The training engine (dgseg/engine.py): λ schedule, objective, one epoch, validation, guards."""
+"""The training engine (dgseg/training/engine.py): λ schedule, objective, one epoch, validation,
+guards."""
 
 import math
 
 import pytest
 import torch
 
-from dgseg.config import PRESETS, apply_overrides
-from dgseg.distributed import DistState
-from dgseg.engine import (
+from dgseg.config import apply_overrides
+from dgseg.logging_utils import JsonlWriter, read_jsonl
+from dgseg.models import build_model
+from dgseg.presets import PRESETS
+from dgseg.training.distributed import DistState
+from dgseg.training.engine import (
     check_cpu_bf16_depths,
     consistency_forward_loss,
     forward_loss,
@@ -16,9 +20,7 @@ from dgseg.engine import (
     train_one_epoch,
     validate,
 )
-from dgseg.logging_utils import JsonlWriter, read_jsonl
-from dgseg.losses import SegLoss, view_consistency_loss
-from dgseg.models import build_model
+from dgseg.training.losses import SegLoss, view_consistency_loss
 from dgseg.transforms.location_scale import saliency_mix
 
 CPU = torch.device("cpu")

@@ -1,4 +1,5 @@
-"""Evaluation rules and per-case records (dgseg/evaluation.py): input rule, records, metric jobs,
+"""Evaluation rules and per-case records (dgseg/evaluation/scoring.py): input rule, records, metric
+jobs,
 NIfTI scoring."""
 
 import nibabel as nib
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from dgseg.constants import BRATS_EMPTY_HD95, MODALITIES
-from dgseg.evaluation import (
+from dgseg.evaluation.scoring import (
     CaseJob,
     case_record,
     input_channels,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dgseg.inference import (
+from dgseg.inference.sliding_window import (
     covering_roi,
     flip_combinations,
     gaussian_importance_map,

@@ -13,8 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from dgseg.evaluation import case_record
-from dgseg.lesion_metrics import (
+from dgseg.evaluation.lesion_metrics import (
     LESION_RULES,
     LesionRules,
     get_lesion_rules,
@@ -22,7 +21,8 @@ from dgseg.lesion_metrics import (
     lesion_scores,
     min_cost_assignment,
 )
-from dgseg.metrics import dice_score, hd95
+from dgseg.evaluation.metrics import dice_score, hd95
+from dgseg.evaluation.scoring import case_record
 
 PAN = "panoptica"
 B23 = get_lesion_rules("brats2023", min_volume=0.0)  # 2023 rules without the 50 mm³ threshold
@@ -228,7 +228,7 @@ def test_case_record_and_region_metrics():
 def test_region_sets_and_raw_prediction_path(tmp_path):
     import nibabel as nib
 
-    from dgseg.evaluation import score_label_files
+    from dgseg.evaluation.scoring import score_label_files
     from dgseg.transforms.labels import (
         REGION_SETS,
         labels_for_region_set,
@@ -282,7 +282,7 @@ def test_region_sets_and_raw_prediction_path(tmp_path):
 
 
 def test_dilation_matches_brute_force_18_neighbourhood():
-    from dgseg.lesion_metrics import _dilate18
+    from dgseg.evaluation.lesion_metrics import _dilate18
 
     rng = np.random.default_rng(1)
     offsets = [o for o in itertools.product((-1, 0, 1), repeat=3) if sum(map(abs, o)) <= 2]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dgseg.losses import SegLoss, dice_loss, view_consistency_loss
+from dgseg.training.losses import SegLoss, dice_loss, view_consistency_loss
 
 LN3 = math.log(3.0)  # sigmoid(±ln 3) = 0.75 / 0.25
 

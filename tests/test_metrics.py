@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dgseg.constants import BRATS_EMPTY_HD95
-from dgseg.metrics import (
+from dgseg.evaluation.metrics import (
     RegionReference,
     SurfaceReference,
     dice_per_region,

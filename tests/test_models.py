@@ -217,7 +217,8 @@ def _vffc_batchnorm_count(c: int, blocks: int) -> int:
 
 @pytest.mark.parametrize("filters", [32, 8])
 def test_original_network_parameter_count(filters):
-    from dgseg.config import apply_overrides, get_preset
+    from dgseg.config import apply_overrides
+    from dgseg.presets import get_preset
 
     cfg = get_preset("segresnet_t2_vffc_grl_original")
     if filters != 32:  # documented: init_filters narrows the whole network, head input included
@@ -237,10 +238,10 @@ def test_original_network_parameter_count(filters):
 
 
 def test_original_network_trains_a_step(one_thread):
-    from dgseg.config import get_preset
-    from dgseg.engine import forward_loss
-    from dgseg.losses import SegLoss
-    from dgseg.optim import build_optimizer
+    from dgseg.presets import get_preset
+    from dgseg.training.engine import forward_loss
+    from dgseg.training.losses import SegLoss
+    from dgseg.training.optim import build_optimizer
 
     cfg = get_preset("segresnet_t2_vffc_grl_original")
     torch.manual_seed(0)

@@ -1,10 +1,11 @@
-"""dgseg.optim: AdamW (dgseg default) vs Adam with coupled L2 decay and amsgrad (original code)."""
+"""dgseg.training.optim: AdamW (dgseg default) vs Adam with coupled L2 decay and amsgrad (original
+code)."""
 
 import pytest
 import torch
 
 from dgseg.config import Config, OptimConfig, apply_overrides
-from dgseg.optim import OPTIMIZERS, build_optimizer
+from dgseg.training.optim import OPTIMIZERS, build_optimizer
 
 
 def _one_step(cfg: OptimConfig) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""dgseg.precision: run.amp="auto" picks bf16 only where it is native, and the tools obey it.
+"""dgseg.training.precision: run.amp="auto" picks bf16 only where it is native, and the tools obey
+it.
 
 The capability probes are mocked for the branches this machine cannot show (a CPU with native
 bf16, a CUDA GPU); one test checks the real probe against the CPU's own flags.
@@ -10,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgseg import precision
-from dgseg.config import Config, apply_overrides, get_preset
-from dgseg.engine import autocast, forward_loss
-from dgseg.losses import SegLoss
+from dgseg.config import Config, apply_overrides
 from dgseg.models import build_model
-from dgseg.precision import AMP_CHOICES, describe, resolve_amp
-
-from tool_modules import load_tool
+from dgseg.presets import get_preset
+from dgseg.training import fit as train_fit
+from dgseg.training import precision
+from dgseg.training.engine import autocast, forward_loss
+from dgseg.training.losses import SegLoss
+from dgseg.training.precision import AMP_CHOICES, describe, resolve_amp
 
 CPU = torch.device("cpu")
 
@@ -104,7 +105,7 @@ def test_default_config_is_auto_and_old_configs_still_load():
 
 
 def test_old_checkpoint_with_bf16_config_loads(tmp_path):
-    from dgseg.checkpoint import load_segmenter, save_checkpoint
+    from dgseg.training.checkpoint import load_segmenter, save_checkpoint
 
     cfg = apply_overrides(get_preset("tiny"), ["run.amp=bf16"])
     net = build_model(1, **{k: v for k, v in cfg.to_dict()["model"].items()})
@@ -141,7 +142,7 @@ def test_default_config_step_computes_in_fp32(cpu_without_bf16):
 def test_training_with_the_default_config_runs_in_fp32(
     tiny_shards, tmp_path, monkeypatch, capsys, cpu_without_bf16
 ):
-    train = load_tool("train")
+    train = train_fit
     seen = []
     real = torch.autocast
 
@@ -176,7 +177,7 @@ def test_training_with_the_default_config_runs_in_fp32(
 
 
 def test_channels_last_auto_follows_device_and_map_size():
-    from dgseg.precision import CHANNELS_LAST_MIN_VALUES, resolve_channels_last
+    from dgseg.training.precision import CHANNELS_LAST_MIN_VALUES, resolve_channels_last
 
     big, small = (64, 64, 64), (32, 32, 32)
     assert 16 * 64**3 >= CHANNELS_LAST_MIN_VALUES > 8 * 32**3

@@ -1,4 +1,5 @@
-"""dgseg/predict.py and tools/predict.py: label maps back in the original space; evaluate/predict
+"""dgseg/inference/predict_case.py and tools/predict.py: label maps back in the original space;
+evaluate/predict
 round trip."""
 
 from pathlib import Path
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from dgseg.constants import MODALITIES
-from dgseg.evaluation import score_label_files
-from dgseg.predict import load_predictor, predict_prepared, write_label_nifti
+from dgseg.evaluation.scoring import score_label_files
+from dgseg.inference.predict_case import load_predictor, predict_prepared, write_label_nifti
 from dgseg.transforms.labels import labels_to_channels
 
 from tool_modules import load_tool
@@ -136,9 +137,10 @@ def test_nifti_bytes_header(tmp_path):
 
 
 def _tiny_checkpoint(path: Path, modalities, *, arch="segresnet", roi="16"):
-    from dgseg.checkpoint import save_checkpoint
-    from dgseg.config import apply_overrides, get_preset
+    from dgseg.config import apply_overrides
     from dgseg.models import build_model
+    from dgseg.presets import get_preset
+    from dgseg.training.checkpoint import save_checkpoint
 
     cfg = apply_overrides(
         get_preset("tiny"),

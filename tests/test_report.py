@@ -1,4 +1,5 @@
-"""Evaluation reports (dgseg/report.py): bootstrap, aggregation over seeds, tables, writers."""
+"""Evaluation reports (dgseg/evaluation/report.py): bootstrap, aggregation over seeds, tables,
+writers."""
 
 import csv
 import json
@@ -7,8 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dgseg.evaluation import EVAL_RULE
-from dgseg.report import (
+from dgseg.evaluation.report import (
     bootstrap_ci,
     format_cell,
     format_table,
@@ -17,6 +17,7 @@ from dgseg.report import (
     write_json,
     write_report,
 )
+from dgseg.evaluation.scoring import EVAL_RULE
 
 
 # ----------------------------------------------------------------------------- bootstrap

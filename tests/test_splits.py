@@ -12,9 +12,10 @@ import pytest
 from data_prep.pipeline import prepare
 from data_prep.splits import assign_folds, read_split_file, splits_from_file
 from data_prep.synthetic import write_dataset
-from dgseg.config import PRESETS, DataConfig, apply_overrides, get_preset
+from dgseg.config import DataConfig, apply_overrides
 from dgseg.data.dataset import ShardDataset
 from dgseg.data.manifest import load_manifest, split_cases
+from dgseg.presets import PRESETS, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 N_CASES = 8

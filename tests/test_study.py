@@ -1,4 +1,4 @@
-"""dgseg.study: mean ± sd over seeds, CIs over cases, paired comparisons, writers."""
+"""dgseg.evaluation.study: mean ± sd over seeds, CIs over cases, paired comparisons, writers."""
 
 import csv
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dgseg.constants import MODALITIES
-from dgseg.study import (
+from dgseg.evaluation.study import (
     aggregate,
     case_matrix,
     format_markdown,

@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 import torch
 
-from dgseg.checkpoint import load_checkpoint
-from dgseg.config import PRESETS, apply_overrides
-from dgseg.engine import grl_lambda
+from dgseg.config import apply_overrides
 from dgseg.models import build_model
-
-from tool_modules import load_tool
+from dgseg.presets import PRESETS
+from dgseg.training import fit as train_fit
+from dgseg.training.checkpoint import load_checkpoint
+from dgseg.training.engine import grl_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
 def _load_train():
-    return load_tool("train")
+    return train_fit
 
 
 def test_expected_faults_stop_with_one_line_naming_the_path(tmp_path):
@@ -156,8 +156,8 @@ WT_DICE_THRESHOLD = 0.6
 def test_tiny_segresnet_learns_t2_in_domain(tiny_shards, tmp_path):
     from dgseg.config import Config
     from dgseg.data.dataset import ShardDataset
-    from dgseg.distributed import DistState
-    from dgseg.engine import validate
+    from dgseg.training.distributed import DistState
+    from dgseg.training.engine import validate
 
     train = _load_train()
     cfg = apply_overrides(PRESETS["tiny"], [f"data.root={tiny_shards}"])

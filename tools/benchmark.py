@@ -55,16 +55,16 @@ from data_prep.preprocess import preprocess_case
 from data_prep.synthetic import make_case
 from dgseg.atomic import atomic_write_text
 from dgseg.config import Config, OptimConfig, apply_overrides
-from dgseg.engine import use_channels_last
-from dgseg.inference import sliding_window_inference
+from dgseg.evaluation.lesion_metrics import LESION_RULES, lesion_region_metrics
+from dgseg.evaluation.metrics import region_metrics
+from dgseg.inference.sliding_window import sliding_window_inference
 from dgseg.layers import dann_lambda
 from dgseg.layers.conv import native_conv3d
-from dgseg.lesion_metrics import LESION_RULES, lesion_region_metrics
-from dgseg.losses import SegLoss
-from dgseg.metrics import region_metrics
 from dgseg.models import SegResNet, build_model
-from dgseg.optim import build_optimizer
-from dgseg.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp
+from dgseg.training.engine import use_channels_last
+from dgseg.training.losses import SegLoss
+from dgseg.training.optim import build_optimizer
+from dgseg.training.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp
 from dgseg.transforms.bezier import apply_lut, bezier_lut
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 

@@ -34,7 +34,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dgseg.distributed import launch_command
+from dgseg.presets import CPU_RECIPE
+from dgseg.training.distributed import launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -83,18 +84,14 @@ QUICK = Size(
 
 
 def train_overrides(s: Size, args: argparse.Namespace) -> list[str]:
-    """``--set`` items shared by every preset: the `tiny` preset's depth, lr and BCE."""
+    """``--set`` items shared by every preset: the CPU recipe at this size."""
     return [
+        *CPU_RECIPE,
         f"model.init_filters={s.init_filters}",
-        "model.blocks_down=1,1,1,1",  # one ResBlock per level
-        "optim.lr=2e-3",  # learns in minutes on a CPU
         f"optim.epochs={s.epochs}",
-        "loss.bce_weight=1",  # BCE empties the background faster than Dice alone
         f"data.patch_size={s.patch}",
         "run.val_roi=32",  # validate (and evaluate) the whole 32³ volume in one window
-        "data.workers=0",  # the cores are busy training; loading in-process is cheaper
         f"run.val_every={s.val_every}",
-        "run.log_every=100",
         f"run.seed={args.seed}",
         f"run.device={args.device}",
         *args.overrides,

@@ -35,7 +35,8 @@ Outputs in ``--out``: per_case.csv, summary.json, table.md, overlays/*.png (with
 ``--overlays N`` cases per test modality).
 
 Metrics (``--metrics``): ``legacy`` (default) = per-case Dice and HD95 with the BraTS 2021 rules;
-``lesion`` = lesion-wise Dice, HD95 and NSD (``dgseg.lesion_metrics``) under ``--lesion-rules``
+``lesion`` = lesion-wise Dice, HD95 and NSD (``dgseg.evaluation.lesion_metrics``) under
+``--lesion-rules``
 (``panoptica``: the current official BraTS_evaluation package; ``brats2023``: the BraTS 2023/2024
 lesion-wise metrics); ``all`` = both. Every table's title and footer say which it shows.
 ``--regions`` (raw-prediction path) picks the label groups of the data: ``brats2021`` (labels
@@ -53,9 +54,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from data_prep.layouts import discover_cases
-from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
-from dgseg.cross_modality import (
+from dgseg.data.manifest import load_manifest, scored_extent, split_cases
+from dgseg.evaluation.cross_modality import (
     EvalSettings,
     OrderedPool,
     Plan,
@@ -64,13 +65,19 @@ from dgseg.cross_modality import (
     evaluate_cases,
     score_prediction_files,
 )
-from dgseg.data.manifest import load_manifest, scored_extent, split_cases
-from dgseg.distributed import DEVICES, all_gather_objects, barrier, cleanup, init_distributed
-from dgseg.evaluation import METRIC_SETS, input_specs
-from dgseg.lesion_metrics import LESION_RULES, LesionRules, get_lesion_rules
+from dgseg.evaluation.lesion_metrics import LESION_RULES, LesionRules, get_lesion_rules
+from dgseg.evaluation.report import COLUMN_TITLES, write_report
+from dgseg.evaluation.scoring import METRIC_SETS, input_specs
 from dgseg.logging_utils import Progress
-from dgseg.precision import AMP_CHOICES, describe, resolve_amp
-from dgseg.report import COLUMN_TITLES, write_report
+from dgseg.training.checkpoint import load_segmenter
+from dgseg.training.distributed import (
+    DEVICES,
+    all_gather_objects,
+    barrier,
+    cleanup,
+    init_distributed,
+)
+from dgseg.training.precision import AMP_CHOICES, describe, resolve_amp
 from dgseg.transforms.labels import REGION_SETS
 from dgseg.viz import save_overlays
 

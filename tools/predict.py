@@ -47,10 +47,10 @@ from data_prep.layouts import RawCase, discover_cases, single_file_case
 from data_prep.loading import CaseError, load_raw_case
 from data_prep.preprocess import preprocess_case
 from dgseg.constants import MODALITIES
-from dgseg.distributed import DEVICES
+from dgseg.inference.predict_case import ProbFn, load_predictor, predict_to_file
 from dgseg.logging_utils import Progress
-from dgseg.precision import AMP_CHOICES, describe, resolve_amp
-from dgseg.predict import ProbFn, load_predictor, predict_to_file
+from dgseg.training.distributed import DEVICES
+from dgseg.training.precision import AMP_CHOICES, describe, resolve_amp
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -16,7 +16,8 @@ another ``--out``). A failed run is reported at the end and the others continue.
 started / finished, with its wall time and an ETA for the matrix (mean time of the runs finished
 so far x runs left).
 
-Aggregation (``dgseg.study``) into ``<out>/study/``: study.md (the write-up's table, rows =
+Aggregation (``dgseg.evaluation.study``) into ``<out>/study/``: study.md (the write-up's table,
+rows =
 presets, columns = T1 / T1CE / T2 / FLAIR, cells ``Mean - WT | TC | ET`` as mean ± sd over seeds;
 95 % bootstrap CIs over test cases; paired comparisons of every preset with no-aug and with
 spatial-only), study_table.csv, study_paired.csv, study.json and, with matplotlib, study.png.
@@ -49,13 +50,14 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 
 from dgseg.atomic import atomic_write_json
-from dgseg.config import PRESETS, Config, apply_overrides, get_preset
+from dgseg.config import Config, apply_overrides
 from dgseg.data.manifest import load_manifest, scored_extent
-from dgseg.distributed import launch_command
-from dgseg.evaluation import EVAL_RULE
+from dgseg.evaluation.scoring import EVAL_RULE
+from dgseg.evaluation.study import BASELINES, read_records, write_study
+from dgseg.evaluation.study import aggregate as aggregate_records
 from dgseg.logging_utils import format_eta
-from dgseg.study import BASELINES, read_records, write_study
-from dgseg.study import aggregate as aggregate_records
+from dgseg.presets import CPU_RECIPE, PRESETS, get_preset
+from dgseg.training.distributed import launch_command
 
 REPO = Path(__file__).resolve().parents[1]  # children run this checkout's tools and package
 TOOLS = REPO / "tools"
@@ -79,18 +81,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 # native bf16 (2.5x faster), float32 elsewhere (bf16 emulation is slower than float32). 40 epochs
 # because the augmented presets were still learning at 16 (the screening in docs/results/); one
 # validation, after the last epoch, so the checkpoint scored is the last one for every preset.
-CPU_SCALE = (
-    "model.init_filters=8",
-    "model.blocks_down=1,1,1,1",
-    "model.unet_features=8,16,32,64,128",
-    "data.patch_size=32",
-    "data.workers=0",
-    "optim.lr=2e-3",
-    "optim.epochs=40",
-    "loss.bce_weight=1",
-    "run.val_every=40",
-    "run.log_every=100",
-)
+CPU_SCALE = (*CPU_RECIPE, "data.patch_size=32", "optim.epochs=40", "run.val_every=40")
 SCALES = {"full": (), "cpu": CPU_SCALE}
 SYNTHETIC_SPLIT = ("0.6", "0.1", "0.3")  # --synthetic: more test cases for the paired tests
 _PER_RUN_KEYS = ("run.out", "run.name", "run.seed", "data.root")  # set by this tool
@@ -125,7 +116,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         nargs="+",
         default=list(DEFAULT_PRESETS),
         metavar="PRESET",
-        help="preset names (any of dgseg.config.PRESETS); default: the study matrix",
+        help="preset names (any of dgseg.presets.PRESETS); default: the study matrix",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), metavar="S")
     p.add_argument("--epochs", type=int, help="optim.epochs of every run")

@@ -49,7 +49,6 @@ from dgseg.transforms import (
     random_rotation,
 )
 from dgseg.transforms.location_scale import global_location_scale, local_location_scale
-
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 
 from .domains import (
@@ -69,8 +68,9 @@ def _triple(value, name: str) -> tuple[int, int, int] | None:
         return None
     t = (value,) * 3 if np.isscalar(value) else tuple(value)
     if len(t) != 3 or any(int(v) != v or v < 1 for v in t):
-        raise ValueError(f"{name} must be None, a positive int or three positive ints, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be None, a positive int or three positive ints, got {value!r}"
+        )
     return tuple(int(v) for v in t)
 
 
@@ -89,9 +89,17 @@ def region_channels(label: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def augment(image: torch.Tensor, label: torch.Tensor | None, g: torch.Generator, *, curve: int = 0,
-            intensity: str = "none", flip: bool = False, rot90: bool = False,
-            rotation_degrees: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def augment(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    g: torch.Generator,
+    *,
+    curve: int = 0,
+    intensity: str = "none",
+    flip: bool = False,
+    rot90: bool = False,
+    rotation_degrees: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Training transforms in SPEC order: Bezier curve ``curve`` (0 = none), the intensity
     augmentation ``intensity`` (a name of ``dgseg.transforms.sdg``), then the spatial ones.
 
@@ -151,7 +159,8 @@ class ShardDataset(Dataset):
         fold: cross-validation fold held out as "val" (``split_cases``); None: manifest splits.
         saliency_pair: SLAug's two views for saliency-balanced training: "image" is the global
             location-scale view and "image_local" the class-wise one, both under the same
-            spatial augmentation (``dgseg.engine`` fuses them). Not with Bezier or SDG augs.
+            spatial augmentation (``dgseg.training.engine`` fuses them). Not with Bezier or SDG
+            augs.
         views: training views per sample for GIN-IPA's consistency loss; above 1, each view
             draws its own augmentation from ``intensity_augs`` (after the sample's Bezier curve,
             if any) and all views share one spatial augmentation. The first view's draw is the
@@ -163,13 +172,25 @@ class ShardDataset(Dataset):
     (training) ``"views"`` float32 (V, C, D, H, W), of which "image" is the first.
     """
 
-    def __init__(self, root: Path | str, split: str = "train",
-                 modalities: Sequence[str] = ("t2",), *,
-                 patch_size: int | Sequence[int] | None = None, flip: bool = False,
-                 rot90: bool = False, rotation_degrees: float = 0.0, bezier: str = "none",
-                 num_domains: int = 3, seed: int = 0, rank: int = 0,
-                 intensity_augs: Sequence[str] = (),
-                 fold: int | None = None, saliency_pair: bool = False, views: int = 1) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        split: str = "train",
+        modalities: Sequence[str] = ("t2",),
+        *,
+        patch_size: int | Sequence[int] | None = None,
+        flip: bool = False,
+        rot90: bool = False,
+        rotation_degrees: float = 0.0,
+        bezier: str = "none",
+        num_domains: int = 3,
+        seed: int = 0,
+        rank: int = 0,
+        intensity_augs: Sequence[str] = (),
+        fold: int | None = None,
+        saliency_pair: bool = False,
+        views: int = 1,
+    ) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
         if isinstance(modalities, str):
@@ -177,21 +198,27 @@ class ShardDataset(Dataset):
         modalities = tuple(modalities)
         bad = [m for m in modalities if m not in MODALITIES]
         if not modalities or bad:
-            raise ValueError(f"modalities must be a non-empty selection of {MODALITIES}, got "
-                             f"{modalities!r}")
+            raise ValueError(
+                f"modalities must be a non-empty selection of {MODALITIES}, got {modalities!r}"
+            )
         if bezier not in BEZIER_MODES:
             raise ValueError(f"bezier must be one of {BEZIER_MODES}, got {bezier!r}")
         if bezier == "partition" and not 1 <= num_domains <= PARTITION_MAX_DOMAINS:
-            raise ValueError(f"bezier='partition' supports 1 to 3 domains (identity, increasing, "
-                             f"decreasing), got num_domains={num_domains!r}")
+            raise ValueError(
+                f"bezier='partition' supports 1 to 3 domains (identity, increasing, "
+                f"decreasing), got num_domains={num_domains!r}"
+            )
         intensity_augs = tuple(intensity_augs)
         unknown = [a for a in intensity_augs if a not in INTENSITY_AUGS]
         if unknown:
-            raise ValueError(f"unknown intensity augmentation(s) {unknown}; valid: "
-                             f"{INTENSITY_AUGS}")
+            raise ValueError(
+                f"unknown intensity augmentation(s) {unknown}; valid: {INTENSITY_AUGS}"
+            )
         if saliency_pair and (intensity_augs or bezier != "none"):
-            raise ValueError("saliency_pair makes its own two location-scale views: it does not "
-                             "combine with bezier or intensity_augs")
+            raise ValueError(
+                "saliency_pair makes its own two location-scale views: it does not "
+                "combine with bezier or intensity_augs"
+            )
         if int(views) != views or views < 1:
             raise ValueError(f"views must be a positive integer, got {views!r}")
         if views > 1 and not intensity_augs:
@@ -316,12 +343,19 @@ class ShardDataset(Dataset):
                 dst.append(slice(b, b + s))
         return tuple(src), tuple(dst), self.patch_size
 
-    def _spatial_together(self, parts: list[torch.Tensor], lab: torch.Tensor,
-                          g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _spatial_together(
+        self, parts: list[torch.Tensor], lab: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One spatial augmentation for several (C, D, H, W) views of a sample and its label map:
         returns the views stacked, (V, C, D, H, W), and the label."""
-        img, lab = augment(torch.cat(parts), lab, g, flip=self.flip, rot90=self.rot90,
-                           rotation_degrees=self.rotation_degrees)  # (V·C, D, H, W)
+        img, lab = augment(
+            torch.cat(parts),
+            lab,
+            g,
+            flip=self.flip,
+            rot90=self.rot90,
+            rotation_degrees=self.rotation_degrees,
+        )  # (V·C, D, H, W)
         return img.reshape(len(parts), -1, *img.shape[1:]), lab
 
     def __getitem__(self, index: int) -> dict:
@@ -335,8 +369,9 @@ class ShardDataset(Dataset):
             src, dst, out_shape = self._window(shape, g)
         else:  # e.g. a whole-box case that became train: the centred size³ cube first
             src, dst, out_shape = self._window(self.train_size, g)
-            src, dst = _shift(src, dst, [(s - t) // 2 for s, t in zip(shape, self.train_size)],
-                              shape)
+            src, dst = _shift(
+                src, dst, [(s - t) // 2 for s, t in zip(shape, self.train_size)], shape
+            )
         padded = src is None or any(d.start != 0 or d.stop != o for d, o in zip(dst, out_shape))
         alloc = np.zeros if padded else np.empty
 
@@ -370,8 +405,9 @@ class ShardDataset(Dataset):
         local = views = None
         if self.views > 1:  # every view its own intensity draw, then one spatial augmentation
             names = [intensity] + [
-                self.intensity_augs[int(torch.randint(0, len(self.intensity_augs), (1,),
-                                                      generator=g))]
+                self.intensity_augs[
+                    int(torch.randint(0, len(self.intensity_augs), (1,), generator=g))
+                ]
                 for _ in range(self.views - 1)
             ]
             parts = [augment(img, lab, g, curve=kind, intensity=n)[0] for n in names]
@@ -381,9 +417,16 @@ class ShardDataset(Dataset):
             parts = [global_location_scale(img, g), local_location_scale(img, lab, g)]
             (img, local), lab = self._spatial_together(parts, lab, g)
         elif self.train:
-            img, lab = augment(img, lab, g, curve=kind, intensity=intensity, flip=self.flip,
-                               rot90=self.rot90,
-                               rotation_degrees=self.rotation_degrees)
+            img, lab = augment(
+                img,
+                lab,
+                g,
+                curve=kind,
+                intensity=intensity,
+                flip=self.flip,
+                rot90=self.rot90,
+                rotation_degrees=self.rotation_degrees,
+            )
         sample = {
             "image": img.contiguous(),
             "label": region_channels(lab),  # (3, D, H, W) float32 WT, TC, ET
@@ -398,6 +441,8 @@ class ShardDataset(Dataset):
         return sample
 
     def __repr__(self) -> str:
-        return (f"ShardDataset(root={str(self.root)!r}, split={self.split!r}, "
-                f"modalities={self.modalities}, n={len(self)}, patch_size={self.patch_size}, "
-                f"bezier={self.bezier!r}, epoch={self.epoch})")
+        return (
+            f"ShardDataset(root={str(self.root)!r}, split={self.split!r}, "
+            f"modalities={self.modalities}, n={len(self)}, patch_size={self.patch_size}, "
+            f"bezier={self.bezier!r}, epoch={self.epoch})"
+        )

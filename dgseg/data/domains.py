@@ -37,8 +37,13 @@ def _key(seed: int, name: str) -> str:
     return hashlib.sha256(f"{int(seed)}:{name}".encode()).hexdigest()
 
 
-def assign_domains(case_ids: Iterable[str], num_domains: int, seed: int, *,
-                   patients: Mapping[str, str] | None = None) -> dict[str, int]:
+def assign_domains(
+    case_ids: Iterable[str],
+    num_domains: int,
+    seed: int,
+    *,
+    patients: Mapping[str, str] | None = None,
+) -> dict[str, int]:
     """Partition cases into ``num_domains`` disjoint, near-equal subsets; case id -> domain.
 
     Units (patients when ``patients`` maps case id -> patient, else cases) are ordered by
@@ -78,5 +83,6 @@ def sample_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:
         if int(v) != v or v < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
     lo, hi = np.random.SeedSequence([int(seed), int(epoch), int(index), int(rank)]).generate_state(
-        2, np.uint32)
+        2, np.uint32
+    )
     return int((int(hi) << 32 | int(lo)) & ((1 << 63) - 1))

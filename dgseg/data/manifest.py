@@ -47,8 +47,10 @@ def load_manifest(root: Path | str) -> dict:
     if path.is_dir():
         path = path / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a folder prepared by "
-                                "tools/prepare_brats.py holds manifest.json)")
+        raise FileNotFoundError(
+            f"{path}: no such file (a folder prepared by "
+            "tools/prepare_brats.py holds manifest.json)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except ValueError as e:  # truncated or not JSON
@@ -58,8 +60,10 @@ def load_manifest(root: Path | str) -> dict:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}")
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: manifest version {manifest.get('version')!r} is not supported "
-                         f"(expected {MANIFEST_VERSION}); re-run tools/prepare_brats.py")
+        raise ValueError(
+            f"{path}: manifest version {manifest.get('version')!r} is not supported "
+            f"(expected {MANIFEST_VERSION}); re-run tools/prepare_brats.py"
+        )
     return manifest
 
 
@@ -78,11 +82,14 @@ def split_cases(manifest: dict, split: str, fold: int | None = None) -> list[dic
     if fold is not None:
         n_folds = 1 + max((c["fold"] for c in manifest["cases"] if "fold" in c), default=-1)
         if n_folds == 0:
-            raise ValueError("fold given but the manifest has no folds: prepare with --folds K or "
-                             "a split file with fold indices")
+            raise ValueError(
+                "fold given but the manifest has no folds: prepare with --folds K or "
+                "a split file with fold indices"
+            )
         if int(fold) != fold or not 0 <= fold < n_folds:
-            raise ValueError(f"fold must be in 0..{n_folds - 1} (the manifest's folds), got "
-                             f"{fold!r}")
+            raise ValueError(
+                f"fold must be in 0..{n_folds - 1} (the manifest's folds), got {fold!r}"
+            )
         if split in ("train", "val"):
             pool = [c for c in manifest["cases"] if c["split"] in ("train", "val")]
             return [c for c in pool if (c.get("fold") == fold) == (split == "val")]
@@ -110,7 +117,14 @@ def scored_extent(manifest: dict, split: str) -> dict:
     sizes = sorted(set(cropped_shapes))
     text = f"Scored volume ('{split}'): {whole} of {len(cases)} case(s) whole brain box"
     if cropped_shapes:
-        text += (f"; {len(cropped_shapes)} cropped to {', '.join(sizes)} (tumour outside the crop "
-                 "is in neither truth nor prediction)")
-    return {"n_cases": len(cases), "whole_brain": whole, "cropped": len(cropped_shapes),
-            "sizes": sizes, "text": text + "."}
+        text += (
+            f"; {len(cropped_shapes)} cropped to {', '.join(sizes)} (tumour outside the crop "
+            "is in neither truth nor prediction)"
+        )
+    return {
+        "n_cases": len(cases),
+        "whole_brain": whole,
+        "cropped": len(cropped_shapes),
+        "sizes": sizes,
+        "text": text + ".",
+    }

@@ -6,7 +6,8 @@ Preprocessing (``data_prep.preprocess``) stores each case as a window of its ori
     original index = stored index + offset        (offset may be negative when padded)
 
 :func:`crop_window` defines the window; the manifest records ``offset`` and ``original_shape`` per
-case, so a stored-space prediction goes back with :func:`restore_to_original` (``dgseg.predict``).
+case, so a stored-space prediction goes back with :func:`restore_to_original`
+(``dgseg.inference.predict_case``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 __all__ = ["crop_window", "overlap_slices", "restore_to_original"]
 
 
-def crop_window(bbox_start: np.ndarray, bbox_stop: np.ndarray,
-                size: int | Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+def crop_window(
+    bbox_start: np.ndarray, bbox_stop: np.ndarray, size: int | Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray]:
     """(offset, shape) of the stored window: ``size`` voxels centred on the box, or the box.
 
     The centre rounds down, so the result is deterministic and a box of even excess loses the
@@ -35,8 +37,9 @@ def crop_window(bbox_start: np.ndarray, bbox_stop: np.ndarray,
     return start + (extent - target) // 2, target  # floor division also for padding (< 0)
 
 
-def overlap_slices(offset: np.ndarray, shape: np.ndarray, lo: np.ndarray, hi: np.ndarray
-                   ) -> tuple[Optional[tuple[slice, ...]], Optional[tuple[slice, ...]]]:
+def overlap_slices(
+    offset: np.ndarray, shape: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> tuple[Optional[tuple[slice, ...]], Optional[tuple[slice, ...]]]:
     """Slices (source in the original grid, destination in the window) of window ∩ [lo, hi)."""
     a = np.maximum(offset, lo)
     b = np.minimum(offset + shape, hi)
@@ -47,8 +50,9 @@ def overlap_slices(offset: np.ndarray, shape: np.ndarray, lo: np.ndarray, hi: np
     return src, dst
 
 
-def restore_to_original(stored: np.ndarray, offset: Sequence[int], original_shape: Sequence[int],
-                        fill: float = 0) -> np.ndarray:
+def restore_to_original(
+    stored: np.ndarray, offset: Sequence[int], original_shape: Sequence[int], fill: float = 0
+) -> np.ndarray:
     """Put a stored-space array (..., D, H, W) back into the original grid (..., X, Y, Z).
 
     Voxels outside the stored window get ``fill``; stored voxels outside the original grid (the
@@ -58,12 +62,15 @@ def restore_to_original(stored: np.ndarray, offset: Sequence[int], original_shap
     offset = np.asarray(offset, np.int64)
     original_shape = np.asarray(original_shape, np.int64)
     if offset.shape != (3,) or original_shape.shape != (3,) or stored.ndim < 3:
-        raise ValueError(f"need (..., D, H, W) with 3-element offset and original_shape, got "
-                         f"{stored.shape}, {offset.tolist()}, {original_shape.tolist()}")
+        raise ValueError(
+            f"need (..., D, H, W) with 3-element offset and original_shape, got "
+            f"{stored.shape}, {offset.tolist()}, {original_shape.tolist()}"
+        )
     lead = stored.shape[:-3]
     out = np.full((*lead, *original_shape.tolist()), fill, dtype=stored.dtype)
-    src, dst = overlap_slices(offset, np.asarray(stored.shape[-3:], np.int64),
-                              np.zeros(3, np.int64), original_shape)
+    src, dst = overlap_slices(
+        offset, np.asarray(stored.shape[-3:], np.int64), np.zeros(3, np.int64), original_shape
+    )
     if src is not None:
         out[(Ellipsis, *src)] = stored[(Ellipsis, *dst)]
     return out

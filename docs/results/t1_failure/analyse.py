@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dgseg.atomic import atomic_write_text
 from dgseg.constants import MODALITIES
 from dgseg.data.dataset import ShardDataset
-from dgseg.predict import load_predictor
+from dgseg.inference.predict_case import load_predictor
 
 GROUPS = ("hit", "missed", "false_alarm", "other_brain")
 

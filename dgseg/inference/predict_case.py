@@ -7,7 +7,7 @@ modalities read, with its ``offset`` and ``original_shape``) is segmented with s
 original grid (``dgseg.data.window.restore_to_original``; outside the stored window:
 background), then written as a uint8 NIfTI with the original affine.
 
-Input channels follow the evaluation's input rule (``dgseg.evaluation.input_channels``): by
+Input channels follow the evaluation's input rule (``dgseg.evaluation.scoring.input_channels``): by
 default the model's own training modalities; a modality ``m`` feeds m to every input channel
 (not for 4-modality stacked models). A single file can only feed a model that reads one modality.
 """
@@ -21,12 +21,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from dgseg.checkpoint import load_segmenter
 from dgseg.constants import MODALITIES
 from dgseg.data.window import restore_to_original
-from dgseg.evaluation import input_channels
-from dgseg.inference import predict_volume
-from dgseg.nifti import write_nifti
+from dgseg.evaluation.scoring import input_channels
+from dgseg.inference.nifti import write_nifti
+from dgseg.inference.sliding_window import predict_volume
+from dgseg.training.checkpoint import load_segmenter
 from dgseg.transforms.labels import channels_to_labels
 
 __all__ = [

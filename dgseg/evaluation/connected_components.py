@@ -1,6 +1,7 @@
 """Connected components of 3D binary masks (6-, 18- or 26-connectivity), in NumPy.
 
-Used by :mod:`dgseg.lesion_metrics` to split a tumour region into lesions, as the BraTS lesion-wise
+Used by :mod:`dgseg.evaluation.lesion_metrics` to split a tumour region into lesions, as the BraTS
+lesion-wise
 evaluation does with ``cc3d.connected_components(mask, connectivity=26)`` (BraTS 2023 metrics,
 Saluja et al.; panoptica's ``ConnectedComponentsInstanceApproximator``, cc3d's default 26).
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dgseg.metrics import _bbox
+from dgseg.evaluation.metrics import _bbox
 
 __all__ = ["CONNECTIVITIES", "component_sizes", "label_components"]
 

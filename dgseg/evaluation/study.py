@@ -7,7 +7,7 @@ the per-case evaluation records of several seeds per preset (``per_case.csv`` of
 
 * the write-up's table: rows = presets, columns = T1 / T1CE / T2 / FLAIR, each cell
   ``Mean - WT | TC | ET`` as mean ± sd over seeds of the per-seed means over test cases
-  (:func:`dgseg.report.summarize`, the same code that ``tools/evaluate.py`` uses);
+  (:func:`dgseg.evaluation.report.summarize`, the same code that ``tools/evaluate.py`` uses);
 * per cell a 95 % percentile-bootstrap CI over test cases of the seed-averaged per-case Dice
   (Efron & Tibshirani 1993, ch. 13);
 * a paired comparison of every preset against each baseline (no-aug, spatial-only): per test
@@ -34,7 +34,7 @@ import numpy as np
 
 from dgseg.atomic import atomic_write_text
 from dgseg.constants import MODALITIES, REGIONS
-from dgseg.report import COLUMN_TITLES, format_table, summarize, write_json
+from dgseg.evaluation.report import COLUMN_TITLES, format_table, summarize, write_json
 from dgseg.viz import plot_study_bars
 
 __all__ = [
@@ -61,7 +61,7 @@ def read_records(path: str | Path, *, preset: str, seed: int) -> list[dict[str, 
     """Rows of one run's ``per_case.csv`` as records labelled ``preset`` / ``seed<seed>``.
 
     ``model`` becomes the preset and ``checkpoint`` the seed (the keys
-    :func:`dgseg.report.summarize` groups by); metric columns become floats.
+    :func:`dgseg.evaluation.report.summarize` groups by); metric columns become floats.
     """
     out = []
     with open(path, newline="") as f:
@@ -216,7 +216,7 @@ def aggregate(
 
     Returns:
         JSON-serialisable ``{"presets", "columns", "baselines", "n_boot", "alpha", "seed",
-        "summary" (dgseg.report.summarize), "seeds": {preset: [seed names]},
+        "summary" (dgseg.evaluation.report.summarize), "seeds": {preset: [seed names]},
         "comparisons": [paired_bootstrap results with preset, baseline, column, key]}``.
     """
     records = list(records)

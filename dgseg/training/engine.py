@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgseg.config import Config
-from dgseg.distributed import DistState, all_reduce_min, all_reduce_sum
-from dgseg.inference import sliding_window_inference
+from dgseg.evaluation.metrics import dice_per_region
+from dgseg.inference.sliding_window import sliding_window_inference
 from dgseg.layers import dann_lambda
 from dgseg.logging_utils import JsonlWriter, format_progress, log
-from dgseg.losses import view_consistency_loss
-from dgseg.metrics import dice_per_region
 from dgseg.models import segmenter_of
-from dgseg.precision import resolve_amp
+from dgseg.training.distributed import DistState, all_reduce_min, all_reduce_sum
+from dgseg.training.losses import view_consistency_loss
+from dgseg.training.precision import resolve_amp
 from dgseg.transforms.location_scale import saliency_mix
 
 __all__ = [
@@ -83,8 +83,9 @@ def autocast(device: torch.device, amp: str) -> AbstractContextManager:
 def channels_last_choice(
     cfg: Config, device: torch.device, spatial: Sequence[int]
 ) -> Tuple[bool, str]:
-    """``run.channels_last`` for an input of ``spatial`` size, and why (dgseg.precision)."""
-    from dgseg.precision import resolve_channels_last
+    """``run.channels_last`` for an input of ``spatial`` size, and why
+    (dgseg.training.precision)."""
+    from dgseg.training.precision import resolve_channels_last
 
     m = cfg.model
     width = m.init_filters if m.arch == "segresnet" else m.unet_features[0]

@@ -2,21 +2,23 @@
 
 The write-up (docs/SPEC.md "Experiments") trains on one source modality and tests on each of the
 four BraTS modalities, reporting per modality ``Mean - WT | TC | ET`` Dice. This module holds
-the scoring side of that evaluation (aggregation, tables and writers: :mod:`dgseg.report`; the
-loop that runs the networks: :mod:`dgseg.cross_modality`):
+the scoring side of that evaluation (aggregation, tables and writers:
+:mod:`dgseg.evaluation.report`; the
+loop that runs the networks: :mod:`dgseg.evaluation.cross_modality`):
 
 * the rule that turns a test modality into the input channels of a model (:func:`input_channels`,
   documented in :data:`EVAL_RULE`);
 * one flat record per (checkpoint, test column, case) with Dice and HD95 per region under the
-  BraTS empty-mask rules (:func:`case_record`, metrics from :mod:`dgseg.metrics`);
+  BraTS empty-mask rules (:func:`case_record`, metrics from :mod:`dgseg.evaluation.metrics`);
 * lesion-wise metrics beside the legacy ones (``metrics="lesion"`` or ``"all"``; rules and
-  references in :mod:`dgseg.lesion_metrics`): record keys ``lesion_dice_<region>``,
+  references in :mod:`dgseg.evaluation.lesion_metrics`): record keys ``lesion_dice_<region>``,
   ``lesion_hd95_<region>``, ``lesion_nsd_<region>`` and the counts ``lesion_tp/fp/fn_<region>``;
   a NaN value (no lesion on either side under the panoptica rules) is left out of every mean;
 * scoring off the main process (:class:`CaseJob`, :func:`score_job`): the HD95 of a poor
   prediction costs far more CPU time than the network's GPU inference, so the predictions of one
   case go, bit-packed, to worker processes that score them against a
-  :class:`dgseg.metrics.RegionReference` built once per case, while the main process predicts;
+  :class:`dgseg.evaluation.metrics.RegionReference` built once per case, while the main process
+  predicts;
 * scoring a label NIfTI against a reference segmentation (:func:`score_label_files`).
 """
 
@@ -32,8 +34,8 @@ import nibabel as nib
 import numpy as np
 
 from dgseg.constants import MODALITIES, REGIONS
-from dgseg.lesion_metrics import LesionRules, get_lesion_rules, lesion_region_metrics
-from dgseg.metrics import RegionReference, dice_score, hd95, region_metrics
+from dgseg.evaluation.lesion_metrics import LesionRules, get_lesion_rules, lesion_region_metrics
+from dgseg.evaluation.metrics import RegionReference, dice_score, hd95, region_metrics
 from dgseg.transforms.labels import (
     REGION_SETS,
     convert_labels,
@@ -61,7 +63,8 @@ __all__ = [
 # Test columns: each single modality, then the model's own training inputs.
 COLUMNS = (*MODALITIES, "own")
 METRICS = ("dice", "hd95")
-# Lesion-wise metrics (dgseg.lesion_metrics), and what --metrics legacy|lesion|all selects.
+# Lesion-wise metrics (dgseg.evaluation.lesion_metrics), and what --metrics legacy|lesion|all
+# selects.
 LESION_METRICS = ("lesion_dice", "lesion_hd95", "lesion_nsd")
 METRIC_SETS = {"legacy": METRICS, "lesion": LESION_METRICS, "all": METRICS + LESION_METRICS}
 EVAL_RULE = (
@@ -131,7 +134,7 @@ def case_record(
     """One flat row: the given identifying ``keys`` then ``dice_WT .. dice_mean, hd95_WT ..``.
 
     ``pred3`` / ``truth3`` are (3, D, H, W) binary WT/TC/ET masks; ``spacing`` in mm. ``truth3``
-    may be a :class:`dgseg.metrics.RegionReference` (with that spacing) shared by the
+    may be a :class:`dgseg.evaluation.metrics.RegionReference` (with that spacing) shared by the
     predictions of one case, so that the truth side of HD95 is computed once.
 
     ``metrics`` ("legacy", "lesion" or "all", :data:`METRIC_SETS`) adds the lesion-wise keys
@@ -265,7 +268,8 @@ class CaseJob:
 
 def score_job(job: CaseJob) -> list[dict[str, Any]]:
     """:func:`case_record` of every prediction of ``job``, in order, with one shared
-    :class:`dgseg.metrics.RegionReference` (truth surfaces and distance maps computed once)."""
+    :class:`dgseg.evaluation.metrics.RegionReference` (truth surfaces and distance maps computed
+    once)."""
     truth = unpack_mask(job.truth, job.shape)
     ref = truth
     if job.metrics != "lesion" and job.regions == REGIONS:

@@ -11,12 +11,12 @@ challenge rules for empty masks apply per case and region:
   the larger of the two directions' 95th percentiles (linear interpolation, NumPy's default).
   Both empty → 0, exactly one empty → 373.13 mm (the 240×240×155 diagonal).
 
-The distances come from the exact transform of :mod:`dgseg.distance_transform`.
+The distances come from the exact transform of :mod:`dgseg.evaluation.distance_transform`.
 
 HD95 needs distances only at surface voxels, so
 
 * reference → prediction: the transform of the prediction's surface is restricted to the lines
-  through reference surface voxels (:func:`dgseg.distance_transform.squared_edt_at`);
+  through reference surface voxels (:func:`dgseg.evaluation.distance_transform.squared_edt_at`);
 * prediction → reference: a :class:`SurfaceReference` keeps the reference surface's distance
   map, so predictions of the same case (each test modality, each checkpoint) only look it up;
   :class:`RegionReference` does the same for the three regions of a case.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dgseg.constants import BRATS_EMPTY_HD95, REGIONS
-from dgseg.distance_transform import as_bool, check_spacing, squared_edt, squared_edt_at
+from dgseg.evaluation.distance_transform import as_bool, check_spacing, squared_edt, squared_edt_at
 
 __all__ = [
     "surface",

@@ -1,9 +1,10 @@
 """Cross-modality evaluation runs: the loop behind ``tools/evaluate.py``.
 
 Case by case over a split of prepared shards, every checkpoint predicts every input tuple the
-input rule tests it on (:func:`dgseg.evaluation.input_specs`; whole stored volume, sliding
+input rule tests it on (:func:`dgseg.evaluation.scoring.input_specs`; whole stored volume, sliding
 windows with Gaussian blending, optional flip TTA, sigmoid > threshold per region). The
-predictions of one case go as one :class:`dgseg.evaluation.CaseJob` to an :class:`OrderedPool`
+predictions of one case go as one :class:`dgseg.evaluation.scoring.CaseJob` to an
+:class:`OrderedPool`
 of worker processes, which score them against the case's ground truth prepared once while the
 network predicts the next case; results come back in submission order, so the records do not
 depend on the worker count. With several ranks each takes ``cases[rank::world]`` (nnU-Net's
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 
 from dgseg.data.dataset import ShardDataset
-from dgseg.evaluation import CaseJob, score_job, score_label_files
-from dgseg.inference import predict_volume
-from dgseg.lesion_metrics import LesionRules
+from dgseg.evaluation.lesion_metrics import LesionRules
+from dgseg.evaluation.scoring import CaseJob, score_job, score_label_files
+from dgseg.inference.sliding_window import predict_volume
 from dgseg.logging_utils import Progress
 from dgseg.transforms.labels import channels_to_labels
 from dgseg.viz import overlay_slices
@@ -59,7 +60,7 @@ class EvalSettings:
     tta: bool = False  # 8-fold flip test-time augmentation
     threshold: float = 0.5  # probability threshold per region
     overlays: int = 0  # overlay slices of the first N cases
-    metrics: str = "legacy"  # "legacy" | "lesion" | "all" (dgseg.evaluation.METRIC_SETS)
+    metrics: str = "legacy"  # "legacy" | "lesion" | "all" (dgseg.evaluation.scoring.METRIC_SETS)
     lesion_rules: Optional[LesionRules] = None  # lesion-wise rules (None: "panoptica")
     autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 for the network
 
@@ -288,7 +289,8 @@ def score_prediction_files(
     Args:
         cases: (case id, reference label file, its label convention) per labelled case.
         predictions: folder of label maps in original image space (``tools/predict.py``).
-        region_set, metrics, lesion_rules: as for :func:`dgseg.evaluation.score_label_files`.
+        region_set, metrics, lesion_rules: as for
+        :func:`dgseg.evaluation.scoring.score_label_files`.
 
     Returns:
         (records in case order, (case id, reason) of the cases without a prediction file).

@@ -59,8 +59,8 @@ missed lesion → Dice 0, HD95 = maximum distance; false positive counted", it c
 official sets; the combination is available as ``LesionRules(matching="bipartite",
 aggregate="penalized")`` but is not an official rule set, so it is not a preset.
 
-Distances use the exact Euclidean transform of :mod:`dgseg.distance_transform` and the
-surface code of :mod:`dgseg.metrics`
+Distances use the exact Euclidean transform of :mod:`dgseg.evaluation.distance_transform` and the
+surface code of :mod:`dgseg.evaluation.metrics`
 (spacing-aware, in mm), on the bounding box of each pair.
 """
 
@@ -75,10 +75,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dgseg.connected_components import CONNECTIVITIES, label_components
 from dgseg.constants import REGIONS
-from dgseg.distance_transform import as_bool, check_spacing, squared_edt_at
-from dgseg.metrics import _bbox, _points_mask, _surface_points
+from dgseg.evaluation.connected_components import CONNECTIVITIES, label_components
+from dgseg.evaluation.distance_transform import as_bool, check_spacing, squared_edt_at
+from dgseg.evaluation.metrics import _bbox, _points_mask, _surface_points
 
 __all__ = [
     "LESION_RULES",

@@ -10,8 +10,9 @@ envelope of parabolas (vectorised over lines, Python loops only along the axis: 
 sparse targets). Both give the exact minimum; the envelope's float intersection tests may differ
 from it in the last bit at near-ties with non-integer spacing (never with 1 mm voxels).
 
-Used by the HD95 of :mod:`dgseg.metrics` and the lesion-wise distances of
-:mod:`dgseg.lesion_metrics`: :func:`squared_edt` gives the squared distance map of a set of feature
+Used by the HD95 of :mod:`dgseg.evaluation.metrics` and the lesion-wise distances of
+:mod:`dgseg.evaluation.lesion_metrics`: :func:`squared_edt` gives the squared distance map of a set
+of feature
 voxels, :func:`squared_edt_at` the same values at chosen voxels only (the passes run on the lines
 those voxels need).
 """

@@ -1,6 +1,7 @@
 """Evaluation reports: aggregation over cases and seeds, the write-up's tables, atomic writers.
 
-Per-case records (:func:`dgseg.evaluation.case_record`) become a summary (:func:`summarize`): per
+Per-case records (:func:`dgseg.evaluation.scoring.case_record`) become a summary
+(:func:`summarize`): per
 checkpoint the mean over cases with a percentile-bootstrap 95% CI over cases (Efron & Tibshirani
 1993, ch. 13; seeded, so reproducible); several checkpoints with the same model label (seeds)
 become mean ± sample sd over checkpoints, and the row's CI is the bootstrap over cases of the
@@ -8,7 +9,7 @@ per-case scores averaged over those checkpoints. Tables always name their column
 (``Mean - WT | TC | ET``; the original printout's column order did not match its values), and
 every table carries a footer saying what was scored (:func:`table_footer`). :func:`write_report`
 writes ``per_case.csv``, ``summary.json`` and ``table.md`` of ``tools/evaluate.py``;
-:mod:`dgseg.study` builds the seeded-ablation tables on the same summary.
+:mod:`dgseg.evaluation.study` builds the seeded-ablation tables on the same summary.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import numpy as np
 
 from dgseg.atomic import atomic_write_text
 from dgseg.constants import REGIONS
-from dgseg.evaluation import COLUMNS, EVAL_RULE, LESION_METRICS, METRIC_SETS, METRICS
-from dgseg.lesion_metrics import LesionRules, get_lesion_rules
+from dgseg.evaluation.lesion_metrics import LesionRules, get_lesion_rules
+from dgseg.evaluation.scoring import COLUMNS, EVAL_RULE, LESION_METRICS, METRIC_SETS, METRICS
 
 __all__ = [
     "COLUMN_TITLES",
@@ -118,7 +119,8 @@ def summarize(
     ``metrics`` lists the metrics to aggregate (default the legacy Dice and HD95; see
     :data:`METRIC_SETS`), ``regions`` the region names of the records. NaN per-case values are
     left out of means and CIs (``n_cases`` still counts every case). With lesion-wise metrics,
-    the summary records the :class:`dgseg.lesion_metrics.LesionRules` used (``lesion_rules``).
+    the summary records the :class:`dgseg.evaluation.lesion_metrics.LesionRules` used
+    (``lesion_rules``).
 
     Records need the keys ``model`` (row label; checkpoints sharing it are seeds of one model),
     ``checkpoint``, ``column``, ``inputs``, ``case_id`` and the metric keys of
@@ -398,9 +400,10 @@ def write_report(
     """``per_case.csv``, ``summary.json`` and ``table.md`` of an evaluation in ``out``.
 
     Args:
-        records: :func:`dgseg.evaluation.case_record` rows with ``model``, ``checkpoint``,
+        records: :func:`dgseg.evaluation.scoring.case_record` rows with ``model``, ``checkpoint``,
             ``column``, ``inputs`` and ``case_id``.
-        metric_set: "legacy", "lesion" or "all" (:data:`dgseg.evaluation.METRIC_SETS`): one table
+        metric_set: "legacy", "lesion" or "all" (:data:`dgseg.evaluation.scoring.METRIC_SETS`): one
+        table
             per metric of the set.
         regions: region names of the records (default WT, TC, ET).
         split: the manifest split, recorded in the summary; ``scored`` names what the footer

@@ -1,4 +1,5 @@
-"""Writing NIfTI-1 files: predicted label maps (``dgseg.predict``) and synthetic cases
+"""Writing NIfTI-1 files: predicted label maps (``dgseg.inference.predict_case``) and synthetic
+cases
 (``data_prep.synthetic``). Reading raw cases, with their checks, is ``data_prep.loading``'s.
 """
 

@@ -1,0 +1,213 @@
+"""One preset per experiment: the write-up's table rows, their ablations, the single-source DG
+methods, and ``tiny`` for tests.
+
+Each preset is a :class:`~dgseg.config.Config` plus one line saying what it trains
+(``python tools/train.py --list-presets`` prints them). :data:`CPU_RECIPE` is the small network
+and learning rate with which every preset learns in minutes on a CPU: the demo, the ``tiny``
+preset and ``tools/run_experiments.py --scale cpu`` all start from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple
+
+from dgseg.config import _SECTIONS, Config, RunConfig, apply_overrides
+from dgseg.constants import MODALITIES
+
+__all__ = [
+    "PRESETS",
+    "PRESET_ABOUT",
+    "CPU_RECIPE",
+    "SDG_RECOMMENDED",
+    "get_preset",
+    "format_presets",
+]
+
+# `--set` items that make any preset small enough for a 2-core CPU: eight filters, one residual
+# block per level, a learning rate that learns in minutes, BCE beside Dice (it empties the
+# background faster than Dice alone on few steps), loading in the training process.
+CPU_RECIPE = (
+    "model.init_filters=8",
+    "model.blocks_down=1,1,1,1",
+    "model.unet_features=8,16,32,64,128",
+    "optim.lr=2e-3",
+    "loss.bce_weight=1",
+    "data.workers=0",
+    "run.log_every=100",
+)
+
+# The write-up's spatial augmentation ("random flipping and random rotation for all domains").
+_SPATIAL = dict(flip=True, rotation_degrees=10.0)
+# The write-up's three Bezier domains, one per subset of patients: untouched, increasing curve,
+# decreasing curve.
+_BEZIER_PARTITION = dict(bezier="partition", **_SPATIAL)
+# The augmentations of the recommended preset `segresnet_t2_sdg` (one drawn per sample).
+SDG_RECOMMENDED = ("location_scale", "resynthesis")
+_SDG_BEZIER = (*SDG_RECOMMENDED, "bezier")
+
+
+class _Preset(NamedTuple):
+    config: Config
+    about: str
+
+
+def _preset(name: str, about: str, **sections: Dict[str, Any]) -> _Preset:
+    parts = {s: _SECTIONS[s](**sections.get(s, {})) for s in _SECTIONS if s != "run"}
+    return _Preset(Config(**parts, run=RunConfig(name=name, **sections.get("run", {}))), about)
+
+
+def _sdg(name: str, about: str, augs: tuple, **sections: Dict[str, Any]) -> _Preset:
+    data = dict(intensity_augs=augs, **_SPATIAL, **sections.pop("data", {}))
+    return _preset(name, about, data=data, **sections)
+
+
+_ALL = (
+    # The write-up's experiments.
+    _preset("segresnet_t2_noaug", "write-up: SegResNet on T2, no augmentation (the baseline)"),
+    _preset(
+        "segresnet_t2_bezier",
+        "write-up: SegResNet on T2, a random Bezier curve per sample + flips/rotations",
+        data=dict(bezier="random", **_SPATIAL),
+    ),
+    _preset(
+        "segresnet_t2_vffc_grl",
+        "write-up's method: VFFC bottleneck + GRL domain head on three Bezier patient domains",
+        data=_BEZIER_PARTITION,
+        model=dict(vffc=True, grl=True, num_domains=3),
+    ),
+    _preset(
+        "segresnet_t1ce_t2_bezier",
+        "write-up: two source sequences (T1CE + T2 channels), random Bezier curves",
+        data=dict(modalities=("t1ce", "t2"), bezier="random", **_SPATIAL),
+    ),
+    _preset("unet_t2_noaug", "write-up: 3D UNet on T2, no augmentation", model=dict(arch="unet3d")),
+    _preset(
+        "unet_stacked",
+        "write-up: 3D UNet on the four sequences stacked (the multi-sequence reference)",
+        data=dict(modalities=MODALITIES),
+        model=dict(arch="unet3d"),
+    ),
+    # Ablations of the write-up's method.
+    _preset(
+        "segresnet_t2_grl",
+        "ablation: GRL domain head on the Bezier patient domains, no VFFC",
+        data=_BEZIER_PARTITION,
+        model=dict(grl=True, num_domains=3),
+    ),
+    _preset(
+        "segresnet_t2_vffc",
+        "ablation: VFFC bottleneck on the Bezier patient domains, no GRL",
+        data=_BEZIER_PARTITION,
+        model=dict(vffc=True),
+    ),
+    _preset(
+        "segresnet_t2_spatial",
+        "control: the augmented presets' flips and 10-degree rotations, no intensity change",
+        data=dict(_SPATIAL),
+    ),
+    # The network as the write-up's code built it: SegResNet F32 with dropout 0.2, three
+    # reflect-padded BatchNorm VFFC blocks, the domain head Linear(256, 64) -> ReLU -> Linear(64, K)
+    # without input LayerNorm, Adam with amsgrad and coupled (L2) weight decay.
+    _preset(
+        "segresnet_t2_vffc_grl_original",
+        "the write-up's method with the network and optimiser of its public code",
+        data=_BEZIER_PARTITION,
+        model=dict(
+            init_filters=32,
+            dropout=0.2,
+            vffc=True,
+            vffc_blocks=3,
+            vffc_norm="batch",
+            vffc_padding="reflect",
+            grl=True,
+            num_domains=3,
+            domain_hidden=64,
+            domain_input_norm=False,
+        ),
+        optim=dict(name="adam", amsgrad=True),
+    ),
+    # Single-source DG intensity augmentations (dgseg.transforms.sdg), one preset each.
+    _sdg("segresnet_t2_gin", "SDG: GIN random shallow conv nets (Ouyang et al. 2022)", ("gin",)),
+    _sdg("segresnet_t2_ipa", "SDG: GIN views blended by a smooth random field (IPA)", ("ipa",)),
+    _sdg("segresnet_t2_randconv", "SDG: random convolutions (Xu et al. 2021)", ("random_conv",)),
+    _sdg("segresnet_t2_fourier", "SDG: Fourier amplitude mixing", ("fourier",)),
+    _sdg(
+        "segresnet_t2_slaug", "SDG: global/class-wise location-scale (SLAug)", ("location_scale",)
+    ),
+    _sdg("segresnet_t2_resynth", "SDG: per-tissue contrast re-synthesis", ("resynthesis",)),
+    _sdg(
+        "segresnet_t2_sdg",
+        "recommended: location-scale or re-synthesis drawn per sample",
+        SDG_RECOMMENDED,
+    ),
+    _sdg(
+        "segresnet_t2_sdg_grl",
+        "recommended pool + GRL domain head (domain = the drawn augmentation)",
+        SDG_RECOMMENDED,
+        model=dict(grl=True, num_domains=len(SDG_RECOMMENDED)),
+    ),
+    _sdg(
+        "segresnet_t2_sdg_vffc",
+        "recommended pool + VFFC bottleneck",
+        SDG_RECOMMENDED,
+        model=dict(vffc=True),
+    ),
+    _sdg(
+        "segresnet_t2_sdg_bezier",
+        "recommended pool + the write-up's Bezier curve as a third draw",
+        _SDG_BEZIER,
+    ),
+    _sdg(
+        "segresnet_t2_sdg_bezier_vffc",
+        "recommended pool + Bezier + VFFC bottleneck",
+        _SDG_BEZIER,
+        model=dict(vffc=True),
+    ),
+    _preset(
+        "segresnet_t2_slaug_sbf",
+        "SLAug as its authors train it: location-scale views fused by saliency, two passes a step",
+        data=dict(saliency_balancing=True, **_SPATIAL),
+    ),
+    _sdg(
+        "segresnet_t2_gin_ipa_cons",
+        "GIN-IPA as its authors train it: three views, KL consistency (weight 10)",
+        ("gin", "ipa"),
+        data=dict(consistency_views=3),
+    ),
+    _sdg(
+        "segresnet_t2_sdg_bezier_cons",
+        "pool + Bezier views with GIN-IPA's KL consistency (weight 10)",
+        _SDG_BEZIER,
+        data=dict(consistency_views=3),
+    ),
+    _sdg(
+        "segresnet_t2_sdg_iso",
+        "location-scale, iso-intense re-synthesis (tumour takes healthy intensities), Bezier",
+        ("location_scale", "resynthesis_iso", "bezier"),
+    ),
+)
+
+
+def _tiny() -> _Preset:
+    base = _preset("tiny", "tests and the CPU demo: the CPU recipe, 40 epochs").config
+    cfg = apply_overrides(
+        base, (*CPU_RECIPE, "optim.epochs=40", "run.log_every=20", "run.val_every=10")
+    )
+    return _Preset(cfg, "tests and the CPU demo: the CPU recipe, 40 epochs")
+
+
+PRESETS: Dict[str, Config] = {p.config.run.name: p.config for p in (*_ALL, _tiny())}
+PRESET_ABOUT: Dict[str, str] = {p.config.run.name: p.about for p in (*_ALL, _tiny())}
+
+
+def get_preset(name: str) -> Config:
+    """The named preset; ValueError listing the valid names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def format_presets() -> str:
+    """One line per preset: name and what it trains."""
+    width = max(map(len, PRESETS))
+    return "\n".join(f"{name:<{width}}  {PRESET_ABOUT[name]}" for name in PRESETS)
