@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from dgseg.constants import DEFAULT_DATA_ROOT, MODALITIES
-from dgseg.data.domains import BEZIER_MODES, PARTITION_MAX_DOMAINS
+from dgseg.data.domains import DOMAIN_ASSIGNMENTS, check_domains
 from dgseg.layers.vffc import NORMS, PADDING_MODES
 from dgseg.training.distributed import DEVICES
 from dgseg.training.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
 from dgseg.training.precision import AMP_CHOICES
+from dgseg.training.steps import STEP_NAMES
 from dgseg.transforms.sdg import INTENSITY_AUGS
 
 __all__ = [
@@ -70,18 +71,14 @@ class DataConfig:
     flip: bool = False  # random flips on the three axes (write-up: "random flipping")
     rot90: bool = False  # random 90° rotations in a random plane
     rotation_degrees: float = 0.0  # random small rotation, max angle (write-up: "random rotation")
-    bezier: str = "none"  # "none" | "partition" (K domains) | "pair" (2 domains) | "random"
-    # Single-source DG intensity augmentations (dgseg.transforms.sdg); each training sample draws
-    # one uniformly, and the index of the drawn one is its domain label.
-    intensity_augs: Tuple[str, ...] = ()  # names from dgseg.transforms.sdg; () = none
-    # SLAug's saliency-balanced fusion (Su et al. 2023): each sample carries a global and a
-    # class-wise location-scale view, each step trains on the global view and on the two fused by
-    # the input-gradient saliency (two forward/backward passes, one optimizer step).
-    saliency_balancing: bool = False  # dgseg.training.engine.saliency_balanced_backward
-    # GIN-IPA's training recipe (Ouyang et al. 2022): N views of each sample, each with its own
-    # draw from intensity_augs under one spatial augmentation; the segmentation loss on the first
-    # view plus loss.consistency_weight times the KL consistency of all (dgseg.training.engine).
-    consistency_views: int = 1  # 1: plain training; the authors use 3
+    # The training domains: a pool of intensity augmentations (dgseg.transforms.sdg; "none" is
+    # the source image, "bezier_increasing"/"bezier_decreasing" the write-up's curves) and how a
+    # sample gets its entry: "sample" draws one per sample and epoch, "patient" deals the
+    # patients into len(pool) fixed subsets (the write-up's domains). The entry's index is the
+    # sample's domain label.
+    intensity_augs: Tuple[str, ...] = ()  # () = the source image as it is
+    domain_assignment: str = "sample"  # "sample" | "patient"
+    consistency_views: int = 1  # views per sample of loss.step="consistency" (the authors: 3)
     workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     val_split: str = "val"  # manifest split used for validation / best checkpoint
     fold: Optional[int] = None  # CV fold i: validate on fold i, train on the other non-test cases
@@ -94,9 +91,9 @@ class DataConfig:
         if self.patch_size is not None:
             _check_positive("data.patch_size", self.patch_size)
         _check_positive("data.rotation_degrees", self.rotation_degrees, allow_zero=True)
-        _check_choice("data.bezier", self.bezier, BEZIER_MODES)
         for a in self.intensity_augs:
             _check_choice("data.intensity_augs entry", a, INTENSITY_AUGS)
+        _check_choice("data.domain_assignment", self.domain_assignment, DOMAIN_ASSIGNMENTS)
         _check_positive("data.workers", self.workers, allow_zero=True)
         _check_positive("data.consistency_views", self.consistency_views)
         if self.fold is not None:
@@ -126,7 +123,7 @@ class ModelConfig:
     vffc_norm: str = "group"  # "group" (works at batch 1) | "batch" (original code) | "none"
     vffc_padding: str = "zeros"  # VFFC 3³ conv padding: "zeros" | "reflect" (original code)
     grl: bool = False  # domain classifier behind a gradient-reversal layer (DANN)
-    num_domains: int = 3  # domain classes; also the number of Bezier partition subsets
+    num_domains: int = 3  # domain classes of the GRL head: len(data.intensity_augs)
     domain_hidden: int = 128  # hidden width of the domain classifier MLP (original code: 64)
     domain_input_norm: bool = True  # LayerNorm on the pooled features (original code: none)
 
@@ -191,12 +188,15 @@ class LossConfig:
     domain_weight: float = 1.0  # weight of the domain cross-entropy (used when model.grl)
     lambda_max: float = 1.0  # λmax of the DANN schedule; λ reaches it at the last step
     consistency_weight: float = 10.0  # of the KL view consistency (GIN-IPA's 10)
+    # "adversarial" needs model.grl; "consistency" data.consistency_views > 1 (training.steps)
+    step: str = "plain"  # "plain" | "adversarial" | "saliency_balanced" | "consistency"
 
     def __post_init__(self) -> None:
         _check_positive("loss.bce_weight", self.bce_weight, allow_zero=True)
         _check_positive("loss.domain_weight", self.domain_weight, allow_zero=True)
         _check_positive("loss.lambda_max", self.lambda_max, allow_zero=True)
         _check_positive("loss.consistency_weight", self.consistency_weight, allow_zero=True)
+        _check_choice("loss.step", self.step, STEP_NAMES)
 
 
 @dataclass(frozen=True)
@@ -250,50 +250,30 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        # Cross-section consistency: the domain labels come from the drawn intensity augmentation
-        # when data.intensity_augs is set, else from the data's Bezier scheme.
-        augs = self.data.intensity_augs
-        if self.data.saliency_balancing and (augs or self.data.bezier != "none" or self.model.grl):
+        d, step = self.data, self.loss.step
+        if (step == "adversarial") != self.model.grl:
             raise ValueError(
-                "data.saliency_balancing trains on SLAug's two location-scale views: it does not "
-                "combine with data.intensity_augs, data.bezier or model.grl"
+                f"loss.step={step!r} with model.grl={self.model.grl}: the adversarial step and "
+                "the GRL domain head go together"
             )
-        if self.data.consistency_views > 1 and (not augs or self.model.grl):
+        if step == "adversarial" and len(d.intensity_augs) != self.model.num_domains:
             raise ValueError(
-                "data.consistency_views > 1 needs data.intensity_augs to draw the views from (else "
-                "they are identical) and does not combine with model.grl (one domain per sample)"
+                f"data.intensity_augs={d.intensity_augs} makes {len(d.intensity_augs)} domains "
+                f"but model.num_domains={self.model.num_domains}"
             )
-        if augs:
-            if self.data.bezier in ("partition", "pair"):
-                raise ValueError(
-                    f"data.bezier={self.data.bezier!r} assigns domains per patient, "
-                    "data.intensity_augs per sample: use one of them (or data.bezier='random')"
-                )
-            if self.model.grl and len(augs) != self.model.num_domains:
-                raise ValueError(
-                    f"data.intensity_augs={augs} makes {len(augs)} domains but "
-                    f"model.num_domains={self.model.num_domains}"
-                )
-            return
-        if self.model.grl and self.data.bezier == "none":
+        views = d.consistency_views
+        if (step == "consistency") != (views > 1):
             raise ValueError(
-                "model.grl=True needs data.bezier != 'none' or data.intensity_augs "
-                "(every sample would be domain 0)"
+                f"loss.step={step!r} with data.consistency_views={views}: views above 1 are "
+                "for the consistency step, which needs them"
             )
-        if self.data.bezier == "partition" and self.model.num_domains > PARTITION_MAX_DOMAINS:
-            raise ValueError(
-                f"data.bezier='partition' makes at most {PARTITION_MAX_DOMAINS} domains (identity, "
-                f"increasing, decreasing) but model.num_domains={self.model.num_domains}"
-            )
-        if self.data.bezier == "pair" and self.model.num_domains != 2:
-            raise ValueError(
-                f"data.bezier='pair' makes 2 domains but model.num_domains={self.model.num_domains}"
-            )
-        if self.data.bezier == "random" and self.model.grl and self.model.num_domains != 3:
-            raise ValueError(
-                "data.bezier='random' labels samples 0/1/2 (curve kind) but "
-                f"model.num_domains={self.model.num_domains}"
-            )
+        check_domains(
+            d.intensity_augs,
+            d.domain_assignment,
+            views=views,
+            saliency_pair=step == "saliency_balanced",
+            prefix="data.",
+        )
 
     @property
     def eval_roi(self) -> Optional[int]:
@@ -314,6 +294,7 @@ class Config:
         """Inverse of :meth:`to_dict`; unknown sections or fields raise ValueError."""
         if not isinstance(d, dict):
             raise ValueError(f"config must be a dict, got {type(d).__name__}")
+        d = _upgrade(d)
         unknown = sorted(set(d) - set(_SECTIONS))
         if unknown:
             raise ValueError(f"unknown config sections {unknown}; valid: {sorted(_SECTIONS)}")
@@ -330,6 +311,47 @@ class Config:
                 **{k: _convert(v, hints[k], f"{name}.{k}") for k, v in values.items()}
             )
         return cls(**sections)
+
+
+_WRITEUP_DOMAINS = ("none", "bezier_increasing", "bezier_decreasing")
+
+
+def _upgrade(d: Dict[str, Any]) -> Dict[str, Any]:
+    """A config saved before training domains were one pool and the step one field: its
+    ``data.bezier`` becomes a pool with an assignment, ``data.saliency_balancing`` / ``model.grl``
+    / ``data.consistency_views`` become ``loss.step``."""
+    data = dict(d.get("data", {}))
+    if "bezier" not in data and "saliency_balancing" not in data:
+        return d
+    model, loss = d.get("model", {}), dict(d.get("loss", {}))
+    bezier = data.pop("bezier", "none")
+    saliency = data.pop("saliency_balancing", False)
+    if bezier != "none":
+        if data.get("intensity_augs"):
+            raise ValueError(
+                f"data.bezier={bezier!r} together with data.intensity_augs has no equivalent "
+                "any more: put the Bezier entries in the pool"
+            )
+        k = model.get("num_domains", 3)
+        pools = {
+            "partition": (_WRITEUP_DOMAINS[:k], "patient"),
+            "pair": (_WRITEUP_DOMAINS[1:], "patient"),
+            "random": (_WRITEUP_DOMAINS, "sample"),
+        }
+        if bezier not in pools:
+            raise ValueError(f"data.bezier={bezier!r} is not one of {tuple(pools)}")
+        data["intensity_augs"], data["domain_assignment"] = pools[bezier]
+    if "step" not in loss:
+        loss["step"] = (
+            "adversarial"
+            if model.get("grl")
+            else "saliency_balanced"
+            if saliency
+            else "consistency"
+            if data.get("consistency_views", 1) > 1
+            else "plain"
+        )
+    return {**d, "data": data, "loss": loss}
 
 
 def _hints(sec_cls: type) -> Dict[str, Any]:

@@ -38,9 +38,11 @@ CPU_RECIPE = (
 
 # The write-up's spatial augmentation ("random flipping and random rotation for all domains").
 _SPATIAL = dict(flip=True, rotation_degrees=10.0)
-# The write-up's three Bezier domains, one per subset of patients: untouched, increasing curve,
-# decreasing curve.
-_BEZIER_PARTITION = dict(bezier="partition", **_SPATIAL)
+# The write-up's three domains: untouched, increasing Bezier curve, decreasing Bezier curve.
+WRITEUP_DOMAINS = ("none", "bezier_increasing", "bezier_decreasing")
+# ... one per subset of patients, as the write-up deals them.
+_BEZIER_PARTITION = dict(intensity_augs=WRITEUP_DOMAINS, domain_assignment="patient", **_SPATIAL)
+_ADVERSARIAL = dict(step="adversarial")
 # The augmentations of the recommended preset `segresnet_t2_sdg` (one drawn per sample).
 SDG_RECOMMENDED = ("location_scale", "resynthesis")
 _SDG_BEZIER = (*SDG_RECOMMENDED, "bezier")
@@ -67,18 +69,19 @@ _ALL = (
     _preset(
         "segresnet_t2_bezier",
         "write-up: SegResNet on T2, a random Bezier curve per sample + flips/rotations",
-        data=dict(bezier="random", **_SPATIAL),
+        data=dict(intensity_augs=WRITEUP_DOMAINS, **_SPATIAL),
     ),
     _preset(
         "segresnet_t2_vffc_grl",
         "write-up's method: VFFC bottleneck + GRL domain head on three Bezier patient domains",
         data=_BEZIER_PARTITION,
         model=dict(vffc=True, grl=True, num_domains=3),
+        loss=_ADVERSARIAL,
     ),
     _preset(
         "segresnet_t1ce_t2_bezier",
         "write-up: two source sequences (T1CE + T2 channels), random Bezier curves",
-        data=dict(modalities=("t1ce", "t2"), bezier="random", **_SPATIAL),
+        data=dict(modalities=("t1ce", "t2"), intensity_augs=WRITEUP_DOMAINS, **_SPATIAL),
     ),
     _preset("unet_t2_noaug", "write-up: 3D UNet on T2, no augmentation", model=dict(arch="unet3d")),
     _preset(
@@ -93,6 +96,7 @@ _ALL = (
         "ablation: GRL domain head on the Bezier patient domains, no VFFC",
         data=_BEZIER_PARTITION,
         model=dict(grl=True, num_domains=3),
+        loss=_ADVERSARIAL,
     ),
     _preset(
         "segresnet_t2_vffc",
@@ -125,6 +129,7 @@ _ALL = (
             domain_input_norm=False,
         ),
         optim=dict(name="adam", amsgrad=True),
+        loss=_ADVERSARIAL,
     ),
     # Single-source DG intensity augmentations (dgseg.transforms.sdg), one preset each.
     _sdg("segresnet_t2_gin", "SDG: GIN random shallow conv nets (Ouyang et al. 2022)", ("gin",)),
@@ -145,6 +150,7 @@ _ALL = (
         "recommended pool + GRL domain head (domain = the drawn augmentation)",
         SDG_RECOMMENDED,
         model=dict(grl=True, num_domains=len(SDG_RECOMMENDED)),
+        loss=_ADVERSARIAL,
     ),
     _sdg(
         "segresnet_t2_sdg_vffc",
@@ -166,19 +172,22 @@ _ALL = (
     _preset(
         "segresnet_t2_slaug_sbf",
         "SLAug as its authors train it: location-scale views fused by saliency, two passes a step",
-        data=dict(saliency_balancing=True, **_SPATIAL),
+        data=dict(_SPATIAL),
+        loss=dict(step="saliency_balanced"),
     ),
     _sdg(
         "segresnet_t2_gin_ipa_cons",
         "GIN-IPA as its authors train it: three views, KL consistency (weight 10)",
         ("gin", "ipa"),
         data=dict(consistency_views=3),
+        loss=dict(step="consistency"),
     ),
     _sdg(
         "segresnet_t2_sdg_bezier_cons",
         "pool + Bezier views with GIN-IPA's KL consistency (weight 10)",
         _SDG_BEZIER,
         data=dict(consistency_views=3),
+        loss=dict(step="consistency"),
     ),
     _sdg(
         "segresnet_t2_sdg_iso",

@@ -3,13 +3,12 @@
 import ast
 import dataclasses
 import inspect
-import json
 from pathlib import Path
 
 import pytest
 
 from dgseg.config import Config, ModelConfig, apply_overrides, valid_keys
-from dgseg.presets import PRESETS, get_preset
+from dgseg.presets import PRESETS, WRITEUP_DOMAINS, get_preset
 from dgseg.training import fit as train_fit
 
 from tool_modules import load_tool
@@ -45,11 +44,14 @@ def test_presets_name_the_experiments_of_the_write_up():
         assert cfg.run.name == name  # run folder named after the preset
     p = PRESETS
     assert p["segresnet_t2_noaug"].data.modalities == ("t2",)
-    assert p["segresnet_t2_noaug"].data.bezier == "none" and not p["segresnet_t2_noaug"].data.flip
-    assert p["segresnet_t2_bezier"].data.bezier != "none"
+    noaug = p["segresnet_t2_noaug"]
+    assert noaug.data.intensity_augs == () and not noaug.data.flip and noaug.loss.step == "plain"
+    assert p["segresnet_t2_bezier"].data.intensity_augs == WRITEUP_DOMAINS
+    assert p["segresnet_t2_bezier"].data.domain_assignment == "sample"
     main = p["segresnet_t2_vffc_grl"]
     assert main.model.vffc and main.model.grl and main.model.num_domains == 3
-    assert main.data.bezier == "partition"
+    assert main.data.intensity_augs == WRITEUP_DOMAINS and main.data.domain_assignment == "patient"
+    assert main.loss.step == "adversarial"
     assert p["segresnet_t1ce_t2_bezier"].data.modalities == ("t1ce", "t2")
     assert p["unet_t2_noaug"].model.arch == "unet3d"
     assert p["unet_stacked"].data.modalities == ("t1", "t1ce", "t2", "flair")
@@ -152,46 +154,47 @@ def test_bad_overrides_raise_clear_errors(item, message):
 
 
 def test_cross_section_consistency_is_checked():
-    with pytest.raises(ValueError, match="model.grl=True needs data.bezier"):
+    with pytest.raises(ValueError, match="adversarial step and the GRL domain head go together"):
         apply_overrides(Config(), ["model.grl=true"])
-    with pytest.raises(ValueError, match="2 domains"):
-        apply_overrides(Config(), ["data.bezier=pair"])
-    cfg = apply_overrides(Config(), ["data.bezier=pair", "model.num_domains=2", "model.grl=1"])
+    with pytest.raises(ValueError, match="adversarial step and the GRL domain head go together"):
+        apply_overrides(Config(), ["loss.step=adversarial"])
+    pair = ["data.intensity_augs=bezier_increasing,bezier_decreasing"]
+    with pytest.raises(ValueError, match="makes 2 domains but model.num_domains=3"):
+        apply_overrides(Config(), [*pair, "model.grl=1", "loss.step=adversarial"])
+    cfg = apply_overrides(
+        Config(), [*pair, "model.num_domains=2", "model.grl=1", "loss.step=adversarial"]
+    )
     assert cfg.model.grl
 
 
 def test_intensity_augs_are_checked_and_label_the_domains():
     with pytest.raises(ValueError, match="data.intensity_augs entry"):
         apply_overrides(Config(), ["data.intensity_augs=gin,curves"])
-    with pytest.raises(ValueError, match="makes 2 domains but model.num_domains=3"):
-        apply_overrides(Config(), ["data.intensity_augs=none,gin", "model.grl=1"])
-    with pytest.raises(ValueError, match="use one of them"):
-        apply_overrides(Config(), ["data.intensity_augs=gin", "data.bezier=partition"])
-    for other in ("data.intensity_augs=gin", "data.bezier=random", "model.grl=1"):
-        with pytest.raises(ValueError, match="data.saliency_balancing"):
-            apply_overrides(Config(), ["data.saliency_balancing=true", other])
-    with pytest.raises(ValueError, match="data.consistency_views > 1"):
-        apply_overrides(Config(), ["data.consistency_views=3"])
-    with pytest.raises(ValueError, match="data.consistency_views > 1"):
-        apply_overrides(
-            Config(),
-            [
-                "data.consistency_views=3",
-                "data.intensity_augs=gin,ipa",
-                "model.grl=1",
-                "model.num_domains=2",
-            ],
-        )
+    with pytest.raises(ValueError, match="data.domain_assignment='patient' deals"):
+        apply_overrides(Config(), ["data.domain_assignment=patient"])
+    with pytest.raises(ValueError, match="saliency-balanced step"):
+        apply_overrides(Config(), ["loss.step=saliency_balanced", "data.intensity_augs=gin"])
+    with pytest.raises(ValueError, match="views above 1 are for the consistency step"):
+        apply_overrides(Config(), ["data.consistency_views=3", "data.intensity_augs=gin"])
+    with pytest.raises(ValueError, match="views above 1 are for the consistency step"):
+        apply_overrides(Config(), ["loss.step=consistency", "data.intensity_augs=gin"])
+    with pytest.raises(ValueError, match="data.consistency_views=3 draws every view"):
+        apply_overrides(Config(), ["data.consistency_views=3", "loss.step=consistency"])
+    with pytest.raises(ValueError, match="loss.step='mixup'"):
+        apply_overrides(Config(), ["loss.step=mixup"])
     cons = PRESETS["segresnet_t2_gin_ipa_cons"]
     assert cons.data.consistency_views == 3 and cons.loss.consistency_weight == 10.0
-    sbf = PRESETS["segresnet_t2_slaug_sbf"].data
-    assert sbf.saliency_balancing and not sbf.intensity_augs and sbf.bezier == "none"
+    assert cons.loss.step == "consistency"
+    sbf = PRESETS["segresnet_t2_slaug_sbf"]
+    assert sbf.loss.step == "saliency_balanced" and not sbf.data.intensity_augs
     cfg = apply_overrides(
-        Config(), ["data.intensity_augs=none,gin", "model.grl=1", "model.num_domains=2"]
+        Config(),
+        ["data.intensity_augs=none,gin", "model.grl=1", "model.num_domains=2"]
+        + ["loss.step=adversarial"],
     )
     assert cfg.data.intensity_augs == ("none", "gin") and cfg.model.grl
     sdg = [p for p in PRESETS if p.startswith("segresnet_t2_")]
-    sdg = [p for p in sdg if PRESETS[p].data.intensity_augs]
+    sdg = [p for p in sdg if set(PRESETS[p].data.intensity_augs) - set(WRITEUP_DOMAINS)]
     # six transforms, sdg, sdg_grl, sdg_vffc, sdg_bezier(_vffc), sdg_iso, the two consistency ones
     assert len(sdg) == 14
     for name in sdg:
@@ -200,78 +203,37 @@ def test_intensity_augs_are_checked_and_label_the_domains():
         assert preset.data.flip and preset.data.rotation_degrees == 10.0  # same spatial aug
 
 
-def test_dict_round_trip_through_json():
-    for cfg in PRESETS.values():
-        d = json.loads(cfg.to_json())
-        assert isinstance(d["data"]["modalities"], list)  # plain JSON types
-        assert Config.from_dict(d) == cfg
-    d = Config().to_dict()
-    d["optim"]["bogus"] = 1
-    with pytest.raises(ValueError, match="optim.bogus"):
-        Config.from_dict(d)
-    d = Config().to_dict()
-    d["optim"]["epochs"] = "100"
-    with pytest.raises(ValueError, match="must be an int"):
-        Config.from_dict(d)
-
-
-def test_cli_resolves_preset_data_out_and_sets(capsys):
-    train = _load_train()
-    args = train.parse_args(
-        [
-            "--preset",
-            "segresnet_t2_vffc_grl",
-            "--data",
-            "shards",
-            "--out",
-            "o",
-            "--set",
-            "optim.epochs=3",
-            "--set",
-            "model.vffc_ratio=0.25",
-        ]
-    )
-    cfg = args.config
-    assert cfg.data.root == "shards" and cfg.run.out == "o"
-    assert cfg.optim.epochs == 3 and cfg.model.vffc_ratio == 0.25 and cfg.model.grl
-    with pytest.raises(SystemExit):
-        train.parse_args(["--preset", "tiny", "--set", "optim.epoch=3"])
-    err = capsys.readouterr().err
-    assert "unknown config key 'optim.epoch'" in err and "optim.epochs" in err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--preset", "no_such_preset"])
-
-
-def test_optimizer_defaults_and_the_original_preset():
-    assert (Config().optim.name, Config().optim.amsgrad) == ("adamw", False)
-    orig = get_preset("segresnet_t2_vffc_grl_original")
-    assert (orig.optim.name, orig.optim.amsgrad, orig.optim.weight_decay) == ("adam", True, 1e-5)
-    m = orig.model
-    assert (m.init_filters, m.dropout, m.vffc_blocks, m.vffc_norm, m.vffc_padding) == (
-        32,
-        0.2,
-        3,
-        "batch",
-        "reflect",
-    )
-    assert (m.domain_hidden, m.domain_input_norm, m.grl, m.num_domains) == (64, False, True, 3)
-    # dgseg's own defaults are unchanged
-    d = ModelConfig()
-    assert (d.vffc_padding, d.domain_input_norm, d.vffc_norm, d.domain_hidden) == (
-        "zeros",
-        True,
-        "group",
-        128,
-    )
-    with pytest.raises(ValueError, match="optim.name='sgd'"):
-        apply_overrides(Config(), ["optim.name=sgd"])
-    with pytest.raises(ValueError, match="model.vffc_padding='circular'"):
-        apply_overrides(Config(), ["model.vffc_padding=circular"])
+def test_configs_saved_before_the_domain_pool_load_as_the_same_run():
+    """Old ``data.bezier`` / ``data.saliency_balancing`` configs become the presets' pool + step."""
+    cases = {
+        "segresnet_t2_vffc_grl": {"bezier": "partition"},
+        "segresnet_t2_vffc": {"bezier": "partition"},
+        "segresnet_t2_bezier": {"bezier": "random"},
+        "segresnet_t2_slaug_sbf": {"bezier": "none", "saliency_balancing": True},
+        "segresnet_t2_gin_ipa_cons": {"bezier": "none", "saliency_balancing": False},
+        "segresnet_t2_sdg_grl": {"bezier": "none", "saliency_balancing": False},
+    }
+    for name, old_keys in cases.items():
+        d = PRESETS[name].to_dict()
+        d["data"].pop("domain_assignment")
+        d["loss"].pop("step")
+        if "bezier" in old_keys and old_keys["bezier"] != "none":
+            d["data"]["intensity_augs"] = []
+        d["data"].update(old_keys)
+        assert Config.from_dict(d) == PRESETS[name], name
+    pair = PRESETS["segresnet_t2_noaug"].to_dict()
+    pair["data"]["bezier"] = "pair"
+    got = Config.from_dict(pair).data
+    assert got.intensity_augs == WRITEUP_DOMAINS[1:] and got.domain_assignment == "patient"
+    both = PRESETS["segresnet_t2_gin"].to_dict()
+    both["data"]["bezier"] = "random"
+    with pytest.raises(ValueError, match="no equivalent"):
+        Config.from_dict(both)
 
 
 def test_spatial_control_has_the_augmented_presets_spatial_transforms_only():
     spatial = get_preset("segresnet_t2_spatial")
-    assert spatial.data.bezier == "none" and not spatial.model.vffc and not spatial.model.grl
+    assert not spatial.data.intensity_augs and not spatial.model.vffc and not spatial.model.grl
     for name in (
         "segresnet_t2_bezier",
         "segresnet_t2_grl",
@@ -300,12 +262,14 @@ def test_vffc_norm_choices_have_one_owner():
 
 def test_choice_lists_are_the_ones_of_the_code_that_acts_on_them():
     import dgseg.config as config
-    from dgseg.data.domains import BEZIER_MODES
+    from dgseg.data.domains import DOMAIN_ASSIGNMENTS
     from dgseg.layers.vffc import PADDING_MODES
     from dgseg.training.distributed import DEVICES
     from dgseg.training.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
+    from dgseg.training.steps import STEP_NAMES
 
-    assert config.BEZIER_MODES is BEZIER_MODES and config.DEVICES is DEVICES
+    assert config.DOMAIN_ASSIGNMENTS is DOMAIN_ASSIGNMENTS and config.DEVICES is DEVICES
+    assert config.STEP_NAMES is STEP_NAMES
     assert config.PADDING_MODES is PADDING_MODES and config.OPTIMIZERS is OPTIMIZERS
     assert (config.SCHEDULES, config.SCHEDULE_INTERVALS) == (SCHEDULES, SCHEDULE_INTERVALS)
 
@@ -315,15 +279,6 @@ def test_eval_roi_falls_back_from_val_roi_to_patch_size_to_the_whole_volume():
     assert cfg.eval_roi is None
     assert apply_overrides(cfg, ["data.patch_size=32"]).eval_roi == 32
     assert apply_overrides(cfg, ["data.patch_size=32", "run.val_roi=48"]).eval_roi == 48
-
-
-def test_partition_with_more_domains_than_curve_kinds_is_refused_by_the_config():
-    with pytest.raises(ValueError, match="at most 3 domains"):
-        apply_overrides(get_preset("segresnet_t2_vffc_grl"), ["model.num_domains=4"])
-    with pytest.raises(ValueError, match="at most 3 domains"):  # also without the GRL
-        apply_overrides(get_preset("segresnet_t2_vffc"), ["model.num_domains=5"])
-    ok = apply_overrides(get_preset("segresnet_t2_vffc_grl"), ["model.num_domains=2"])
-    assert ok.model.num_domains == 2
 
 
 def test_one_default_data_folder():

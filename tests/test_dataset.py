@@ -17,6 +17,7 @@ from dgseg.data.dataset import ShardDataset
 from dgseg.data.domains import assign_domains
 from dgseg.data.manifest import load_manifest, split_cases
 from dgseg.data.window import restore_to_original
+from dgseg.presets import WRITEUP_DOMAINS
 
 
 def _stored(root, case, name):
@@ -31,7 +32,14 @@ def _channels(lab: np.ndarray) -> np.ndarray:
 
 def test_eval_split_is_whole_volume_without_augmentation(tiny_shards):
     ds = ShardDataset(
-        tiny_shards, "test", ("t2",), flip=True, rot90=True, rotation_degrees=10, bezier="partition"
+        tiny_shards,
+        "test",
+        ("t2",),
+        flip=True,
+        rot90=True,
+        rotation_degrees=10,
+        intensity_augs=WRITEUP_DOMAINS,
+        domain_assignment="patient",
     )
     want = [c["id"] for c in split_cases(load_manifest(tiny_shards), "test")]
     assert len(ds) == len(want) >= 1 and ds.case_ids == want
@@ -100,7 +108,14 @@ def test_patch_larger_than_volume_is_centred_zero_padding(tiny_shards):
 
 
 def test_same_seed_epoch_index_gives_same_sample(tiny_shards):
-    kw = dict(patch_size=24, flip=True, rot90=True, rotation_degrees=10, bezier="random", seed=5)
+    kw = dict(
+        patch_size=24,
+        flip=True,
+        rot90=True,
+        rotation_degrees=10,
+        intensity_augs=WRITEUP_DOMAINS,
+        seed=5,
+    )
     a = ShardDataset(tiny_shards, "train", ("t2",), **kw)
     b = ShardDataset(tiny_shards, "train", ("t2",), **kw)
     for ds in (a, b):
@@ -125,7 +140,14 @@ def _is_monotone(before: np.ndarray, after: np.ndarray, sign: int) -> bool:
 
 
 def test_partition_domains_and_curve_directions(tiny_shards):
-    ds = ShardDataset(tiny_shards, "train", ("t2",), bezier="partition", num_domains=3, seed=2)
+    ds = ShardDataset(
+        tiny_shards,
+        "train",
+        ("t2",),
+        intensity_augs=WRITEUP_DOMAINS,
+        domain_assignment="patient",
+        seed=2,
+    )
     assert ds.domains == assign_domains(ds.case_ids, 3, 2)
     assert set(ds.domains.values()) == {0, 1, 2}
     for epoch in (0, 1):
@@ -154,7 +176,14 @@ def test_partition_domains_and_curve_directions(tiny_shards):
 
 
 def test_pair_mode_labels_and_directions(tiny_shards):
-    ds = ShardDataset(tiny_shards, "train", ("t2",), bezier="pair", seed=1)
+    ds = ShardDataset(
+        tiny_shards,
+        "train",
+        ("t2",),
+        intensity_augs=WRITEUP_DOMAINS[1:],
+        domain_assignment="patient",
+        seed=1,
+    )
     assert set(ds.domains.values()) == {0, 1}
     for i, case in enumerate(ds.cases):
         s = ds[i]
@@ -165,7 +194,7 @@ def test_pair_mode_labels_and_directions(tiny_shards):
 
 
 def test_random_mode_label_is_curve_kind(tiny_shards):
-    ds = ShardDataset(tiny_shards, "train", ("t2",), bezier="random", seed=0)
+    ds = ShardDataset(tiny_shards, "train", ("t2",), intensity_augs=WRITEUP_DOMAINS, seed=0)
     kinds = set()
     for epoch in range(3):
         ds.set_epoch(epoch)
@@ -184,7 +213,14 @@ def test_random_mode_label_is_curve_kind(tiny_shards):
 
 def test_dataloader_two_persistent_workers_follow_set_epoch(tiny_shards):
     ds = ShardDataset(
-        tiny_shards, "train", ("t2",), patch_size=24, flip=True, bezier="partition", seed=3
+        tiny_shards,
+        "train",
+        ("t2",),
+        patch_size=24,
+        flip=True,
+        intensity_augs=WRITEUP_DOMAINS,
+        domain_assignment="patient",
+        seed=3,
     )
     ref = {}
     for epoch in (0, 1):
@@ -215,7 +251,7 @@ def test_dataloader_two_persistent_workers_follow_set_epoch(tiny_shards):
 def test_distributed_sampler_ranks_cover_the_split(tiny_shards):
     seen = []
     for rank in (0, 1):
-        ds = ShardDataset(tiny_shards, "train", ("t2",), rank=rank, bezier="random")
+        ds = ShardDataset(tiny_shards, "train", ("t2",), rank=rank, intensity_augs=WRITEUP_DOMAINS)
         sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
         sampler.set_epoch(1)
         ds.set_epoch(1)
@@ -227,7 +263,7 @@ def test_distributed_sampler_ranks_cover_the_split(tiny_shards):
 
 
 def test_pickle_drops_handles_and_keeps_epoch(tiny_shards):
-    ds = ShardDataset(tiny_shards, "train", ("t2",), bezier="random")
+    ds = ShardDataset(tiny_shards, "train", ("t2",), intensity_augs=WRITEUP_DOMAINS)
     ds.set_epoch(7)
     first = ds[0]
     assert ds._handles  # opened lazily
@@ -270,10 +306,10 @@ def test_unlabelled_split_returns_zero_labels(tmp_path):
 def test_bad_arguments(tiny_shards):
     with pytest.raises(ValueError, match="modalities"):
         ShardDataset(tiny_shards, "train", ("t3",))
-    with pytest.raises(ValueError, match="bezier"):
-        ShardDataset(tiny_shards, "train", bezier="curvy")
-    with pytest.raises(ValueError, match="partition"):
-        ShardDataset(tiny_shards, "train", bezier="partition", num_domains=4)
+    with pytest.raises(ValueError, match="domain_assignment"):
+        ShardDataset(tiny_shards, "train", domain_assignment="curvy")
+    with pytest.raises(ValueError, match="empty"):
+        ShardDataset(tiny_shards, "train", domain_assignment="patient")
     with pytest.raises(ValueError, match="split"):
         ShardDataset(tiny_shards, "training")
     with pytest.raises(ValueError, match="patch_size"):
@@ -349,10 +385,12 @@ def test_saliency_pair_gives_two_location_scale_views_under_one_spatial_augmenta
             assert int(s["domain"]) == 0
     val = ShardDataset(tiny_shards, "val", ("t2",), saliency_pair=True)
     assert "image_local" not in val[0]  # only training samples carry the pair
-    with pytest.raises(ValueError, match="saliency_pair"):
+    with pytest.raises(ValueError, match="saliency"):
         ShardDataset(tiny_shards, "train", ("t2",), saliency_pair=True, intensity_augs=("gin",))
-    with pytest.raises(ValueError, match="saliency_pair"):
-        ShardDataset(tiny_shards, "train", ("t2",), saliency_pair=True, bezier="random")
+    with pytest.raises(ValueError, match="saliency"):
+        ShardDataset(
+            tiny_shards, "train", ("t2",), saliency_pair=True, intensity_augs=WRITEUP_DOMAINS
+        )
 
 
 def test_views_draw_their_own_intensity_augmentation_under_one_spatial_augmentation(tiny_shards):
@@ -372,9 +410,9 @@ def test_views_draw_their_own_intensity_augmentation_under_one_spatial_augmentat
             assert abs(float(view[brain].mean())) < 0.05
         torch.testing.assert_close(ds[i]["views"], v)  # reproducible
     assert "views" not in ShardDataset(tiny_shards, "val", ("t2",), views=3, **kw)[0]
-    with pytest.raises(ValueError, match="views > 1"):
+    with pytest.raises(ValueError, match="consistency_views=2"):
         ShardDataset(tiny_shards, "train", ("t2",), views=2)
-    with pytest.raises(ValueError, match="views must be"):
+    with pytest.raises(ValueError, match="consistency_views=0 must be"):
         ShardDataset(tiny_shards, "train", ("t2",), views=0, intensity_augs=("gin",))
 
 

@@ -72,8 +72,9 @@ def _worker(rank: int, world: int, port: int) -> None:
     from dgseg.evaluation.metrics import dice_score
     from dgseg.models import build_model
     from dgseg.training.distributed import all_reduce_sum, cleanup, wrap_ddp
-    from dgseg.training.engine import forward_loss, validate
+    from dgseg.training.engine import validate
     from dgseg.training.losses import SegLoss
+    from dgseg.training.steps import StepContext, forward_loss
 
     dist = init_distributed("cpu", timeout_s=120)
     try:
@@ -87,19 +88,23 @@ def _worker(rank: int, world: int, port: int) -> None:
         net = build_model(**MODEL_KW)
         ddp = wrap_ddp(net, dist)
         loss_fn = SegLoss(bce_weight=0.5)
-        kw = dict(grl=True, lambd=0.7, domain_weight=1.0, device=dist.device, amp="none")
+        ctx = StepContext(dist.device, lambd=0.7, domain_weight=1.0)
+
+        def step(model, b, ctx):
+            return forward_loss(model, b["image"], b["label"], loss_fn, ctx, b["domain"])
+
         mine = {
             "image": image[rank : rank + 1],
             "label": label[rank : rank + 1],
             "domain": domain[rank : rank + 1],
         }
-        forward_loss(ddp, mine, loss_fn, **kw)["loss"].backward()
+        step(ddp, mine, ctx)["loss"].backward()
         ddp_grads = [p.grad.clone() for p in net.parameters()]
         if rank == 0:
             torch.manual_seed(0)
             ref = build_model(**MODEL_KW)
             both = {"image": image, "label": label, "domain": domain}
-            forward_loss(ref, both, loss_fn, **kw)["loss"].backward()
+            step(ref, both, ctx)["loss"].backward()
             n_nonzero = 0
             for (name, p), g in zip(ref.named_parameters(), ddp_grads):
                 torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5, msg=name)
@@ -108,8 +113,7 @@ def _worker(rank: int, world: int, port: int) -> None:
         # A second step: DDP without find_unused_parameters raises here if a parameter got no
         # gradient in the first one (the domain head must run even at lambda = 0).
         torch.optim.SGD(net.parameters(), lr=0.01).step()
-        kw["lambd"] = 0.0
-        forward_loss(ddp, mine, loss_fn, **kw)["loss"].backward()
+        step(ddp, mine, StepContext(dist.device, domain_weight=1.0))["loss"].backward()
 
         # --- validation sharded as keys[rank::world], then all-reduced ----------------------
         cases = _val_cases()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dgseg.data.domains import assign_domains, curve_kind, sample_seed
+from dgseg.data.domains import assign_domains, check_domains, sample_seed
 
 IDS = [f"BraTS2021_{i:05d}" for i in range(31)]
 
@@ -42,12 +42,20 @@ def test_partition_rejects_bad_k():
         assign_domains(IDS, 0, seed=0)
 
 
-def test_curve_kinds():
-    assert [curve_kind("partition", k) for k in range(3)] == [0, 1, 2]
-    assert [curve_kind("pair", k) for k in range(2)] == [1, 2]  # increasing, decreasing
-    assert curve_kind("none", 0) == 0
-    with pytest.raises(ValueError):
-        curve_kind("random", 0)
+def test_domain_rules_name_the_setting():
+    check_domains(("none", "bezier_increasing"), "patient")
+    check_domains(("gin", "ipa"), "sample", views=3)
+    check_domains((), "sample", saliency_pair=True)
+    bad = [
+        (((), "patient"), {}, "empty"),
+        ((("gin",), "patient"), {"views": 3}, "consistency_views=3"),
+        (((), "sample"), {"views": 2}, "consistency_views=2"),
+        ((("gin",), "sample"), {"saliency_pair": True}, "saliency"),
+        ((("gin",), "per_case"), {}, "domain_assignment='per_case'"),
+    ]
+    for args, kw, words in bad:
+        with pytest.raises(ValueError, match=words):
+            check_domains(*args, prefix="data.", **kw)
 
 
 def test_sample_seed_reproducible_and_sensitive_to_every_part():

@@ -11,16 +11,9 @@ from dgseg.logging_utils import JsonlWriter, read_jsonl
 from dgseg.models import build_model
 from dgseg.presets import PRESETS
 from dgseg.training.distributed import DistState
-from dgseg.training.engine import (
-    check_cpu_bf16_depths,
-    consistency_forward_loss,
-    forward_loss,
-    grl_lambda,
-    saliency_balanced_backward,
-    train_one_epoch,
-    validate,
-)
+from dgseg.training.engine import check_cpu_bf16_depths, grl_lambda, train_one_epoch, validate
 from dgseg.training.losses import SegLoss, view_consistency_loss
+from dgseg.training.steps import STEPS, StepContext, forward_loss
 from dgseg.transforms.location_scale import saliency_mix
 
 CPU = torch.device("cpu")
@@ -63,9 +56,8 @@ def _grl_setup():
 
 
 def _domain_grads(model, batch, lambd):
-    out = forward_loss(
-        model, batch, SegLoss(), grl=True, lambd=lambd, domain_weight=1.0, device=CPU
-    )
+    ctx = StepContext(CPU, lambd=lambd, domain_weight=1.0)
+    out = forward_loss(model, batch["image"], batch["label"], SegLoss(), ctx, batch["domain"])
     seg_params = list(model.segmenter.parameters())
     head_params = list(model.domain_classifier.parameters())
     grads = torch.autograd.grad(out["domain_loss"], seg_params + head_params, allow_unused=True)
@@ -100,8 +92,7 @@ def test_grl_reverses_a_nonzero_gradient_into_the_encoder_only_when_lambda_posit
 
 def test_training_step_graph_includes_domain_head_at_lambda_zero():
     model, batch = _grl_setup()
-    out = forward_loss(model, batch, SegLoss(), grl=True, lambd=0.0, domain_weight=0.0, device=CPU)
-    out["loss"].backward()
+    out = STEPS["adversarial"](model, batch, SegLoss(), StepContext(CPU))
     # domain_weight 0 and λ 0 still give every parameter a (possibly zero) gradient: static graph
     assert all(p.grad is not None for p in model.parameters())
     expected = out["seg_loss"] + 0.0 * out["domain_loss"]
@@ -194,7 +185,7 @@ def test_saliency_balanced_step_accumulates_both_passes():
     assert not torch.equal(fused, batch["image"]) and not torch.equal(fused, batch["image_local"])
 
     model.zero_grad(set_to_none=True)
-    out = saliency_balanced_backward(model, batch, loss_fn, device=CPU)
+    out = STEPS["saliency_balanced"](model, batch, loss_fn, StepContext(CPU))
     for p, gg, gm in zip(model.parameters(), grads_g, grads_m):
         torch.testing.assert_close(p.grad, gg + gm)
     torch.testing.assert_close(out["loss"], (l_g + l_m).detach())
@@ -211,7 +202,7 @@ def test_train_one_epoch_takes_the_saliency_balanced_step_for_pairs():
     )
     # the logged loss is the two passes' sum: above a single pass's loss (each is >= 0)
     single = forward_loss(
-        _sbf_setup()[0], batch, SegLoss(), grl=False, lambd=0.0, domain_weight=0.0, device=CPU
+        _sbf_setup()[0], batch["image"], batch["label"], SegLoss(), StepContext(CPU)
     )
     assert step == 1 and summary["loss"] > float(single["loss"].detach()) > 0
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -224,7 +215,7 @@ def test_consistency_objective_is_seg_loss_on_the_first_view_plus_weighted_kl():
     )  # (B, 3, C, D, H, W)
     batch = {**batch, "views": views}
     loss_fn = SegLoss()
-    out = consistency_forward_loss(model, batch, loss_fn, weight=10.0, device=CPU)
+    out = STEPS["consistency"](model, batch, loss_fn, StepContext(CPU, consistency_weight=10.0))
     # independently: each view through the network on its own
     per_view = torch.stack([model(views[:, v]) for v in range(3)])  # (V, B, 3, D, H, W)
     seg = loss_fn(per_view[0], batch["label"])

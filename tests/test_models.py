@@ -239,9 +239,9 @@ def test_original_network_parameter_count(filters):
 
 def test_original_network_trains_a_step(one_thread):
     from dgseg.presets import get_preset
-    from dgseg.training.engine import forward_loss
     from dgseg.training.losses import SegLoss
     from dgseg.training.optim import build_optimizer
+    from dgseg.training.steps import StepContext, forward_loss
 
     cfg = get_preset("segresnet_t2_vffc_grl_original")
     torch.manual_seed(0)
@@ -254,9 +254,8 @@ def test_original_network_trains_a_step(one_thread):
         "domain": torch.tensor([2]),
     }
     before = [p.detach().clone() for p in model.parameters()]
-    out = forward_loss(
-        model, batch, SegLoss(), grl=True, lambd=0.5, domain_weight=1.0, device=torch.device("cpu")
-    )
+    ctx = StepContext(torch.device("cpu"), lambd=0.5, domain_weight=1.0)
+    out = forward_loss(model, batch["image"], batch["label"], SegLoss(), ctx, batch["domain"])
     assert torch.isfinite(out["loss"]) and out["domain_loss"] > 0
     opt.zero_grad()
     out["loss"].backward()

@@ -16,9 +16,9 @@ from dgseg.models import build_model
 from dgseg.presets import get_preset
 from dgseg.training import fit as train_fit
 from dgseg.training import precision
-from dgseg.training.engine import autocast, forward_loss
 from dgseg.training.losses import SegLoss
-from dgseg.training.precision import AMP_CHOICES, describe, resolve_amp
+from dgseg.training.precision import AMP_CHOICES, autocast, describe, resolve_amp
+from dgseg.training.steps import StepContext, forward_loss
 
 CPU = torch.device("cpu")
 
@@ -125,16 +125,8 @@ def test_default_config_step_computes_in_fp32(cpu_without_bf16):
     torch.manual_seed(0)
     model = build_model(1, init_filters=4, blocks_down=(1, 1), blocks_up=(1,))
     batch = {"image": torch.randn(1, 1, 8, 8, 8), "label": torch.zeros(1, 3, 8, 8, 8)}
-    out = forward_loss(
-        model,
-        batch,
-        SegLoss(),
-        grl=False,
-        lambd=0.0,
-        domain_weight=0.0,
-        device=CPU,
-        amp=Config().run.amp,
-    )
+    ctx = StepContext(CPU, amp=Config().run.amp)
+    out = forward_loss(model, batch["image"], batch["label"], SegLoss(), ctx)
     assert out["logits"].dtype == torch.float32  # bf16 autocast would give bfloat16 logits
 
 

@@ -57,7 +57,7 @@ def test_arguments_are_checked(tiny_shards, tmp_path, capsys):
     assert "set per run by this tool" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # every preset is resolved with the items up front
         tool.parse_args(["--data", str(tiny_shards), "--set", "model.num_domains=5"])
-    assert "at most 3 domains" in capsys.readouterr().err
+    assert "makes 3 domains but model.num_domains=5" in capsys.readouterr().err
     args = tool.parse_args(
         ["--data", str(tiny_shards), "--scale", "cpu", "--epochs", "3", "--set", "optim.lr=1e-3"]
     )

@@ -62,11 +62,13 @@ def _run(train, shards, out, *extra, stop_after=None, resume=False):
 RANDOM_EVERYTHING = (
     "optim.epochs=2",
     "data.workers=1",
-    "data.bezier=partition",
+    "data.intensity_augs=none,bezier_increasing,bezier_decreasing",
+    "data.domain_assignment=patient",
     "data.flip=true",
     "data.rotation_degrees=10",
     "data.patch_size=24",
     "model.grl=true",
+    "loss.step=adversarial",
     "model.dropout=0.2",
     "run.val_roi=32",  # one window per 32³ validation volume
     "run.log_every=3",

@@ -4,15 +4,13 @@ Training sample, in the order of docs/SPEC.md's intensity pipeline:
 
 1. read only the requested modality datasets (a random patch when ``patch_size`` is smaller than
    the stored volume; zero padding when larger);
-2. Bezier intensity curve of the sample's synthetic domain (``dgseg.data.domains``), applied to
-   the patch: brain voxels min-max scaled to [-1, 1], curve through a LUT, re-z-scored, background
-   0 (``dgseg.transforms.bezier_domain_transform``);
-3. one single-source DG intensity augmentation drawn per sample from ``intensity_augs``
-   (``dgseg.transforms.sdg``: GIN, IPA, RandConv, Fourier amplitude, SLAug location-scale,
-   contrast re-synthesis), on the patch and its label map;
-4. random flips / 90-degree turns / small rotations on image and label together.
+2. the intensity augmentation of the sample's training domain, an entry of the pool
+   ``intensity_augs`` (``dgseg.transforms.sdg``: the write-up's Bezier curves, GIN, IPA, RandConv,
+   Fourier amplitude, SLAug location-scale, contrast re-synthesis) drawn per sample or fixed per
+   patient (``dgseg.data.domains``), on the patch and its label map;
+3. random flips / 90-degree turns / small rotations on image and label together.
 
-Evaluation (any split but "train"): no curve, no augmentation, domain 0, the whole stored volume
+Evaluation (any split but "train"): no augmentation, domain 0, the whole stored volume
 (or a centred patch when ``patch_size`` is given). Prepared folders store val/test cases as their
 whole brain box by default (variable shapes) and train cases at the manifest's ``size``; a train
 case stored otherwise (its split changed after preparation) is cropped/padded to ``size`` here,
@@ -42,22 +40,11 @@ import torch
 from torch.utils.data import Dataset
 
 from dgseg.constants import MODALITIES
-from dgseg.transforms import (
-    bezier_domain_transform,
-    random_flip,
-    random_rot90,
-    random_rotation,
-)
+from dgseg.transforms import random_flip, random_rot90, random_rotation
 from dgseg.transforms.location_scale import global_location_scale, local_location_scale
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 
-from .domains import (
-    BEZIER_MODES,
-    PARTITION_MAX_DOMAINS,
-    assign_domains,
-    curve_kind,
-    sample_seed,
-)
+from .domains import assign_domains, check_domains, sample_seed
 from .manifest import load_manifest, split_cases
 
 __all__ = ["ShardDataset", "augment", "region_channels"]
@@ -94,22 +81,19 @@ def augment(
     label: torch.Tensor | None,
     g: torch.Generator,
     *,
-    curve: int = 0,
     intensity: str = "none",
     flip: bool = False,
     rot90: bool = False,
     rotation_degrees: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Training transforms in SPEC order: Bezier curve ``curve`` (0 = none), the intensity
-    augmentation ``intensity`` (a name of ``dgseg.transforms.sdg``), then the spatial ones.
+    """Training transforms in SPEC order: the intensity augmentation ``intensity`` (a name of
+    ``dgseg.transforms.sdg``), then the spatial ones.
 
     Args:
         image: (C, D, H, W) float32, z-scored, background 0.
         label: (D, H, W) uint8 label map (or None).
         g: the sample's generator.
     """
-    if curve:
-        image = bezier_domain_transform(image, curve, g)
     if intensity != "none":
         image = intensity_augment(intensity, image, label, g)
     if flip:
@@ -149,22 +133,19 @@ class ShardDataset(Dataset):
             zero-padded when the volume is smaller.
         flip, rot90: random axis flips / 90-degree turns (p = 0.5 each).
         rotation_degrees: max angle of a random small rotation (p = 0.5); 0 = off.
-        bezier: "none" | "partition" | "pair" | "random" (see ``dgseg.data.domains``).
-        num_domains: K for "partition" (at most 3: identity, increasing, decreasing).
         seed: seeds domains and per-sample randomness.
         rank: distributed rank, part of the per-sample seed.
-        intensity_augs: names of ``dgseg.transforms.sdg`` augmentations; each training sample
-            draws one uniformly (after its Bezier curve, if any), and its index becomes the
-            sample's domain label. Empty: none.
+        intensity_augs: the pool of training domains, names of ``dgseg.transforms.sdg``; a
+            sample's entry index is its domain label. Empty: the source image as it is.
+        domain_assignment: "sample" (an entry drawn per sample and epoch) or "patient" (fixed
+            subsets of patients, see ``dgseg.data.domains``).
         fold: cross-validation fold held out as "val" (``split_cases``); None: manifest splits.
         saliency_pair: SLAug's two views for saliency-balanced training: "image" is the global
             location-scale view and "image_local" the class-wise one, both under the same
-            spatial augmentation (``dgseg.training.engine`` fuses them). Not with Bezier or SDG
-            augs.
+            spatial augmentation (``dgseg.training.steps`` fuses them). Not with a pool.
         views: training views per sample for GIN-IPA's consistency loss; above 1, each view
-            draws its own augmentation from ``intensity_augs`` (after the sample's Bezier curve,
-            if any) and all views share one spatial augmentation. The first view's draw is the
-            sample's domain.
+            draws its own entry from ``intensity_augs`` and all views share one spatial
+            augmentation. The first view's draw is the sample's domain.
 
     Sample: ``{"image": float32 (C, D, H, W), "label": float32 (3, D, H, W) WT/TC/ET (zeros when
     unlabelled), "domain": int64 scalar, "case_id": str, "has_label": bool}``, and with
@@ -182,11 +163,10 @@ class ShardDataset(Dataset):
         flip: bool = False,
         rot90: bool = False,
         rotation_degrees: float = 0.0,
-        bezier: str = "none",
-        num_domains: int = 3,
         seed: int = 0,
         rank: int = 0,
         intensity_augs: Sequence[str] = (),
+        domain_assignment: str = "sample",
         fold: int | None = None,
         saliency_pair: bool = False,
         views: int = 1,
@@ -201,28 +181,13 @@ class ShardDataset(Dataset):
             raise ValueError(
                 f"modalities must be a non-empty selection of {MODALITIES}, got {modalities!r}"
             )
-        if bezier not in BEZIER_MODES:
-            raise ValueError(f"bezier must be one of {BEZIER_MODES}, got {bezier!r}")
-        if bezier == "partition" and not 1 <= num_domains <= PARTITION_MAX_DOMAINS:
-            raise ValueError(
-                f"bezier='partition' supports 1 to 3 domains (identity, increasing, "
-                f"decreasing), got num_domains={num_domains!r}"
-            )
         intensity_augs = tuple(intensity_augs)
         unknown = [a for a in intensity_augs if a not in INTENSITY_AUGS]
         if unknown:
             raise ValueError(
                 f"unknown intensity augmentation(s) {unknown}; valid: {INTENSITY_AUGS}"
             )
-        if saliency_pair and (intensity_augs or bezier != "none"):
-            raise ValueError(
-                "saliency_pair makes its own two location-scale views: it does not "
-                "combine with bezier or intensity_augs"
-            )
-        if int(views) != views or views < 1:
-            raise ValueError(f"views must be a positive integer, got {views!r}")
-        if views > 1 and not intensity_augs:
-            raise ValueError("views > 1 draws each view from intensity_augs, which is empty")
+        check_domains(intensity_augs, domain_assignment, views=views, saliency_pair=saliency_pair)
         if not 0.0 <= float(rotation_degrees) <= 180.0:
             raise ValueError(f"rotation_degrees must lie in [0, 180], got {rotation_degrees!r}")
         for name, v in (("seed", seed), ("rank", rank)):
@@ -240,17 +205,17 @@ class ShardDataset(Dataset):
         self.train = split == "train"
         self.flip, self.rot90 = bool(flip), bool(rot90)
         self.rotation_degrees = float(rotation_degrees)
-        self.bezier = bezier if self.train else "none"
         self.intensity_augs = intensity_augs if self.train else ()
+        self.domain_assignment = domain_assignment
         self.saliency_pair = bool(saliency_pair) and self.train
         self.views = int(views) if self.train else 1
-        self.num_domains = int(num_domains)
         self.seed, self.rank = int(seed), int(rank)
         ids = [c["id"] for c in self.cases]
         patients = {c["id"]: c.get("patient", c["id"]) for c in self.cases}
-        k = {"partition": self.num_domains, "pair": 2}.get(self.bezier)
         # Domains partition the train split's patients (the dataset holds exactly those here).
-        self.domains = assign_domains(ids, k, self.seed, patients=patients) if k else {}
+        by_patient = self.intensity_augs and domain_assignment == "patient"
+        k = len(self.intensity_augs)
+        self.domains = assign_domains(ids, k, self.seed, patients=patients) if by_patient else {}
         self._epoch = RawValue("q", 0)  # shared memory: visible to (persistent) workers
         self._handles: dict[str, h5py.File] = {}
         self._pid = os.getpid()
@@ -391,16 +356,12 @@ class ShardDataset(Dataset):
         img = torch.from_numpy(image)
         lab = torch.from_numpy(label)
 
-        domain, kind = 0, 0
-        if self.bezier == "random":
-            kind = int(torch.randint(0, 3, (1,), generator=g))
-            domain = kind
-        elif self.bezier != "none":
+        domain, intensity = 0, "none"
+        if self.domains:  # fixed per patient
             domain = self.domains[case["id"]]
-            kind = curve_kind(self.bezier, domain)
-        intensity = "none"
-        if self.intensity_augs:  # the drawn augmentation is the domain label
+        elif self.intensity_augs:  # drawn per sample
             domain = int(torch.randint(0, len(self.intensity_augs), (1,), generator=g))
+        if self.intensity_augs:
             intensity = self.intensity_augs[domain]
         local = views = None
         if self.views > 1:  # every view its own intensity draw, then one spatial augmentation
@@ -410,7 +371,7 @@ class ShardDataset(Dataset):
                 ]
                 for _ in range(self.views - 1)
             ]
-            parts = [augment(img, lab, g, curve=kind, intensity=n)[0] for n in names]
+            parts = [augment(img, lab, g, intensity=n)[0] for n in names]
             views, lab = self._spatial_together(parts, lab, g)  # (V, C, D, H, W)
             img = views[0]
         elif self.saliency_pair:  # both views, then one spatial augmentation for the two
@@ -421,7 +382,6 @@ class ShardDataset(Dataset):
                 img,
                 lab,
                 g,
-                curve=kind,
                 intensity=intensity,
                 flip=self.flip,
                 rot90=self.rot90,
@@ -444,5 +404,5 @@ class ShardDataset(Dataset):
         return (
             f"ShardDataset(root={str(self.root)!r}, split={self.split!r}, "
             f"modalities={self.modalities}, n={len(self)}, patch_size={self.patch_size}, "
-            f"bezier={self.bezier!r}, epoch={self.epoch})"
+            f"intensity_augs={self.intensity_augs}, epoch={self.epoch})"
         )

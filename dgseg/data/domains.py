@@ -1,36 +1,29 @@
-"""Synthetic intensity domains for single-source domain generalisation (docs/SPEC.md, "Domains").
+"""Training domains for single-source domain generalisation (docs/SPEC.md, "Domains").
 
-The training patients of the source modality are partitioned into K disjoint subsets
-(deterministic from the case ids and the seed). With K = 3 (the write-up's setting): domain 0 keeps
-its intensities, domain 1 gets a fresh increasing Bezier curve per sample and epoch, domain 2 a
-fresh decreasing one (Zhou et al., CVPR 2022, "style augmentation and dual normalization"; the
-curve itself is in ``dgseg.transforms.bezier``). The domain index is the label of the GRL domain
-classifier (Ganin et al., JMLR 2016).
+A training sample's domain is an entry of the intensity-augmentation pool
+(``DataConfig.intensity_augs``, names of :mod:`dgseg.transforms.sdg`); the entry's index is the
+label of the GRL domain classifier. How a sample gets its entry (``domain_assignment``):
 
-Modes (``ShardDataset(bezier=...)``):
-
-* ``"none"``      every sample domain 0, no curve.
-* ``"partition"`` K subsets, curve kind = domain (0 identity, 1 increasing, 2 decreasing), K <= 3.
-* ``"pair"``      two subsets with curves increasing / decreasing, domain labels 0 / 1 (the
-                  write-up's 50:50 variant without the untouched domain).
-* ``"random"``    every sample and epoch draws its kind in {0, 1, 2}; label = kind.
+* ``"sample"``   every sample and epoch draws an entry uniformly.
+* ``"patient"``  the training patients are dealt into len(pool) disjoint, fixed subsets
+                 (:func:`assign_domains`); subset k always gets entry k. The write-up's three
+                 domains are the pool ("none", "bezier_increasing", "bezier_decreasing") dealt
+                 by patient (Zhou et al., CVPR 2022; the curves in ``dgseg.transforms.bezier``).
 
 Per-sample randomness comes from :func:`sample_seed` of (seed, epoch, index, rank), so a sample is
-reproducible and differs from epoch to epoch (the original code re-seeded per patient and drew the
-same curve every epoch).
+reproducible and differs from epoch to epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["BEZIER_MODES", "PARTITION_MAX_DOMAINS", "assign_domains", "curve_kind", "sample_seed"]
+__all__ = ["DOMAIN_ASSIGNMENTS", "assign_domains", "check_domains", "sample_seed"]
 
-BEZIER_MODES = ("none", "partition", "pair", "random")
-PARTITION_MAX_DOMAINS = 3  # "partition" curve kinds: identity, increasing, decreasing
+DOMAIN_ASSIGNMENTS = ("sample", "patient")
 
 
 def _key(seed: int, name: str) -> str:
@@ -62,15 +55,40 @@ def assign_domains(
     return {cid: dom[unit[cid]] for cid in ids}
 
 
-def curve_kind(mode: str, domain: int) -> int:
-    """Bezier curve kind (0 identity, 1 increasing, 2 decreasing) of a fixed-domain mode."""
-    if mode == "none":
-        return 0
-    if mode == "partition":
-        return int(domain)
-    if mode == "pair":
-        return int(domain) + 1
-    raise ValueError(f"curve kind of mode {mode!r} is drawn per sample, not fixed")
+def check_domains(
+    pool: Sequence[str],
+    assignment: str,
+    *,
+    views: int = 1,
+    saliency_pair: bool = False,
+    prefix: str = "",
+) -> None:
+    """The rules of a training-domain setting, in one place (the config and the dataset call it).
+
+    Raises:
+        ValueError: naming the setting (with ``prefix``, e.g. "data.") and why.
+    """
+    if assignment not in DOMAIN_ASSIGNMENTS:
+        raise ValueError(
+            f"{prefix}domain_assignment={assignment!r} is not one of {DOMAIN_ASSIGNMENTS}"
+        )
+    if assignment == "patient" and not pool:
+        raise ValueError(
+            f"{prefix}domain_assignment='patient' deals patients onto {prefix}intensity_augs, "
+            "which is empty"
+        )
+    if int(views) != views or views < 1:
+        raise ValueError(f"{prefix}consistency_views={views!r} must be a positive integer")
+    if views > 1 and (not pool or assignment != "sample"):
+        raise ValueError(
+            f"{prefix}consistency_views={views} draws every view from {prefix}intensity_augs per "
+            f"sample: it needs a non-empty pool and {prefix}domain_assignment='sample'"
+        )
+    if saliency_pair and pool:
+        raise ValueError(
+            f"the saliency-balanced step makes its own two location-scale views: it does not "
+            f"combine with {prefix}intensity_augs"
+        )
 
 
 def sample_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:

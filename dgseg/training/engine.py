@@ -1,39 +1,20 @@
-"""One training epoch and one validation pass (the ``engine`` of the ConvNeXt/DeiT layout).
+"""One training epoch and one validation pass.
 
-Objective per step (DANN, Ganin & Lempitsky 2015, eqs. 9–14, with a segmentation task loss):
-
-    L = L_seg(y, ŷ) + w_dom · CE(d, D(GRL_λ(E(x)))),     λ(p) = λmax·(2 / (1 + e^(−10p)) − 1),
-
-where L_seg is the soft Dice (+ optional BCE) on the WT/TC/ET channels, E the encoder, D the
-domain classifier and GRL_λ the gradient-reversal layer (identity forward, −λ·grad backward).
-p = step / total_steps is updated every optimizer step. The domain head runs on every step even
-when λ = 0 so that the autograd graph never changes (DDP needs no ``find_unused_parameters``).
-
-With ``data.saliency_balancing`` (SLAug, Su et al. AAAI 2023, Sec. 3.2) a step is two passes:
-L_seg on the global location-scale view x_g, whose input gradient gives the saliency s; then
-L_seg on x_g·s + x_l·(1 − s) (x_l the class-wise view); gradients of both accumulate into one
-optimizer step, as in the authors' code.
-
-With ``data.consistency_views`` = V > 1 (GIN-IPA, Ouyang et al. IEEE TMI 2022) the V views
-of each sample go through the network as one batch of V·B, and
-
-    L = L_seg(y, ŷ_1) + w_cons · mean_v KL(p̄ ‖ p_v),    p̄ = mean of the V views' sigmoids,
-
-with the segmentation loss on the first view only, as in the authors' code.
-
-The step issues no host synchronisation: losses, Dice and a "first non-finite step" marker are
-accumulated on the device and read with ``.item()`` only every ``run.log_every`` steps.
+The epoch loop draws batches, sets the per-step GRL coefficient λ(p) = λmax·(2/(1+e^(−10p))−1)
+(p = step / total_steps, DANN), calls the training step named by ``loss.step``
+(:mod:`dgseg.training.steps`), steps the optimiser and the per-step cosine, and logs. It issues no
+host synchronisation per step: losses, Dice and a "first non-finite step" marker accumulate on the
+device and are read only every ``run.log_every`` steps. Validation is sliding-window inference
+over whole stored volumes with the BraTS Dice rules.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import AbstractContextManager
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dgseg.config import Config
@@ -43,20 +24,15 @@ from dgseg.layers import dann_lambda
 from dgseg.logging_utils import JsonlWriter, format_progress, log
 from dgseg.models import segmenter_of
 from dgseg.training.distributed import DistState, all_reduce_min, all_reduce_sum
-from dgseg.training.losses import view_consistency_loss
-from dgseg.training.precision import resolve_amp
-from dgseg.transforms.location_scale import saliency_mix
+from dgseg.training.precision import autocast, resolve_amp
+from dgseg.training.steps import STEPS, StepContext
 
 __all__ = [
     "NonFiniteLossError",
-    "autocast",
     "check_cpu_bf16_depths",
     "channels_last_choice",
     "use_channels_last",
     "grl_lambda",
-    "forward_loss",
-    "consistency_forward_loss",
-    "saliency_balanced_backward",
     "train_one_epoch",
     "validate",
 ]
@@ -72,12 +48,6 @@ class NonFiniteLossError(RuntimeError):
         )
         self.step = step
         self.epoch = epoch
-
-
-def autocast(device: torch.device, amp: str) -> AbstractContextManager:
-    """bf16 autocast for ``amp`` "bf16" (or "auto" where bf16 is native), disabled otherwise."""
-    resolved, _ = resolve_amp(amp, device)  # the capability probe is cached
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved == "bf16")
 
 
 def channels_last_choice(
@@ -129,125 +99,6 @@ def grl_lambda(step: int, total_steps: int, lambda_max: float) -> float:
     return dann_lambda(step / max(total_steps, 1), lambda_max)
 
 
-def forward_loss(
-    model: nn.Module,
-    batch: Dict[str, Any],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    *,
-    device: torch.device,
-    grl: bool = False,
-    lambd: float = 0.0,
-    domain_weight: float = 0.0,
-    amp: str = "none",
-    channels_last: bool = False,
-) -> Dict[str, torch.Tensor]:
-    """Forward one batch and build the objective (no backward); the defaults: a plain segmenter.
-
-    Args:
-        model: segmenter (returns logits) or, with ``grl``, a DomainAdversarialNet (returns
-            ``(seg_logits, domain_logits)``), possibly DDP/compile-wrapped.
-        batch: dict from ShardDataset's collate: "image" (B,C,D,H,W), "label" (B,3,D,H,W),
-            "domain" (B,) int64.
-        lambd: GRL coefficient for this step.
-
-    Returns:
-        dict with scalar float32 "loss", "seg_loss", "domain_loss" and the "logits"/"label".
-    """
-    image = batch["image"].to(device, non_blocking=True)  # (B, C, D, H, W)
-    label = batch["label"].to(device, non_blocking=True)  # (B, 3, D, H, W)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last_3d)
-    with autocast(device, amp):
-        out = model(image, grl_lambda=lambd) if grl else model(image)
-    seg_logits, dom_logits = out if grl else (out, None)
-    seg_loss = loss_fn(seg_logits, label)  # float32 (autocast disabled inside the loss)
-    if dom_logits is not None:
-        domain = batch["domain"].to(device, non_blocking=True).view(-1)  # (B,)
-        dom_loss = F.cross_entropy(dom_logits.float(), domain)
-        # Always added, even with weight 0, so that the graph is identical on every step.
-        loss = seg_loss + domain_weight * dom_loss
-    else:
-        dom_loss = torch.zeros((), device=seg_loss.device)
-        loss = seg_loss
-    return {
-        "loss": loss,
-        "seg_loss": seg_loss,
-        "domain_loss": dom_loss,
-        "logits": seg_logits,
-        "label": label,
-    }
-
-
-def consistency_forward_loss(
-    model: nn.Module,
-    batch: Dict[str, Any],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    *,
-    weight: float,
-    device: torch.device,
-    amp: str = "none",
-    channels_last: bool = False,
-) -> Dict[str, torch.Tensor]:
-    """GIN-IPA's objective on a batch with "views" (B, V, C, D, H, W); no backward.
-
-    Returns:
-        :func:`forward_loss`'s dict (its "logits" those of the first view) with
-        "consistency_loss" added.
-    """
-    views = batch["views"].to(device, non_blocking=True)  # (B, V, C, D, H, W)
-    b, v = views.shape[:2]
-    x = views.transpose(0, 1).reshape(v * b, *views.shape[2:])  # (V·B, C, D, H, W), view-major
-
-    def first_view(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return loss_fn(logits[:b], label)  # the segmentation loss sees the first view's B samples
-
-    out = forward_loss(
-        model,
-        {**batch, "image": x},
-        first_view,
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-    )
-    logits = out["logits"]  # (V·B, K, D, H, W)
-    consistency = view_consistency_loss(logits.reshape(v, b, *logits.shape[1:]))  # (V, B, K, ...)
-    return {
-        **out,
-        "loss": out["loss"] + weight * consistency,
-        "consistency_loss": consistency,
-        "logits": logits[:b],
-    }
-
-
-def saliency_balanced_backward(
-    model: nn.Module,
-    batch: Dict[str, Any],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    *,
-    device: torch.device,
-    amp: str = "none",
-    channels_last: bool = False,
-) -> Dict[str, torch.Tensor]:
-    """SLAug's two passes on a batch with "image" (global view) and "image_local"; backward of
-    both done (the caller zeroes the gradients before and steps after).
-
-    Returns:
-        :func:`forward_loss`'s dict for the fused view, with "loss" and "seg_loss" the sum of the
-        two passes' losses (the objective whose gradient was accumulated).
-    """
-    image = batch["image"].to(device, non_blocking=True).requires_grad_(True)  # (B, C, D, H, W)
-    local = batch["image_local"].to(device, non_blocking=True)
-    kw = dict(device=device, amp=amp, channels_last=channels_last)
-    first = forward_loss(model, {**batch, "image": image}, loss_fn, **kw)
-    first["loss"].backward()
-    # the fused view is data: no gradient flows back into the saliency
-    fused = saliency_mix(image.detach(), local, image.grad)  # (B, C, D, H, W)
-    out = forward_loss(model, {**batch, "image": fused}, loss_fn, **kw)
-    out["loss"].backward()
-    total = first["loss"].detach() + out["loss"].detach()
-    return {**out, "loss": total, "seg_loss": total}
-
-
 def _batch_dice(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of the hard Dice averaged over WT/TC/ET (no host sync)."""
     with torch.no_grad():
@@ -291,7 +142,6 @@ def train_one_epoch(
     window = torch.zeros(6, device=dev, dtype=torch.float64)
     totals = torch.zeros(6, device=dev, dtype=torch.float64)
     first_bad = torch.full((), math.inf, device=dev, dtype=torch.float64)
-    zero = torch.zeros((), device=dev)  # the consistency loss of steps without views
     t_epoch = t_window = time.perf_counter()
     steps_in_window = steps_in_epoch = n = 0
     lambd = 0.0
@@ -305,38 +155,20 @@ def train_one_epoch(
         if writer is not None:
             writer.write(rec)
 
+    step_fn = STEPS[cfg.loss.step]
     for batch in loader:
         lambd = grl_lambda(step, total_steps, cfg.loss.lambda_max) if cfg.model.grl else 0.0
         channels_last = use_channels_last(cfg, dev, batch["image"].shape[2:])
         optimizer.zero_grad(set_to_none=True)
-        if "image_local" in batch:
-            out = saliency_balanced_backward(
-                model, batch, loss_fn, device=dev, amp=cfg.run.amp, channels_last=channels_last
-            )
-        elif "views" in batch:
-            out = consistency_forward_loss(
-                model,
-                batch,
-                loss_fn,
-                weight=cfg.loss.consistency_weight,
-                device=dev,
-                amp=cfg.run.amp,
-                channels_last=channels_last,
-            )
-            out["loss"].backward()
-        else:
-            out = forward_loss(
-                model,
-                batch,
-                loss_fn,
-                grl=cfg.model.grl,
-                lambd=lambd,
-                domain_weight=cfg.loss.domain_weight,
-                device=dev,
-                amp=cfg.run.amp,
-                channels_last=channels_last,
-            )
-            out["loss"].backward()
+        ctx = StepContext(
+            device=dev,
+            amp=cfg.run.amp,
+            channels_last=channels_last,
+            lambd=lambd,
+            domain_weight=cfg.loss.domain_weight,
+            consistency_weight=cfg.loss.consistency_weight,
+        )
+        out = step_fn(model, batch, loss_fn, ctx)
         loss = out["loss"]
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)  # returns a tensor, no sync
@@ -350,7 +182,7 @@ def train_one_epoch(
                 loss.detach() * n,
                 out["seg_loss"].detach() * n,
                 out["domain_loss"].detach() * n,
-                out.get("consistency_loss", zero).detach() * n,
+                out["consistency_loss"].detach() * n,
                 _batch_dice(out["logits"], out["label"]),
                 torch.ones((), device=loss.device) * n,
             ]

@@ -134,12 +134,11 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
         flip=d.flip,
         rot90=d.rot90,
         rotation_degrees=d.rotation_degrees,
-        bezier=d.bezier,
-        num_domains=cfg.model.num_domains,
         seed=cfg.run.seed,
         rank=dist.rank,
         intensity_augs=d.intensity_augs,
-        saliency_pair=d.saliency_balancing,
+        domain_assignment=d.domain_assignment,
+        saliency_pair=cfg.loss.step == "saliency_balanced",
         views=d.consistency_views,
     )
     val_ds = None  # no validation cases: no validation, no best.pt

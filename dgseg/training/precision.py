@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import functools
 import platform
+from contextlib import AbstractContextManager
 
 import torch
 
 __all__ = [
     "AMP_CHOICES",
+    "autocast",
     "CHANNELS_LAST_MIN_VALUES",
     "cpu_has_native_bf16",
     "describe",
@@ -122,3 +124,9 @@ def resolve_channels_last(
     if values >= CHANNELS_LAST_MIN_VALUES:
         return True, f"auto: CPU, first-level maps of {values / 1e6:.1f} M values"
     return False, f"auto: CPU, first-level maps of {values / 1e6:.2f} M values are too small"
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager:
+    """bf16 autocast for ``amp`` "bf16" (or "auto" where bf16 is native), disabled otherwise."""
+    resolved, _ = resolve_amp(amp, device)  # the capability probe is cached
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved == "bf16")

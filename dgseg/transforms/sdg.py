@@ -17,13 +17,15 @@ name                 transform                                                  
 ``resynthesis``      random intensity per intensity class and tumour region (SynthSeg)    label
 ``resynthesis_iso``  ... each tumour class iso-intense to a healthy one with p = 1/2      label
 ``bezier``           the write-up's Bezier curve, increasing or decreasing (p = 1/2)      image
+``bezier_increasing`` the write-up's domain 1: an increasing Bezier curve                 image
+``bezier_decreasing`` the write-up's domain 2: a decreasing Bezier curve                  image
 ===================  ===================================================================  =====
 
 "reads label" means the transform uses the tumour sub-regions of the training label map as
 classes of their own, as SLAug and SynthSeg do; no transform knows how the data were generated.
 
-A training sample draws one name uniformly from ``DataConfig.intensity_augs``; the index of the
-drawn name is the sample's domain label for the GRL domain classifier.
+``DataConfig.intensity_augs`` is the pool of training domains (``dgseg.data.domains``); the index
+of a sample's entry is its domain label for the GRL domain classifier.
 """
 
 from __future__ import annotations
@@ -45,11 +47,8 @@ Transform = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Generator], to
 
 
 def _bezier(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """The write-up's domain 1 or 2 (docs/SPEC.md, "Domains"), drawn per sample.
-
-    In the pool it is the only whole-image inversion: the decreasing curve is what moved T1 in
-    the seeded study (docs/results/study), which no class-wise transform did.
-    """
+    """The write-up's domain 1 or 2 (docs/SPEC.md, "Domains"), drawn per sample: the pool's only
+    whole-image inversion."""
     curve = 1 + int(torch.randint(2, (), generator=g, device=g.device))  # 1 up, 2 down
     return bezier_domain_transform(image, curve, g)
 
@@ -66,6 +65,8 @@ _TRANSFORMS: dict[str, Transform] = {
         image, g, label=label, isointense=0.5
     ),
     "bezier": lambda image, label, g: _bezier(image, g),
+    "bezier_increasing": lambda image, label, g: bezier_domain_transform(image, 1, g),
+    "bezier_decreasing": lambda image, label, g: bezier_domain_transform(image, 2, g),
 }
 
 INTENSITY_AUGS = tuple(_TRANSFORMS)
