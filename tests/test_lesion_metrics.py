@@ -157,7 +157,7 @@ def test_empty_reference():
     assert (s.dice, s.hd95, s.fp) == (0.0, 374.0, 1)
     s = lesion_scores(empty, blob, rules=PAN)  # missed only
     assert (s.dice, s.hd95, s.fn) == (0.0, 373.0, 1)
-    # the legacy per-case metrics keep their own rules
+    # the per-case metrics keep their own rules
     assert dice_score(blob, empty) == 0.0 and hd95(blob, empty) == 373.13
 
 
@@ -175,7 +175,7 @@ def test_anisotropic_spacing():
     assert s.dice == pytest.approx(2 / 3) and s.hd95 == 2.0
     assert s.nsd == pytest.approx(17 / 26)
     assert s.lesions[0].volume == pytest.approx(40.5)
-    assert hd95(pred, truth, spacing) == 2.0  # legacy: directed 95th percentiles, also 2.0
+    assert hd95(pred, truth, spacing) == 2.0  # per-case: directed 95th percentiles, also 2.0
     s = lesion_scores(pred, truth, spacing, rules=get_lesion_rules(PAN, nsd_tolerance=2.0))
     assert s.nsd == 1.0
     # the 50 mm³ threshold is a volume: 27 voxels of 1 mm³ are dropped, of 2 mm³ (54) kept
@@ -213,9 +213,9 @@ def test_case_record_and_region_metrics():
     assert per["WT"]["dice"] == pytest.approx(4 / 7) and per["TC"]["dice"] == 1.0
     assert math.isnan(per["ET"]["dice"])
     legacy = case_record(pred, truth, (1, 1, 1), case_id="c")
-    assert not any(k.startswith("lesion_") for k in legacy)  # legacy stays the default
+    assert not any(k.startswith("lesion_") for k in legacy)  # per-case only by default
     row = case_record(pred, truth, (1, 1, 1), metrics="all", case_id="c")
-    assert {k: row[k] for k in legacy} == legacy  # legacy values unchanged beside lesion ones
+    assert {k: row[k] for k in legacy} == legacy  # per-case values unchanged beside lesion ones
     # ET is NaN (empty on both sides) and left out of the mean over regions
     assert row["lesion_dice_mean"] == pytest.approx((4 / 7 + 1.0) / 2)
     assert (row["lesion_tp_WT"], row["lesion_fp_WT"], row["lesion_fn_WT"]) == (1, 1, 0)

@@ -143,9 +143,9 @@ def test_writers_are_atomic_and_readable(tmp_path):
 def test_write_report_files_and_text(tmp_path):
     recs = _rows("m", "c0", "t2", [0.5, 0.7]) + _rows("m", "c0", "own", [0.5, 0.7], inputs="t2")
     text = write_report(recs, tmp_path, n_boot=50, settings={"note": 1}, footer=["extra line"])
-    assert "Legacy per-case Dice (BraTS 2021 rules)" in text and "extra line" in text
+    assert "Per-case Dice (BraTS 2021 rules)" in text and "extra line" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["settings"] == {"note": 1} and summary["split"] == "test"
-    assert "Mean of Legacy per-case Dice" in (tmp_path / "table.md").read_text()
+    assert "Mean of Per-case Dice" in (tmp_path / "table.md").read_text()
     with open(tmp_path / "per_case.csv") as f:
         assert len(list(csv.DictReader(f))) == 4

@@ -34,7 +34,7 @@ once; results come back in submission order, so outputs do not depend on the wor
 Outputs in ``--out``: per_case.csv, summary.json, table.md, overlays/*.png (with matplotlib,
 ``--overlays N`` cases per test modality).
 
-Metrics (``--metrics``): ``legacy`` (default) = per-case Dice and HD95 with the BraTS 2021 rules;
+Metrics (``--metrics``): ``case`` (default) = per-case Dice and HD95 with the BraTS 2021 rules;
 ``lesion`` = lesion-wise Dice, HD95 and NSD (``dgseg.evaluation.lesion_metrics``) under
 ``--lesion-rules``
 (``panoptica``: the current official BraTS_evaluation package; ``brats2023``: the BraTS 2023/2024
@@ -155,9 +155,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--metrics",
-        choices=tuple(METRIC_SETS),
-        default="legacy",
-        help="legacy per-case Dice/HD95 (BraTS 2021 rules), lesion-wise Dice/HD95/NSD, or all",
+        choices=(*METRIC_SETS, "legacy"),
+        default="case",
+        help="case: per-case Dice/HD95 (BraTS 2021 rules; 'legacy' is another name for it), "
+        "lesion: lesion-wise Dice/HD95/NSD, or all",
     )
     p.add_argument(
         "--lesion-rules",
@@ -180,6 +181,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
+    if args.metrics == "legacy":
+        args.metrics = "case"
     if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
         p.error(f"--nsd-tolerance must be >= 0, got {args.nsd_tolerance}")
     if args.checkpoint and tuple(REGION_SETS[args.regions]) != tuple(REGION_SETS["brats2021"]):

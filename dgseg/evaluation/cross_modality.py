@@ -60,7 +60,7 @@ class EvalSettings:
     tta: bool = False  # 8-fold flip test-time augmentation
     threshold: float = 0.5  # probability threshold per region
     overlays: int = 0  # overlay slices of the first N cases
-    metrics: str = "legacy"  # "legacy" | "lesion" | "all" (dgseg.evaluation.scoring.METRIC_SETS)
+    metrics: str = "case"  # "case" | "lesion" | "all" (dgseg.evaluation.scoring.METRIC_SETS)
     lesion_rules: Optional[LesionRules] = None  # lesion-wise rules (None: "panoptica")
     autocast_dtype: Optional[torch.dtype] = None  # e.g. torch.bfloat16 for the network
 
@@ -281,7 +281,7 @@ def score_prediction_files(
     pool: OrderedPool,
     *,
     region_set: str = "brats2021",
-    metrics: str = "legacy",
+    metrics: str = "case",
     lesion_rules: Optional[LesionRules] = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Records of ``predictions/<case_id>.nii.gz`` against each case's reference segmentation.

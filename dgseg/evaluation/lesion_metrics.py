@@ -50,7 +50,7 @@ merges lesions across tissues, which dgseg does not replicate):
 * per case and region: Dice = Σ lesion Dice / (lesions + false positives); HD95 = (Σ lesion HD95
   + 374 · false positives) / (lesions + false positives); no lesion and no false positive:
   Dice 1, HD95 0. dgseg adds NSD with the Dice rule (not part of the 2023 rules).
-* HD95 here is dgseg's legacy definition (larger of the two directed 95th percentiles over
+* HD95 here is dgseg's per-case definition (larger of the two directed 95th percentiles over
   surface voxels); the 2023 code uses DeepMind's ``compute_robust_hausdorff``, which weights
   surface elements by their area, so HD95 values may differ slightly (Dice and counts do not).
 

@@ -116,7 +116,7 @@ def summarize(
 ) -> dict[str, Any]:
     """Aggregate per-case records into the summary behind the tables (JSON-serialisable).
 
-    ``metrics`` lists the metrics to aggregate (default the legacy Dice and HD95; see
+    ``metrics`` lists the metrics to aggregate (default the per-case Dice and HD95; see
     :data:`METRIC_SETS`), ``regions`` the region names of the records. NaN per-case values are
     left out of means and CIs (``n_cases`` still counts every case). With lesion-wise metrics,
     the summary records the :class:`dgseg.evaluation.lesion_metrics.LesionRules` used
@@ -193,7 +193,9 @@ def summarize(
             columns[column] = summary
         out_models.append({"model": name, "checkpoints": m["checkpoints"], "columns": columns})
     out = {"n_boot": n_boot, "alpha": alpha, "seed": seed, "rule": EVAL_RULE, "models": out_models}
-    if tuple(metrics) != METRICS or tuple(regions) != REGIONS:  # legacy summaries stay as they were
+    if (
+        tuple(metrics) != METRICS or tuple(regions) != REGIONS
+    ):  # per-case summaries keep their shape
         out["metrics"] = list(metrics)
         out["regions"] = list(regions)
     if any(m in LESION_METRICS for m in metrics):
@@ -236,8 +238,8 @@ def table_footer(
     n_ckpt = sorted({c["n_checkpoints"] for m in summary["models"] for c in m["columns"].values()})
     regions = list(summary.get("regions", REGIONS))
     metrics = list(summary.get("metrics", METRICS))
-    legacy_only = regions == list(REGIONS) and metrics == list(METRICS)
-    if legacy_only:  # the legacy tables' line, as before lesion-wise metrics existed
+    case_only = regions == list(REGIONS) and metrics == list(METRICS)
+    if case_only:  # the per-case tables. line
         lines = [
             "Cells: Mean - WT | TC | ET (mean = average of the three regions); Dice, HD95 in "
             "mm; BraTS empty-mask rules."
@@ -249,7 +251,7 @@ def table_footer(
         ]
         if any(m in METRICS for m in metrics):
             lines.append(
-                "Legacy metrics: per-case Dice and HD95 with the BraTS 2021 empty-mask "
+                "Per-case metrics: Dice and HD95 with the BraTS 2021 empty-mask "
                 "rules (both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 373.13 mm)."
             )
     if "lesion_rules" in summary:
@@ -377,9 +379,9 @@ def format_ci_table(summary: dict[str, Any], metric: str = "dice", title: str = 
 
 
 def table_title(metric: str, lesion_rules: Union[str, LesionRules, None] = None) -> str:
-    """What a table shows: legacy per-case or lesion-wise (with the rule set), and the metric."""
-    if metric in METRIC_SETS["legacy"]:
-        return f"Legacy per-case {METRIC_TITLES[metric]} (BraTS 2021 rules)"
+    """What a table shows: per-case or lesion-wise (with the rule set), and the metric."""
+    if metric in METRIC_SETS["case"]:
+        return f"Per-case {METRIC_TITLES[metric]} (BraTS 2021 rules)"
     return f"{METRIC_TITLES[metric]} (rules '{get_lesion_rules(lesion_rules).name}')"
 
 
@@ -387,7 +389,7 @@ def write_report(
     records: Sequence[Mapping[str, Any]],
     out: PathLike,
     *,
-    metric_set: str = "legacy",
+    metric_set: str = "case",
     lesion_rules: Union[str, LesionRules, None] = None,
     regions: Optional[Sequence[str]] = None,
     n_boot: int = 2000,
@@ -402,7 +404,7 @@ def write_report(
     Args:
         records: :func:`dgseg.evaluation.scoring.case_record` rows with ``model``, ``checkpoint``,
             ``column``, ``inputs`` and ``case_id``.
-        metric_set: "legacy", "lesion" or "all" (:data:`dgseg.evaluation.scoring.METRIC_SETS`): one
+        metric_set: "case", "lesion" or "all" (:data:`dgseg.evaluation.scoring.METRIC_SETS`): one
         table
             per metric of the set.
         regions: region names of the records (default WT, TC, ET).
@@ -424,7 +426,7 @@ def write_report(
         **({"regions": regions} if regions else {}),
     )
     summary["split"] = split
-    summary["metric_set"] = metric_set  # legacy | lesion | all: what the tables show
+    summary["metric_set"] = metric_set  # case | lesion | all: what the tables show
     summary["settings"] = dict(settings or {})
     lines = table_footer(summary, split=split if scored is None else scored, extra=footer)
     titles = {m: table_title(m, lesion_rules) for m in metrics}

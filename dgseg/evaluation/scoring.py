@@ -10,7 +10,7 @@ loop that runs the networks: :mod:`dgseg.evaluation.cross_modality`):
   documented in :data:`EVAL_RULE`);
 * one flat record per (checkpoint, test column, case) with Dice and HD95 per region under the
   BraTS empty-mask rules (:func:`case_record`, metrics from :mod:`dgseg.evaluation.metrics`);
-* lesion-wise metrics beside the legacy ones (``metrics="lesion"`` or ``"all"``; rules and
+* lesion-wise metrics beside the per-case ones (``metrics="lesion"`` or ``"all"``; rules and
   references in :mod:`dgseg.evaluation.lesion_metrics`): record keys ``lesion_dice_<region>``,
   ``lesion_hd95_<region>``, ``lesion_nsd_<region>`` and the counts ``lesion_tp/fp/fn_<region>``;
   a NaN value (no lesion on either side under the panoptica rules) is left out of every mean;
@@ -63,10 +63,10 @@ __all__ = [
 # Test columns: each single modality, then the model's own training inputs.
 COLUMNS = (*MODALITIES, "own")
 METRICS = ("dice", "hd95")
-# Lesion-wise metrics (dgseg.evaluation.lesion_metrics), and what --metrics legacy|lesion|all
+# Lesion-wise metrics (dgseg.evaluation.lesion_metrics), and what --metrics case|lesion|all
 # selects.
 LESION_METRICS = ("lesion_dice", "lesion_hd95", "lesion_nsd")
-METRIC_SETS = {"legacy": METRICS, "lesion": LESION_METRICS, "all": METRICS + LESION_METRICS}
+METRIC_SETS = {"case": METRICS, "lesion": LESION_METRICS, "all": METRICS + LESION_METRICS}
 EVAL_RULE = (
     "Input rule: a model with k input channels tested on modality m gets m in every channel "
     "(m repeated k times), whether or not m was one of its training modalities: at test time "
@@ -126,7 +126,7 @@ def case_record(
     truth3: Any,
     spacing: Sequence[float],
     *,
-    metrics: str = "legacy",
+    metrics: str = "case",
     lesion_rules: Union[str, LesionRules, None] = None,
     regions: Sequence[str] = REGIONS,
     **keys: Any,
@@ -137,7 +137,7 @@ def case_record(
     may be a :class:`dgseg.evaluation.metrics.RegionReference` (with that spacing) shared by the
     predictions of one case, so that the truth side of HD95 is computed once.
 
-    ``metrics`` ("legacy", "lesion" or "all", :data:`METRIC_SETS`) adds the lesion-wise keys
+    ``metrics`` ("case", "lesion" or "all", :data:`METRIC_SETS`) adds the lesion-wise keys
     ``lesion_<dice|hd95|nsd>_<region>`` and ``_mean`` (mean over the regions that are not NaN),
     and ``lesion_<tp|fp|fn>_<region>``, scored under ``lesion_rules`` (default "panoptica").
     ``regions`` names the channels (R, D, H, W) when they are not WT, TC, ET (region sets of
@@ -149,8 +149,8 @@ def case_record(
     regions = tuple(regions)
     row: dict[str, Any] = dict(keys)
     if metrics != "lesion":
-        _legacy_into(row, pred3, truth3, spacing, regions)
-    if metrics != "legacy":
+        _case_metrics_into(row, pred3, truth3, spacing, regions)
+    if metrics != "case":
         truth = truth3.truth if isinstance(truth3, RegionReference) else truth3
         per = lesion_region_metrics(pred3, truth, spacing, regions=regions, rules=lesion_rules)
         for metric in ("dice", "hd95", "nsd"):
@@ -163,14 +163,14 @@ def case_record(
     return row
 
 
-def _legacy_into(
+def _case_metrics_into(
     row: dict[str, Any],
     pred3: Any,
     truth3: Any,
     spacing: tuple[float, ...],
     regions: tuple[str, ...],
 ) -> None:
-    """The legacy per-case keys ``dice_<region>``, ``hd95_<region>`` and means, into ``row``."""
+    """The per-case keys ``dice_<region>``, ``hd95_<region>`` and means, into ``row``."""
     if regions != REGIONS:  # other region sets: channel by channel, same BraTS 2021 rules
         p = np.asarray(pred3, dtype=bool)
         t = np.asarray(truth3, dtype=bool)
@@ -226,7 +226,7 @@ class CaseJob:
     spacing: tuple[float, ...]
     truth: np.ndarray
     preds: tuple[tuple[dict[str, Any], np.ndarray], ...]
-    metrics: str = "legacy"
+    metrics: str = "case"
     lesion_rules: Optional[LesionRules] = None
     regions: tuple[str, ...] = REGIONS
 
@@ -238,14 +238,14 @@ class CaseJob:
         spacing: Sequence[float],
         preds: Sequence[tuple[Mapping[str, Any], np.ndarray]],
         *,
-        metrics: str = "legacy",
+        metrics: str = "case",
         lesion_rules: Union[str, LesionRules, None] = None,
         regions: Sequence[str] = REGIONS,
     ) -> "CaseJob":
         """Pack ``truth3`` and every (3, D, H, W) prediction of ``preds``."""
         if metrics not in METRIC_SETS:
             raise ValueError(f"metrics must be one of {tuple(METRIC_SETS)}, got {metrics!r}")
-        rules = None if metrics == "legacy" else get_lesion_rules(lesion_rules)
+        rules = None if metrics == "case" else get_lesion_rules(lesion_rules)
         truth3 = np.asarray(truth3, dtype=bool)
         packed = []
         for keys, pred in preds:
@@ -294,7 +294,7 @@ def score_label_files(
     *,
     convention: str = "brats2021",
     region_set: str = "brats2021",
-    metrics: str = "legacy",
+    metrics: str = "case",
     lesion_rules: Union[str, LesionRules, None] = None,
     **keys: Any,
 ) -> dict[str, Any]:

@@ -24,7 +24,6 @@ JSON and, with matplotlib, one grouped bar chart (``dgseg.viz.plot_study_bars``)
 from __future__ import annotations
 
 import csv
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 from dgseg.atomic import atomic_write_text
 from dgseg.constants import MODALITIES, REGIONS
-from dgseg.evaluation.report import COLUMN_TITLES, format_table, summarize, write_json
+from dgseg.evaluation.report import COLUMN_TITLES, format_table, summarize, write_csv, write_json
 from dgseg.viz import plot_study_bars
 
 __all__ = [
@@ -363,15 +362,6 @@ def paired_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return buf.getvalue()
-
-
 def write_study(
     result: Mapping[str, Any], folder: str | Path, *, footer: Sequence[str] = ()
 ) -> dict[str, Path]:
@@ -380,10 +370,8 @@ def write_study(
     folder = Path(folder)
     paths = {
         "md": atomic_write_text(folder / "study.md", format_markdown(result, footer=footer)),
-        "table_csv": atomic_write_text(folder / "study_table.csv", _csv_text(table_rows(result))),
-        "paired_csv": atomic_write_text(
-            folder / "study_paired.csv", _csv_text(paired_rows(result))
-        ),
+        "table_csv": write_csv(folder / "study_table.csv", table_rows(result)),
+        "paired_csv": write_csv(folder / "study_paired.csv", paired_rows(result)),
         "json": write_json(folder / "study.json", {**result, "footer": list(footer)}),
     }
     try:

@@ -4,7 +4,6 @@ from dgseg.layers.blocks import DownSample, FinalConv, ResBlock, UpSample, group
 from dgseg.layers.grl import (
     DomainClassifier,
     GradientReversal,
-    GradReverse,
     dann_lambda,
     grad_reverse,
 )
@@ -22,7 +21,6 @@ __all__ = [
     "VFFCBlock",
     "VFFC",
     "make_norm",
-    "GradReverse",
     "grad_reverse",
     "GradientReversal",
     "DomainClassifier",

@@ -22,10 +22,10 @@ from typing import Any, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["GradReverse", "grad_reverse", "GradientReversal", "DomainClassifier", "dann_lambda"]
+__all__ = ["grad_reverse", "GradientReversal", "DomainClassifier", "dann_lambda"]
 
 
-class GradReverse(torch.autograd.Function):
+class _GradReverse(torch.autograd.Function):
     """Identity forward, ``-lambd * grad`` backward."""
 
     @staticmethod
@@ -41,11 +41,11 @@ class GradReverse(torch.autograd.Function):
 def grad_reverse(x: torch.Tensor, lambd: float = 1.0) -> torch.Tensor:
     """Return ``x`` unchanged; gradients flowing back through it are scaled by ``-lambd``."""
     if torch.compiler.is_compiling():  # a Python check here would break the graph every step
-        return GradReverse.apply(x, lambd)
+        return _GradReverse.apply(x, lambd)
     lambd = float(lambd)
     if not math.isfinite(lambd):
         raise ValueError(f"lambd must be finite, got {lambd}")
-    return GradReverse.apply(x, lambd)
+    return _GradReverse.apply(x, lambd)
 
 
 class GradientReversal(nn.Module):

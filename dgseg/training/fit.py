@@ -24,7 +24,7 @@ from dgseg.config import Config, apply_overrides, config_diff
 from dgseg.data.dataset import ShardDataset
 from dgseg.data.manifest import load_manifest, split_cases
 from dgseg.logging_utils import JsonlWriter, log, trim_jsonl
-from dgseg.models import build_model as build_network
+from dgseg.models import build_model
 from dgseg.presets import PRESETS, format_presets, get_preset
 from dgseg.training.checkpoint import (
     capture_rng_state,
@@ -50,8 +50,7 @@ from dgseg.training.engine import (
     validate,
 )
 from dgseg.training.losses import SegLoss
-from dgseg.training.optim import build_optimizer as make_optimizer
-from dgseg.training.optim import build_scheduler
+from dgseg.training.optim import build_optimizer, build_scheduler
 from dgseg.training.precision import describe, resolve_amp
 from dgseg.viz import plot_curves
 
@@ -108,12 +107,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def build_model(
+def place_model(
     cfg: Config, dist: DistState, *, channels_last: bool = False
 ) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """(unwrapped network on the device, the module the step calls: DDP and/or compiled)."""
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    net = build_network(cfg.data.in_channels, cfg.model).to(dist.device)
+    net = build_model(cfg.data.in_channels, cfg.model).to(dist.device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     model = wrap_ddp(net, dist)
@@ -179,11 +178,11 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
     return train_ds, sampler, loader, val_ds
 
 
-def build_optimizer(
+def optimizer_and_schedule(
     cfg: Config, net: torch.nn.Module, dist: DistState, steps_per_epoch: int
 ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     # fused: one kernel for all parameters on GPU
-    optimizer = make_optimizer(net.parameters(), cfg.optim, fused=dist.device.type == "cuda")
+    optimizer = build_optimizer(net.parameters(), cfg.optim, fused=dist.device.type == "cuda")
     return optimizer, build_scheduler(optimizer, cfg.optim, steps_per_epoch)
 
 
@@ -266,11 +265,11 @@ def _train(
         f"memory format: {'channels-last' if channels_last else 'contiguous'} ({why})",
         is_main=is_main,
     )
-    net, model = build_model(cfg, dist, channels_last=channels_last)
+    net, model = place_model(cfg, dist, channels_last=channels_last)
     seed_everything(cfg.run.seed + dist.rank)  # dropout / loader seeds differ per rank
     steps_per_epoch = len(loader)
     total_steps = cfg.optim.epochs * steps_per_epoch
-    optimizer, scheduler = build_optimizer(cfg, net, dist, steps_per_epoch)
+    optimizer, scheduler = optimizer_and_schedule(cfg, net, dist, steps_per_epoch)
     loss_fn = SegLoss(bce_weight=cfg.loss.bce_weight, squared_pred=cfg.loss.squared_pred)
 
     start_epoch, step, best = 0, 0, -1.0
