@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dgseg.transforms.intensity import brain_mask, check_image, uniform
+
 __all__ = ["bezier_curve", "bezier_lut", "apply_lut", "bezier_domain_transform"]
 
 
@@ -96,12 +98,6 @@ def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(rows[..., 0], frac, rows[..., 1]).to(x.dtype)
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    """One U(low, high) draw from ``generator`` (on the generator's own device)."""
-    u = torch.rand((), generator=generator, device=generator.device, dtype=torch.float64)
-    return low + (high - low) * float(u)
-
-
 def _scale_to_unit(values: torch.Tensor) -> torch.Tensor:
     """Brain intensities (N,) → [−1, 1] by their min–max."""
     lo, hi = values.min(), values.max()
@@ -140,17 +136,14 @@ def bezier_domain_transform(
         raise ValueError(
             f"curve must be 0 (identity), 1 (increasing) or 2 (decreasing), got {curve}"
         )
-    if image.ndim != 4:
-        raise ValueError(f"expected image of shape (C, D, H, W), got {tuple(image.shape)}")
-    if not image.is_floating_point():
-        raise ValueError(f"image must be a float tensor, got {image.dtype}")
+    check_image(image)
     if curve == 0:
         return image
-    mask = (image != 0).any(dim=0)  # (D, H, W) brain: nonzero in any channel
+    mask = brain_mask(image)  # (D, H, W) brain: nonzero in any channel
     out = torch.zeros_like(image)
     for c in range(image.shape[0]):
         # draw even for an empty brain so every channel consumes the same randomness
-        v = _uniform(generator, -1.0, 1.0)
+        v = uniform(generator, -1.0, 1.0)
         values = image[c][mask]  # (N,) brain voxels
         if values.numel() == 0:
             continue
