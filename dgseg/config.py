@@ -216,6 +216,7 @@ class RunConfig:
     val_overlap: float = 0.5  # sliding-window overlap
     log_every: int = 10  # progress line / log.jsonl record every N optimizer steps
     plot: bool = True  # write curves.png when matplotlib is installed
+    layout_probe: bool = True  # channels_last "auto" on the CPU: time both layouts (cached)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):

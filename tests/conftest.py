@@ -65,3 +65,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _layout_probe_cache(tmp_path_factory):
+    """Layout measurements of "auto" runs go to a session folder, not the user's cache."""
+    import os
+
+    old = os.environ.get("DGSEG_CACHE_DIR")
+    os.environ["DGSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("dgseg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("DGSEG_CACHE_DIR", None)
+    else:
+        os.environ["DGSEG_CACHE_DIR"] = old

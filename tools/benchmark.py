@@ -22,8 +22,10 @@ Sections:
 
 ``--peer monai`` adds MONAI's SegResNet (same widths, GroupNorm, input; MONAI imported only here)
 timed interleaved with dgseg's SegResNet: MONAI fp32, dgseg with PyTorch's plain kernels, and
-dgseg's default (resolved ``amp``, channels-last where "auto" picks it, dgseg's kernel paths);
-ratios are dgseg / MONAI fp32. ``--sections`` may be empty (``--sections --peer monai``).
+dgseg's default (resolved ``amp``, the layout "auto" takes, dgseg's kernel paths). Where bf16 is
+the resolved precision (native bf16) it adds MONAI bf16, dgseg fp32 with its own defaults and
+dgseg bf16 in the other layout. Ratios are to MONAI fp32 and to MONAI bf16, of the medians and
+per round. ``--sections`` may be empty (``--sections --peer monai``).
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ from dgseg.inference.sliding_window import sliding_window_inference
 from dgseg.layers import dann_lambda
 from dgseg.layers.conv import native_conv3d
 from dgseg.models import SegResNet, build_model
-from dgseg.training.engine import use_channels_last
+from dgseg.training.engine import channels_last_choice
 from dgseg.training.losses import SegLoss
-from dgseg.training.optim import build_optimizer
+from dgseg.training.optim import build_optimizer, fused_supported
 from dgseg.training.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp
 from dgseg.transforms.bezier import apply_lut, bezier_lut
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
@@ -158,7 +160,7 @@ def make_step(
     model = build_model(1, **kwargs).to(device)
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    fused = device.type == "cuda"
+    fused = fused_supported(device)
     opt = build_optimizer(model.parameters(), OptimConfig(), fused=fused)  # training's AdamW
     loss_fn = SegLoss()
     g = torch.Generator().manual_seed(0)
@@ -290,14 +292,19 @@ def _peer_step(
     amp: bool,
     channels_last: bool,
     native: bool,
+    dgseg_optimizer: bool = False,
 ) -> Callable[[], None]:
-
+    """One step; MONAI and "plain" variants use ``torch.optim.AdamW`` as its users would (fused
+    only on CUDA), ``dgseg_optimizer`` the training runs' (fused where supported)."""
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     net = net.to(device).to(memory_format=fmt)
     x = x.contiguous(memory_format=fmt)
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=1e-4, weight_decay=1e-5, fused=device.type == "cuda"
-    )
+    if dgseg_optimizer:
+        opt = build_optimizer(net.parameters(), OptimConfig(), fused=fused_supported(device))
+    else:
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=1e-4, weight_decay=1e-5, fused=device.type == "cuda"
+        )
     loss_fn = SegLoss()
 
     def step() -> None:
@@ -345,8 +352,19 @@ def bench_peer(args, device: torch.device) -> list[dict]:
         xs = torch.randn(1, 1, 32, 32, 32, generator=g)
         diff = (monai_net().eval()(xs) - dgseg_net().eval()(xs)).abs().max().item()
     bf16 = args.amp == "bf16"
-    cfg = apply_overrides(Config(), [f"run.amp={args.amp}"])  # dgseg's defaults otherwise
-    cl = use_channels_last(cfg, device, (size, size, size))
+    spatial = (size, size, size)
+    layouts = {}  # precision -> (channels-last?, why): dgseg's "auto", as a training run decides
+    for amp in ("none", "bf16") if bf16 else ("none",):
+        cfg = apply_overrides(Config(), [f"run.amp={amp}", "model.init_filters=16"])
+        layouts[amp] = channels_last_choice(cfg, device, spatial)
+        print(f"  peer: dgseg {amp} layout: {layouts[amp][1]}", flush=True)
+    cl32, cl = layouts["none"][0], layouts["bf16" if bf16 else "none"][0]
+
+    ours = dict(dgseg_optimizer=True)  # dgseg's variants: training's optimizer
+
+    def fmt(channels_last: bool) -> str:
+        return "channels_last_3d" if channels_last else "contiguous"
+
     variants = {  # name -> (step, precision, layout)
         "monai_fp32": (
             _peer_step(monai_net(), device, x, y, amp=False, channels_last=False, native=True),
@@ -359,16 +377,32 @@ def bench_peer(args, device: torch.device) -> list[dict]:
             "contiguous",
         ),
         "dgseg_default": (
-            _peer_step(dgseg_net(), device, x, y, amp=bf16, channels_last=cl, native=False),
+            _peer_step(dgseg_net(), device, x, y, amp=bf16, channels_last=cl, native=False, **ours),
             "bf16" if bf16 else "fp32",
-            "channels_last_3d" if cl else "contiguous",
+            fmt(cl),
         ),
     }
     if bf16:
+        # The fair comparison on a CPU with native bf16: MONAI in bf16 too; and dgseg in fp32
+        # (its kernel paths, its fp32 layout) and in the bf16 layout "auto" did not take.
         variants["monai_bf16"] = (
             _peer_step(monai_net(), device, x, y, amp=True, channels_last=False, native=True),
             "bf16",
             "contiguous",
+        )
+        variants["dgseg_fp32"] = (
+            _peer_step(
+                dgseg_net(), device, x, y, amp=False, channels_last=cl32, native=False, **ours
+            ),
+            "fp32",
+            fmt(cl32),
+        )
+        variants["dgseg_bf16_other_layout"] = (
+            _peer_step(
+                dgseg_net(), device, x, y, amp=True, channels_last=not cl, native=False, **ours
+            ),
+            "bf16",
+            fmt(not cl),
         )
     for step, _, _ in variants.values():
         for _ in range(args.warmup):
@@ -383,9 +417,12 @@ def bench_peer(args, device: torch.device) -> list[dict]:
             sync(device)
             times[name].append(time.perf_counter() - t0)
     ref = statistics.median(times["monai_fp32"])
+    ref16 = statistics.median(times["monai_bf16"]) if "monai_bf16" in times else None
     rows = []
     for name, (_, precision, layout) in variants.items():
         med = statistics.median(times[name])
+        # Per-round ratios: each round ran every variant back to back under the same load.
+        per_round = [t / r for t, r in zip(times[name], times["monai_fp32"])]
         row = {
             "section": "peer",
             "variant": name,
@@ -398,11 +435,20 @@ def bench_peer(args, device: torch.device) -> list[dict]:
             "max_s": max(times[name]),
             "times_s": times[name],
             "ratio_to_monai_fp32": med / ref,
+            "ratio_to_monai_fp32_median_of_rounds": statistics.median(per_round),
         }
+        extra = ""
+        if ref16 is not None:
+            row["ratio_to_monai_bf16"] = med / ref16
+            row["ratio_to_monai_bf16_median_of_rounds"] = statistics.median(
+                t / r for t, r in zip(times[name], times["monai_bf16"])
+            )
+            extra = f", x{row['ratio_to_monai_bf16']:.2f} of MONAI bf16"
         rows.append(row)
         print(
-            f"  peer {name:18s} {precision:4s} {layout:16s} {med * 1e3:9.1f} ms "
+            f"  peer {name:24s} {precision:4s} {layout:16s} {med * 1e3:9.1f} ms "
             f"(min {row['min_s'] * 1e3:.1f})  x{row['ratio_to_monai_fp32']:.2f} of MONAI fp32"
+            + extra
         )
     rows.append(
         {
@@ -412,6 +458,7 @@ def bench_peer(args, device: torch.device) -> list[dict]:
             "rounds": args.repeats,
             "loadavg_before": load,
             "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "dgseg_auto_layout": {amp: why for amp, (_, why) in layouts.items()},
         }
     )
     print(

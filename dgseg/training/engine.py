@@ -53,15 +53,11 @@ class NonFiniteLossError(RuntimeError):
 def channels_last_choice(
     cfg: Config, device: torch.device, spatial: Sequence[int]
 ) -> Tuple[bool, str]:
-    """``run.channels_last`` for an input of ``spatial`` size, and why
-    (dgseg.training.precision)."""
-    from dgseg.training.precision import resolve_channels_last
+    """``run.channels_last`` for an input of ``spatial`` size, and why: "auto" on the CPU
+    times both layouts once per machine and setting (dgseg.training.layout_probe)."""
+    from dgseg.training.layout_probe import choose_channels_last
 
-    m = cfg.model
-    width = m.init_filters if m.arch == "segresnet" else m.unet_features[0]
-    return resolve_channels_last(
-        cfg.run.channels_last, device, channels=width, spatial=tuple(spatial)
-    )
+    return choose_channels_last(cfg, device, spatial)
 
 
 def use_channels_last(cfg: Config, device: torch.device, spatial: Sequence[int]) -> bool:

@@ -50,7 +50,7 @@ from dgseg.training.engine import (
     validate,
 )
 from dgseg.training.losses import SegLoss
-from dgseg.training.optim import build_optimizer, build_scheduler
+from dgseg.training.optim import build_optimizer, build_scheduler, fused_supported
 from dgseg.training.precision import describe, resolve_amp
 from dgseg.viz import plot_curves
 
@@ -181,8 +181,8 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
 def optimizer_and_schedule(
     cfg: Config, net: torch.nn.Module, dist: DistState, steps_per_epoch: int
 ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    # fused: one kernel for all parameters on GPU
-    optimizer = build_optimizer(net.parameters(), cfg.optim, fused=dist.device.type == "cuda")
+    # fused: one kernel for all parameters (CUDA, and the CPU on torch >= 2.4)
+    optimizer = build_optimizer(net.parameters(), cfg.optim, fused=fused_supported(dist.device))
     return optimizer, build_scheduler(optimizer, cfg.optim, steps_per_epoch)
 
 

@@ -13,15 +13,40 @@ from lr to ``min_lr`` over the whole run, stepped every optimizer step (default)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable
 
 import torch
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "SCHEDULE_INTERVALS", "build_optimizer", "build_scheduler"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "SCHEDULE_INTERVALS",
+    "build_optimizer",
+    "build_scheduler",
+    "fused_supported",
+]
 
 OPTIMIZERS = ("adamw", "adam")  # accepted optim.name values (OptimConfig reads this)
 SCHEDULES = ("cosine", "constant")  # accepted optim.schedule values
 SCHEDULE_INTERVALS = ("step", "epoch")  # the cosine advances every optimizer step or epoch
+
+
+def fused_supported(device: torch.device | str) -> bool:
+    """Whether Adam/AdamW have a fused kernel for parameters on ``device`` (CUDA; CPU since
+    torch 2.4). On the CPU the default per-parameter loop costs about ten small passes per
+    tensor, each a parallel region; the fused kernel updates a tensor in one pass."""
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and _cpu_fused())
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_fused() -> bool:
+    try:  # an older torch refuses fused=True for CPU tensors
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
 
 
 def build_optimizer(
@@ -32,7 +57,7 @@ def build_optimizer(
     Args:
         params: the parameters to optimise.
         cfg: object with ``name``, ``lr``, ``betas``, ``weight_decay`` and ``amsgrad``.
-        fused: one fused kernel for all parameters (CUDA only).
+        fused: one fused kernel for all parameters (where :func:`fused_supported`).
     """
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {cfg.name!r}")

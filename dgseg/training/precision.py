@@ -14,8 +14,10 @@ Every tool resolves the request once with :func:`resolve_amp` and prints :func:`
 let oneDNN run its brgemm convolutions without reordering and make dgseg's GroupNorm + ReLU node
 pay off (``dgseg.layers``): a SegResNet F16 step at 64³ measured 0.62x of the contiguous one
 (1 thread, 2-core AVX2 EPYC), while at 32³ with 8 filters channels-last was ~10 % slower. So
-"auto" picks it on the CPU when the first-level feature map (channels x voxels) holds at least
-:data:`CHANNELS_LAST_MIN_VALUES` values; on CUDA it stays off (measured slower with cuDNN).
+this size rule picks it on the CPU when the first-level feature map (channels x voxels) holds at
+least :data:`CHANNELS_LAST_MIN_VALUES` values; on CUDA it stays off (measured slower with cuDNN).
+Training and validation decide "auto" on the CPU by timing both layouts instead
+(``dgseg.training.layout_probe``) and fall back on this rule where the probe is off.
 """
 
 from __future__ import annotations
