@@ -48,6 +48,7 @@ from dgseg.transforms import (
     random_rot90,
     random_rotation,
 )
+from dgseg.transforms.gradient_map import DEFAULT_SIGMAS, input_representation, repr_channels
 from dgseg.transforms.location_scale import global_location_scale, local_location_scale
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 
@@ -165,6 +166,8 @@ class ShardDataset(Dataset):
             draws its own augmentation from ``intensity_augs`` (after the sample's Bezier curve,
             if any) and all views share one spatial augmentation. The first view's draw is the
             sample's domain.
+        input_repr, gradient_sigmas: the network input (``dgseg.transforms.gradient_map``),
+            computed last, from the augmented image (every view), in every split.
 
     Sample: ``{"image": float32 (C, D, H, W), "label": float32 (3, D, H, W) WT/TC/ET (zeros when
     unlabelled), "domain": int64 scalar, "case_id": str, "has_label": bool}``, and with
@@ -190,6 +193,8 @@ class ShardDataset(Dataset):
         fold: int | None = None,
         saliency_pair: bool = False,
         views: int = 1,
+        input_repr: str = "intensity",
+        gradient_sigmas: Sequence[float] = DEFAULT_SIGMAS,
     ) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
@@ -251,6 +256,8 @@ class ShardDataset(Dataset):
         k = {"partition": self.num_domains, "pair": 2}.get(self.bezier)
         # Domains partition the train split's patients (the dataset holds exactly those here).
         self.domains = assign_domains(ids, k, self.seed, patients=patients) if k else {}
+        repr_channels(1, input_repr, gradient_sigmas)  # ValueError on an unknown representation
+        self.input_repr, self.gradient_sigmas = input_repr, tuple(float(s) for s in gradient_sigmas)
         self._epoch = RawValue("q", 0)  # shared memory: visible to (persistent) workers
         self._handles: dict[str, h5py.File] = {}
         self._pid = os.getpid()
@@ -427,6 +434,10 @@ class ShardDataset(Dataset):
                 rot90=self.rot90,
                 rotation_degrees=self.rotation_degrees,
             )
+        if self.input_repr != "intensity":  # from the augmented image, as the network sees it
+            img, local, views = (
+                None if t is None else self._represent(t) for t in (img, local, views)
+            )
         sample = {
             "image": img.contiguous(),
             "label": region_channels(lab),  # (3, D, H, W) float32 WT, TC, ET
@@ -439,6 +450,9 @@ class ShardDataset(Dataset):
         if views is not None:
             sample["views"] = views.contiguous()
         return sample
+
+    def _represent(self, image: torch.Tensor) -> torch.Tensor:
+        return input_representation(image, self.input_repr, self.gradient_sigmas)
 
     def __repr__(self) -> str:
         return (
