@@ -29,6 +29,7 @@ from dgseg.training.distributed import DEVICES
 from dgseg.training.optim import OPTIMIZERS, SCHEDULE_INTERVALS, SCHEDULES
 from dgseg.training.precision import AMP_CHOICES
 from dgseg.training.steps import STEP_NAMES
+from dgseg.transforms.gradient_map import INPUT_REPRS, check_sigmas, repr_channels
 from dgseg.transforms.sdg import INTENSITY_AUGS
 
 __all__ = [
@@ -82,6 +83,9 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
     val_split: str = "val"  # manifest split used for validation / best checkpoint
     fold: Optional[int] = None  # CV fold i: validate on fold i, train on the other non-test cases
+    # GM-Guided DG's equalised gradient magnitude (dgseg.transforms.gradient_map) as input.
+    input_repr: str = "intensity"  # "intensity" | "gradient" | "both" (intensity, then gradient)
+    gradient_sigmas: Tuple[float, ...] = (0.5,)  # Gaussian scale(s) of the gradient map, voxels
 
     def __post_init__(self) -> None:
         if len(self.modalities) == 0:
@@ -98,11 +102,17 @@ class DataConfig:
         _check_positive("data.consistency_views", self.consistency_views)
         if self.fold is not None:
             _check_positive("data.fold", self.fold, allow_zero=True)
+        _check_choice("data.input_repr", self.input_repr, INPUT_REPRS)
+        try:
+            check_sigmas(self.gradient_sigmas)
+        except ValueError as e:
+            raise ValueError(f"data.gradient_sigmas: {e}") from None
 
     @property
     def in_channels(self) -> int:
-        """Network input channels: one per listed modality (repeats allowed)."""
-        return len(self.modalities)
+        """Network input channels: per listed modality (repeats allowed), one for "intensity",
+        one per gradient sigma for "gradient", both counts added for "both"."""
+        return repr_channels(len(self.modalities), self.input_repr, self.gradient_sigmas)
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,18 @@ _ALL = (
         "location-scale, iso-intense re-synthesis (tumour takes healthy intensities), Bezier",
         ("location_scale", "resynthesis_iso", "bezier"),
     ),
+    # GM-Guided DG's learning-free input (dgseg.transforms.gradient_map), the authors' sigma 0.5.
+    _preset(
+        "segresnet_t2_gradmap",
+        "gradient-map input (GM-Guided DG, equalised |grad|) + flips/rotations",
+        data=dict(input_repr="gradient", **_SPATIAL),
+    ),
+    _sdg(
+        "segresnet_t2_sdg_gradmap",
+        "pool with Bezier (location-scale / re-synthesis / Bezier), gradient-map input",
+        _SDG_BEZIER,
+        data=dict(input_repr="gradient"),
+    ),
 )
 
 

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from dgseg.constants import MODALITIES
 from dgseg.transforms import random_flip, random_rot90, random_rotation
+from dgseg.transforms.gradient_map import DEFAULT_SIGMAS, input_representation, repr_channels
 from dgseg.transforms.location_scale import global_location_scale, local_location_scale
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 
@@ -146,6 +147,8 @@ class ShardDataset(Dataset):
         views: training views per sample for GIN-IPA's consistency loss; above 1, each view
             draws its own entry from ``intensity_augs`` and all views share one spatial
             augmentation. The first view's draw is the sample's domain.
+        input_repr, gradient_sigmas: the network input (``dgseg.transforms.gradient_map``),
+            computed last, from the augmented image (every view), in every split.
 
     Sample: ``{"image": float32 (C, D, H, W), "label": float32 (3, D, H, W) WT/TC/ET (zeros when
     unlabelled), "domain": int64 scalar, "case_id": str, "has_label": bool}``, and with
@@ -170,6 +173,8 @@ class ShardDataset(Dataset):
         fold: int | None = None,
         saliency_pair: bool = False,
         views: int = 1,
+        input_repr: str = "intensity",
+        gradient_sigmas: Sequence[float] = DEFAULT_SIGMAS,
     ) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
@@ -216,6 +221,8 @@ class ShardDataset(Dataset):
         by_patient = self.intensity_augs and domain_assignment == "patient"
         k = len(self.intensity_augs)
         self.domains = assign_domains(ids, k, self.seed, patients=patients) if by_patient else {}
+        repr_channels(1, input_repr, gradient_sigmas)  # ValueError on an unknown representation
+        self.input_repr, self.gradient_sigmas = input_repr, tuple(float(s) for s in gradient_sigmas)
         self._epoch = RawValue("q", 0)  # shared memory: visible to (persistent) workers
         self._handles: dict[str, h5py.File] = {}
         self._pid = os.getpid()
@@ -387,6 +394,10 @@ class ShardDataset(Dataset):
                 rot90=self.rot90,
                 rotation_degrees=self.rotation_degrees,
             )
+        if self.input_repr != "intensity":  # from the augmented image, as the network sees it
+            img, local, views = (
+                None if t is None else self._represent(t) for t in (img, local, views)
+            )
         sample = {
             "image": img.contiguous(),
             "label": region_channels(lab),  # (3, D, H, W) float32 WT, TC, ET
@@ -399,6 +410,9 @@ class ShardDataset(Dataset):
         if views is not None:
             sample["views"] = views.contiguous()
         return sample
+
+    def _represent(self, image: torch.Tensor) -> torch.Tensor:
+        return input_representation(image, self.input_repr, self.gradient_sigmas)
 
     def __repr__(self) -> str:
         return (

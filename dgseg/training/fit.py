@@ -139,11 +139,19 @@ def build_loaders(cfg: Config, dist: DistState) -> Tuple[Any, DistributedSampler
         domain_assignment=d.domain_assignment,
         saliency_pair=cfg.loss.step == "saliency_balanced",
         views=d.consistency_views,
+        input_repr=d.input_repr,
+        gradient_sigmas=d.gradient_sigmas,
     )
     val_ds = None  # no validation cases: no validation, no best.pt
     if split_cases(load_manifest(d.root), d.val_split, d.fold):
         val_ds = ShardDataset(
-            d.root, split=d.val_split, modalities=d.modalities, seed=cfg.run.seed, fold=d.fold
+            d.root,
+            split=d.val_split,
+            modalities=d.modalities,
+            seed=cfg.run.seed,
+            fold=d.fold,
+            input_repr=d.input_repr,
+            gradient_sigmas=d.gradient_sigmas,
         )
     # Same sampler seed on every rank: the ranks split one shared permutation per epoch.
     sampler = DistributedSampler(
