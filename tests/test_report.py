@@ -48,7 +48,8 @@ def test_bootstrap_edge_cases():
     with pytest.raises(ValueError, match="alpha"):
         bootstrap_ci([1.0, 2.0], alpha=1.5)
     with pytest.raises(ValueError, match="n_boot"):
-        bootstrap_ci([1.0, 2.0], n_boot=0)
+        bootstrap_ci([1.0, 2.0], n_boot=-1)
+    assert all(math.isnan(x) for x in bootstrap_ci([1.0, 2.0], n_boot=0))  # 0: no CIs
 
 
 # ----------------------------------------------------------------------------- aggregation

@@ -56,6 +56,7 @@ from data_prep.loading import LoadedCase
 from data_prep.preprocess import preprocess_case
 from data_prep.synthetic import make_case
 from dgseg.atomic import atomic_write_text
+from dgseg.cli_checks import ArgumentFault, check_at_least, check_output_file
 from dgseg.config import Config, OptimConfig, apply_overrides
 from dgseg.evaluation.lesion_metrics import LESION_RULES, lesion_region_metrics
 from dgseg.evaluation.metrics import region_metrics
@@ -809,6 +810,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
+    try:  # before any measurement: a run is never lost to a bad option or --json path
+        for name, value, low in (
+            ("--threads", args.threads, 1),
+            ("--size", args.size, 1),
+            ("--batch", args.batch, 1),
+            ("--roi", args.roi, 1),
+            ("--sdg-size", args.sdg_size, 1),
+            ("--repeats", args.repeats, 1),
+            ("--warmup", args.warmup, 0),
+            ("--data-cases", args.data_cases, 1),
+        ):
+            if value is not None:
+                check_at_least(name, value, low)
+        if args.json is not None:
+            check_output_file("--json", args.json)
+    except ArgumentFault as e:
+        p.error(str(e))
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -850,7 +868,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name} failed: {type(exc).__name__}: {exc}")
                 result["results"].append({"section": name, "error": f"{type(exc).__name__}: {exc}"})
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+        try:
+            atomic_write_text(args.json, json.dumps(result, indent=2))
+        except OSError as e:  # the numbers are still on the screen above
+            print(f"error: --json {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 1
         print(f"wrote {args.json}")
     return 0
 

@@ -47,6 +47,7 @@ regions WT, TC, ET, NETC, SNFH, RC); predictions then hold that set's own label 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -54,8 +55,18 @@ from typing import Any, Optional, Sequence
 import torch
 
 from data_prep.layouts import discover_cases
+from dgseg.cli_checks import (
+    ArgumentFault,
+    check_at_least,
+    check_device,
+    check_input_dir,
+    check_input_file,
+    check_output_dir,
+    check_probability,
+)
 from dgseg.constants import MODALITIES
 from dgseg.data.manifest import load_manifest, scored_extent, split_cases
+from dgseg.data.prepared import check_prepared
 from dgseg.evaluation.cross_modality import (
     EvalSettings,
     OrderedPool,
@@ -67,8 +78,10 @@ from dgseg.evaluation.cross_modality import (
 )
 from dgseg.evaluation.lesion_metrics import LESION_RULES, LesionRules, get_lesion_rules
 from dgseg.evaluation.report import COLUMN_TITLES, write_report
+from dgseg.evaluation.row_log import ROW_LOG_NAME, RowLog
 from dgseg.evaluation.scoring import METRIC_SETS, input_specs
 from dgseg.logging_utils import Progress
+from dgseg.run_lock import RunLockError, acquire, check_free
 from dgseg.training.checkpoint import load_segmenter
 from dgseg.training.distributed import (
     DEVICES,
@@ -144,7 +157,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="bf16 autocast for the network (blending stays float32); auto: bf16 "
         "where the device has native bf16, else fp32",
     )
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
+    p.add_argument(
+        "--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs (0: no CIs)"
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument(
         "--metric-workers",
@@ -202,6 +217,38 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every value and path checked before the first case (ArgumentFault: one line)."""
+    check_probability("--threshold", args.threshold)
+    check_at_least("--bootstrap", args.bootstrap, 0, "0 = no CIs")
+    check_at_least("--seed", args.seed, 0)
+    check_at_least("--sw-batch-size", args.sw_batch_size, 1)
+    check_at_least("--overlays", args.overlays, 0)
+    check_device("--device", args.device)
+    for path in args.checkpoint or ():
+        check_input_file("--checkpoint", path)
+    if args.predictions is not None:
+        check_input_dir("--predictions", args.predictions)
+    check_input_dir("--data", args.data)
+    check_output_dir("--out", args.out)
+
+
+def error(e: Exception) -> int:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    return 1
+
+
+def report_failures(failed: Sequence[tuple[str, str]], n_scored: int, what: str) -> None:
+    """One line per failed item as it is known, then a summary naming them all."""
+    if not failed:
+        return
+    print(
+        f"{len(failed)} {what}(s) failed, {n_scored} scored: "
+        + "; ".join(f"{tag}: {why}" for tag, why in failed),
+        file=sys.stderr,
+    )
+
+
 def lesion_rules(args: argparse.Namespace) -> LesionRules:
     """The lesion-wise rules of ``--lesion-rules``, with ``--nsd-tolerance`` when given."""
     extra = {} if args.nsd_tolerance is None else {"nsd_tolerance": args.nsd_tolerance}
@@ -235,34 +282,50 @@ def write_outputs(
 
 
 def evaluate_predictions(args: argparse.Namespace) -> int:
-    """``--predictions``: NIfTI label maps (tools/predict.py output) vs the raw segmentations."""
+    """``--predictions``: NIfTI label maps (tools/predict.py output) vs the raw segmentations.
+
+    A case without a prediction, or whose prediction cannot be read or scored, is that case's
+    failure (one line); every other case is scored and written, and the exit status is 1."""
     cases, problems = discover_cases(args.data)  # ValueError: not a folder
     for cid, why in problems:
         print(f"skipped {cid}: {why}", file=sys.stderr)
     labelled = [(c.case_id, c.label_file, c.label_convention) for c in cases if c.has_label]
+    if not labelled:
+        raise ValueError(f"--data {args.data}: no labelled case to score against")
+    rows = RowLog(args.out, fresh=True)
     with OrderedPool(args.metric_workers) as pool:
-        records, missing = score_prediction_files(
+        records, failed = score_prediction_files(
             labelled[: args.max_cases],
             args.predictions,
             pool,
             region_set=args.regions,
             metrics=args.metrics,
             lesion_rules=lesion_rules(args),
+            on_rows=rows.append,
         )
-    for cid, why in missing:
-        print(f"skipped {cid}: {why}", file=sys.stderr)
+    for cid, why in failed:
+        print(f"failed {cid}: {why}", file=sys.stderr)
     if not records:
-        print("no prediction could be scored", file=sys.stderr)
+        print("error: no prediction could be scored", file=sys.stderr)
         return 1
-    print(
-        write_outputs(
+    try:
+        text = write_outputs(
             records,
             args,
             ["Column 'nifti': label maps in original image space vs the raw segmentation files."],
-        ),
-        end="",
+        )
+    except OSError as e:
+        return error(write_fault(args, e, len(records)))
+    print(text, end="")
+    report_failures(failed, len(records), "case")
+    return 1 if failed else 0
+
+
+def write_fault(args: argparse.Namespace, e: OSError, n_rows: int) -> str:
+    return (
+        f"--out {args.out}: writing the tables failed ({e.strerror or e}); the {n_rows} "
+        f"row(s) scored are in {args.out / ROW_LOG_NAME}"
     )
-    return 0
 
 
 def load_plans(args: argparse.Namespace, device: torch.device) -> tuple[list[Plan], str]:
@@ -282,22 +345,44 @@ def load_plans(args: argparse.Namespace, device: torch.device) -> tuple[list[Pla
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except ArgumentFault as e:
+        return error(e)
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:  # one holder: rank 0, for every rank
+        try:
+            check_free(args.out, what="--out")
+            lock = acquire(args.out, what="--out", take_stale=True)
+        except (RunLockError, OSError) as e:
+            return error(e)
+    try:
+        return run(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args: argparse.Namespace) -> int:
+    """:func:`main` once this process holds ``--out``."""
     try:  # expected faults (missing folder or manifest, bad checkpoint): one line, exit 1
         if args.predictions is not None:
             return evaluate_predictions(args)
         n_cases = len(split_cases(load_manifest(args.data), args.split))
         if n_cases == 0:
             raise ValueError(f"split {args.split!r} of {args.data} has no cases")
+        if int(os.environ.get("RANK", "0")) == 0:
+            RowLog(args.out, fresh=True)  # before any rank appends: they start after the group
         dist = init_distributed(args.device)
     except (OSError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return error(e)
     try:
         try:
             plans, roi_text = load_plans(args, dist.device)
+            needed = {m for plan in plans for inputs in plan.specs for m in inputs}
+            check_prepared(args.data, splits=(args.split,), modalities=sorted(needed))
         except (OSError, ValueError) as e:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 1
+            return error(e)
         args.amp, why = resolve_amp(args.amp, dist.device)  # summary.json records what ran
         if dist.is_main:
             print(f"[eval] {describe(args.amp, why)}", file=sys.stderr, flush=True)
@@ -329,6 +414,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        failed: list[tuple[str, str]] = []
+        rows = RowLog(args.out)
         with OrderedPool(args.metric_workers) as pool:
             records, overlays = evaluate_cases(
                 plans,
@@ -339,34 +426,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 device=dist.device,
                 progress=progress,
                 pool=pool,
+                failures=failed,
+                on_rows=rows.append,
             )
         progress.close()
-        gathered = all_gather_objects((records, overlays))
+        for tag, why in failed:
+            print(f"failed {tag}: {why}", file=sys.stderr, flush=True)
+        gathered = all_gather_objects((records, overlays, failed))
+        code = 0
         if dist.is_main:
-            records = [r for rec, _ in gathered for r in rec]
-            overlays = [o for _, ov in gathered for o in ov]
-            # Gathered by rank: put the rows back into a deterministic order.
-            order = {str(p): k for k, p in enumerate(args.checkpoint)}
-            records.sort(key=lambda r: (order[r["checkpoint"]], r["column"], r["case_id"]))
-            extra = [
-                f"Sliding window: roi ({roi_text}), overlap {args.overlap}, "
-                f"{args.blend} blending, threshold {args.threshold}, TTA "
-                f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es).",
-                scored_extent(load_manifest(args.data), args.split)["text"],
-            ]
-            print(write_outputs(records, args, extra), end="")
-            if overlays:
-                print(
-                    save_overlays(overlays, args.out / "overlays", titles=COLUMN_TITLES),
-                    file=sys.stderr,
-                )
-            print(f"wrote {args.out}/per_case.csv, summary.json, table.md", file=sys.stderr)
+            records = [r for rec, _, _ in gathered for r in rec]
+            overlays = [o for _, ov, _ in gathered for o in ov]
+            failed = [f for _, _, fl in gathered for f in fl]
+            code = write_checkpoint_outputs(args, records, overlays, failed, roi_text, dist)
         # Nobody tears the process group down while rank 0 still writes: a gloo peer that
         # disappears mid-way can abort the writing process.
         barrier()
     finally:
         cleanup()
-    return 0
+    return code
+
+
+def write_checkpoint_outputs(
+    args: argparse.Namespace,
+    records: list[dict[str, Any]],
+    overlays: list[dict[str, Any]],
+    failed: list[tuple[str, str]],
+    roi_text: str,
+    dist: Any,
+) -> int:
+    """Rank 0: the tables of every case scored, the overlays, the failures; the exit status."""
+    if not records:
+        report_failures(failed, 0, "case")
+        print("error: no case could be scored", file=sys.stderr)
+        return 1
+    # Gathered by rank: put the rows back into a deterministic order.
+    order = {str(p): k for k, p in enumerate(args.checkpoint)}
+    records.sort(key=lambda r: (order[r["checkpoint"]], r["column"], r["case_id"]))
+    extra = [
+        f"Sliding window: roi ({roi_text}), overlap {args.overlap}, "
+        f"{args.blend} blending, threshold {args.threshold}, TTA "
+        f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es).",
+        scored_extent(load_manifest(args.data), args.split)["text"],
+    ]
+    try:
+        text = write_outputs(records, args, extra)
+    except OSError as e:
+        return error(write_fault(args, e, len(records)))
+    print(text, end="")
+    if overlays:
+        print(save_overlays(overlays, args.out / "overlays", titles=COLUMN_TITLES), file=sys.stderr)
+    print(f"wrote {args.out}/per_case.csv, summary.json, table.md", file=sys.stderr)
+    report_failures(failed, len({r["case_id"] for r in records}), "case")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

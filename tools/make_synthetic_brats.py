@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from data_prep.synthetic import LAYOUTS, case_seed, make_case, save_montage, write_dataset
+from dgseg.cli_checks import ArgumentFault, check_at_least, check_output_dir, check_output_file
 from dgseg.logging_utils import Progress, format_eta
 
 
@@ -66,7 +67,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="also write a PNG montage of the first (up to 4) cases (needs matplotlib)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        check_at_least("--n-cases", args.n_cases, 1)
+        check_at_least("--workers", args.workers, 1)
+        check_at_least("--seed", args.seed, 0)
+        check_at_least("--start-index", args.start_index, 0)
+        check_output_dir("--output", args.output)
+        if args.montage is not None:
+            check_output_file("--montage", args.montage)
+    except ArgumentFault as e:
+        p.error(str(e))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             start_index=args.start_index,
             progress=_Report(),
         )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(f"wrote {len(ids)} cases ({args.layout}) to {args.output}")
     if args.montage is not None and ids:

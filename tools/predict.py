@@ -24,7 +24,9 @@ A model that reads several different modalities (e.g. the stacked 4-modality one
 segment one file. Any fault is one ``error:`` line naming the file, with exit status 1.
 
 A case of a folder that cannot be read or segmented is skipped with a one-line reason and listed
-at the end; the exit status is non-zero only when no case was predicted.
+at the end, the other cases are predicted and written, and the exit status is 1. An existing
+prediction is kept (and said so) unless ``--overwrite``. Another live job writing into
+``--output`` refuses this one.
 
 Usage::
 
@@ -37,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -46,9 +49,11 @@ import torch
 from data_prep.layouts import RawCase, discover_cases, single_file_case
 from data_prep.loading import CaseError, load_raw_case
 from data_prep.preprocess import preprocess_case
+from dgseg.cli_checks import ArgumentFault, check_device, check_output_dir, check_probability
 from dgseg.constants import MODALITIES
 from dgseg.inference.predict_case import ProbFn, load_predictor, predict_to_file
 from dgseg.logging_utils import Progress
+from dgseg.run_lock import RunLockError, acquire, check_free
 from dgseg.training.distributed import DEVICES
 from dgseg.training.precision import AMP_CHOICES, describe, resolve_amp
 
@@ -92,6 +97,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--tta", action="store_true", help="8-fold flip test-time augmentation")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing predictions (default: keep)"
+    )
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument(
         "--amp",
@@ -112,7 +120,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.size = None
     if not 0.0 <= args.overlap < 1.0:
         p.error(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.roi is not None and args.roi < 1:
+        p.error(f"--roi must be >= 1, got {args.roi}")
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Values and the output folder, before the model is loaded (ArgumentFault: one line)."""
+    check_probability("--threshold", args.threshold)
+    check_device("--device", args.device)
+    check_output_dir("--output", args.output)
 
 
 def predict_case(
@@ -167,6 +184,10 @@ def predict_file(
     """``--input`` is one NIfTI file: write ``<output>/<stem>_seg.nii.gz`` or one error line."""
     try:
         raw = single_file_case(args.input, channels[0])  # choose_channels: one modality
+        target = args.output / f"{raw.case_id}_seg.nii.gz"
+        if target.exists() and not args.overwrite:
+            print(f"kept {target}: it exists (--overwrite to replace it)", file=sys.stderr)
+            return 0
         path = predict_case(
             raw,
             prob_fn,
@@ -185,6 +206,28 @@ def predict_file(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    try:
+        check_args(args)
+    except ArgumentFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            check_free(args.output, what="--output")
+            lock = acquire(args.output, what="--output", take_stale=True)
+        except (RunLockError, OSError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+    try:
+        return run(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args: argparse.Namespace) -> int:
+    """:func:`main` once this process holds ``--output``."""
     try:  # first the model: its inputs say which modality files a case needs
         device = device_of(args.device)
         amp, why = resolve_amp(args.amp, device)
@@ -217,9 +260,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"no usable case under {args.input}", file=sys.stderr)
         return 1
     print(f"model {what}; {len(cases)} case(s) -> {args.output}", file=sys.stderr)
-    done = 0
+    done, kept = 0, 0
     progress = Progress(len(cases), label="[predict]", unit="cases", every=0.0)
     for raw in cases:
+        target = args.output / f"{raw.case_id}.nii.gz"
+        if target.exists() and not args.overwrite:
+            kept += 1
+            progress.step(note=f"kept {target}: it exists (--overwrite to replace it)")
+            continue
         try:
             path = predict_case(
                 raw, prob_fn, channels, args.output, size=args.size, threshold=args.threshold
@@ -233,10 +281,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         done += 1
         progress.step(note=str(path))
     progress.close()
-    print(f"predicted {done} case(s), skipped {len(skipped)}", file=sys.stderr)
+    print(
+        f"predicted {done} case(s), skipped {len(skipped)}"
+        + (f", kept {kept} existing (--overwrite to replace them)" if kept else ""),
+        file=sys.stderr,
+    )
     for cid, why in skipped:
         print(f"  skipped {cid}: {why}", file=sys.stderr)
-    return 0 if done else 1
+    return 1 if skipped or not (done or kept) else 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from data_prep.pipeline import EVAL_SIZES, prepare
 from data_prep.shards import COMPRESSIONS, STORAGE_DEFAULTS
 from data_prep.synthetic import write_dataset
 from dgseg.atomic import atomic_write_json
+from dgseg.cli_checks import ArgumentFault, check_input_dir, check_input_file, check_output_dir
 from dgseg.constants import DEFAULT_DATA_ROOT
 
 SYNTHETIC_CASES = 12
@@ -205,6 +206,16 @@ def synthetic_source(folder: Path, n_cases: int, *, quiet: bool = False) -> Path
 def main(argv=None) -> int:
     args = parse_args(argv)
     size = None if args.size == "full" else args.size
+    try:  # paths and values before any case is read
+        output = args.output or Path("data/synthetic" if args.input is None else DEFAULT_DATA_ROOT)
+        check_output_dir("--output", output)
+        if args.input is not None:
+            check_input_dir("--input", args.input)
+        if args.split_file is not None:
+            check_input_file("--split-file", args.split_file)
+    except ArgumentFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.input is None:
         output = args.output or Path("data/synthetic")
         source = synthetic_source(
@@ -236,8 +247,8 @@ def main(argv=None) -> int:
             folds=args.folds,
             eval_size=args.eval_size,
         )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(res.summary())
     return res.exit_code

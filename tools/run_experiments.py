@@ -50,13 +50,16 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 
 from dgseg.atomic import atomic_write_json
+from dgseg.cli_checks import check_at_least, check_config_values, check_output_dir
 from dgseg.config import Config, apply_overrides
 from dgseg.data.manifest import load_manifest, scored_extent
+from dgseg.data.prepared import check_prepared
 from dgseg.evaluation.scoring import EVAL_RULE
 from dgseg.evaluation.study import BASELINES, read_records, write_study
 from dgseg.evaluation.study import aggregate as aggregate_records
 from dgseg.logging_utils import format_eta
 from dgseg.presets import CPU_RECIPE, PRESETS, get_preset
+from dgseg.run_lock import RunLockError, acquire
 from dgseg.training.distributed import launch_command
 
 REPO = Path(__file__).resolve().parents[1]  # children run this checkout's tools and package
@@ -180,7 +183,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.items += args.overrides
     try:  # every preset must resolve with these items before anything runs
         for preset in args.presets:
-            apply_overrides(get_preset(preset), args.items)
+            check_config_values(apply_overrides(get_preset(preset), args.items))
+        check_at_least("--bootstrap", args.bootstrap, 1)
+        check_output_dir("--out", args.out)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -291,7 +296,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def execute(cmd: Sequence[str], log: Path) -> tuple[int, float]:
+def execute(
+    cmd: Sequence[str], log: Path, env: Optional[dict[str, str]] = None
+) -> tuple[int, float]:
     """Run ``cmd`` with its output appended to ``log``; (exit status, wall seconds)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -302,7 +309,7 @@ def execute(cmd: Sequence[str], log: Path) -> tuple[int, float]:
             list(cmd),
             stdout=f,
             stderr=subprocess.STDOUT,
-            env=child_env(),  # caller's cwd
+            env=env or child_env(),  # caller's cwd
         )
     return code, time.monotonic() - t0
 
@@ -338,13 +345,25 @@ def prepare_synthetic(args: argparse.Namespace) -> None:
 
 
 def run_one(args: argparse.Namespace, run: Run) -> Optional[str]:
-    """Train then evaluate one run; None on success, else a one-line reason."""
-    code, train_s = execute(train_command(args, run), run.folder / "train.log")
+    """Train then evaluate one run, holding its folder; None on success, else a one-line
+    reason. The matrix always resumes, so a stale lock of a killed matrix is taken over."""
+    try:
+        lock = acquire(run.folder, what="run folder", take_stale=True)
+    except (RunLockError, OSError) as e:
+        return " ".join(str(e).split())
+    try:
+        return _run_locked(args, run, lock.child_env(child_env()))
+    finally:
+        lock.release()
+
+
+def _run_locked(args: argparse.Namespace, run: Run, env: dict[str, str]) -> Optional[str]:
+    code, train_s = execute(train_command(args, run), run.folder / "train.log", env)
     if code != 0:
         return f"train exit {code} after {format_eta(train_s)}; log: {run.folder / 'train.log'}"
     if not checkpoint(run).exists():
         return f"training left no checkpoint in {run.folder}"
-    code, eval_s = execute(eval_command(args, run), run.folder / "eval.log")
+    code, eval_s = execute(eval_command(args, run), run.folder / "eval.log", env)
     if code != 0:
         return f"evaluate exit {code} after {format_eta(eval_s)}; log: {run.folder / 'eval.log'}"
     atomic_write_json(
@@ -414,8 +433,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.aggregate_only:
         if args.synthetic is not None:
             prepare_synthetic(args)
-        if not (args.data / "manifest.json").exists():
-            raise SystemExit(f"error: {args.data} has no manifest.json (tools/prepare_brats.py)")
+        modalities = {
+            m
+            for p in args.presets
+            for m in apply_overrides(get_preset(p), args.items).data.modalities
+        }
+        try:  # a missing or damaged data folder: one line before the first run
+            check_prepared(args.data, splits=("all",), modalities=sorted(modalities))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --data: {' '.join(str(e).split())}") from None
         states = {r: status(args, r) for r in runs}
         todo = [r for r in runs if states[r] == "todo"]
         failed: list[tuple[Run, str]] = [

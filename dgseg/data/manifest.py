@@ -27,6 +27,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "SPLITS",
     "load_manifest",
+    "check_manifest_schema",
     "split_cases",
     "scored_extent",
 ]
@@ -64,7 +65,69 @@ def load_manifest(root: Path | str) -> dict:
             f"{path}: manifest version {manifest.get('version')!r} is not supported "
             f"(expected {MANIFEST_VERSION}); re-run tools/prepare_brats.py"
         )
+    check_manifest_schema(manifest, path)
     return manifest
+
+
+# Keys every case record needs, and the check of each value: what the readers index without .get.
+def _is_triple(v) -> bool:
+    return (
+        isinstance(v, list)
+        and len(v) == 3
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    )
+
+
+_CASE_SCHEMA = {
+    "id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "split": (lambda v: v in SPLITS[:-1], f"one of {SPLITS[:-1]}"),
+    "shard": (lambda v: isinstance(v, str) and v != "", "a shard file name"),
+    "shape": (lambda v: _is_triple(v) and min(v) > 0, "3 positive integers"),
+    "has_label": (lambda v: isinstance(v, bool), "true or false"),
+    "offset": (_is_triple, "3 integers"),
+    "bbox_start": (_is_triple, "3 integers"),
+    "bbox_stop": (_is_triple, "3 integers"),
+}
+_OPTIONAL_SCHEMA = {
+    "original_shape": (lambda v: _is_triple(v) and min(v) > 0, "3 positive integers"),
+    "fold": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
+}
+
+
+def check_manifest_schema(manifest: dict, path: Path | str = "manifest.json") -> None:
+    """Refuse a manifest whose ``cases`` (or ``shards``) lack keys the readers need, or hold
+    values of the wrong type, naming the key and the case id.
+
+    Raises:
+        ValueError: one line ending with how to check or rebuild the folder.
+    """
+    fix = "(check the folder with tools/prepare_brats.py --verify, or prepare it again)"
+    cases = manifest.get("cases")
+    if not isinstance(cases, list):
+        raise ValueError(
+            f"{path}: 'cases' must be a list of case records, got {_kind(cases)} {fix}"
+        )
+    seen: set[str] = set()
+    for k, case in enumerate(cases):
+        if not isinstance(case, dict):
+            raise ValueError(f"{path}: case #{k} is {_kind(case)}, not a record {fix}")
+        cid = case.get("id")
+        who = f"case {cid!r}" if isinstance(cid, str) and cid else f"case #{k}"
+        for key, (ok, want) in _CASE_SCHEMA.items():
+            if key not in case:
+                raise ValueError(f"{path}: {who} lacks {key!r} {fix}")
+            if not ok(case[key]):
+                raise ValueError(f"{path}: {who}: {key!r} = {case[key]!r} must be {want} {fix}")
+        for key, (ok, want) in _OPTIONAL_SCHEMA.items():
+            if key in case and not ok(case[key]):
+                raise ValueError(f"{path}: {who}: {key!r} = {case[key]!r} must be {want} {fix}")
+        if cid in seen:
+            raise ValueError(f"{path}: case {cid!r} is listed twice {fix}")
+        seen.add(cid)
+
+
+def _kind(value) -> str:
+    return "missing" if value is None else f"a {type(value).__name__}"
 
 
 def split_cases(manifest: dict, split: str, fold: int | None = None) -> list[dict]:

@@ -45,6 +45,8 @@ __all__ = [
     "count_work",
     "evaluate_cases",
     "score_prediction_files",
+    "CaseFault",
+    "guarded",
 ]
 
 
@@ -74,6 +76,23 @@ class Plan(NamedTuple):
     model: torch.nn.Module
     roi: Optional[int]
     specs: dict[tuple[str, ...], list[str]]
+
+
+class CaseFault(NamedTuple):
+    """What :func:`guarded` returns instead of a result: the fault of one case, in one line."""
+
+    message: str
+
+
+def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, or a :class:`CaseFault` with its error in one line: a bad item
+    of a batch becomes that item's failure, in a worker process as inline."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any fault of one case stays that case's
+        text = " ".join(str(e).split())
+        known = isinstance(e, (ValueError, OSError))
+        return CaseFault(text if known and text else f"{type(e).__name__}: {text}")
 
 
 def default_metric_workers() -> int:
@@ -184,12 +203,18 @@ def evaluate_cases(
     device: torch.device,
     progress: Progress,
     pool: OrderedPool,
+    failures: Optional[list[tuple[str, str]]] = None,
+    on_rows: Optional[Callable[[list[dict[str, Any]]], None]] = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per-case records (and overlay slices) for this rank's share of the cases of ``data``.
 
     Case by case, every checkpoint predicts every input tuple it is tested on; the case's
     predictions go to ``pool`` as one :class:`CaseJob`, so the ground truth's side of HD95 is
     prepared once per case, and the next case is predicted while workers score this one.
+
+    With ``failures`` (a list), a case that cannot be read, predicted or scored is appended to it
+    as ``(case, reason)`` and the others go on; without it the first fault is raised.
+    ``on_rows`` receives each case's records as soon as they are scored.
     """
     s = settings
     all_inputs = list(dict.fromkeys(inputs for plan in plans for inputs in plan.specs))
@@ -204,17 +229,32 @@ def evaluate_cases(
     overlays: list[dict[str, Any]] = []
     columns_of: dict[str, list[list[str]]] = {}  # job tag -> table columns of each prediction
 
-    def collect(done: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    def collect(done: list[tuple[str, Any]]) -> None:
         for tag, rows in done:  # in submission order: deterministic record order
-            for row, columns in zip(rows, columns_of.pop(tag)):
-                records.extend({**row, "column": column} for column in columns)
+            columns = columns_of.pop(tag)
+            if isinstance(rows, CaseFault):
+                fail(tag, rows.message, len(columns))
+                continue
+            case_rows = [
+                {**row, "column": column} for row, cols in zip(rows, columns) for column in cols
+            ]
+            records.extend(case_rows)
+            if on_rows is not None:
+                on_rows(case_rows)
             progress.step(len(rows), note=f"{tag}, {pool.pending} metric job(s) queued")
 
-    for i in range(rank, n, world):  # nnU-Net-style sharding: keys[rank::world]
+    def fail(tag: str, message: str, n_preds: int) -> None:
+        if failures is None:
+            raise RuntimeError(f"{tag}: {message}")
+        failures.append((tag, message))
+        progress.step(n_preds, note=f"{tag} failed")
+
+    def case_job(i: int) -> Optional[tuple[str, list[list[str]], CaseJob]]:
+        """Predict case ``i`` with every plan: (tag, columns, job), None when unlabelled."""
         meta = first.case_meta(i)
         if not bool(meta.get("has_label", True)):  # nothing to score against
             progress.step(per_case, note=f"skipped unlabelled case {i}")
-            continue
+            return None
         preds: list[tuple[dict[str, Any], np.ndarray]] = []
         columns: list[list[str]] = []
         truth3: Optional[np.ndarray] = None
@@ -265,12 +305,27 @@ def evaluate_cases(
                             }
                         )
         spacing = tuple(float(s) for s in np.asarray(meta["spacing"]).ravel())
-        tag = f"case {case_id}"
-        columns_of[tag] = columns
         job = CaseJob.build(
             case_id, truth3, spacing, preds, metrics=s.metrics, lesion_rules=s.lesion_rules
         )
-        collect(pool.submit(tag, score_job, job))
+        return f"case {case_id}", columns, job
+
+    for i in range(rank, n, world):  # nnU-Net-style sharding: keys[rank::world]
+        if failures is None:
+            made = case_job(i)
+        else:
+            made = guarded(case_job, i)
+            if isinstance(made, CaseFault):
+                fail(f"case {first.cases[i].get('id', i)}", made.message, per_case)
+                continue
+        if made is None:
+            continue
+        tag, columns, job = made
+        columns_of[tag] = columns
+        if failures is None:
+            collect(pool.submit(tag, score_job, job))
+        else:
+            collect(pool.submit(tag, guarded, score_job, job))
     collect(pool.drain())
     return records, overlays
 
@@ -283,6 +338,7 @@ def score_prediction_files(
     region_set: str = "brats2021",
     metrics: str = "case",
     lesion_rules: Optional[LesionRules] = None,
+    on_rows: Optional[Callable[[list[dict[str, Any]]], None]] = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Records of ``predictions/<case_id>.nii.gz`` against each case's reference segmentation.
 
@@ -291,17 +347,30 @@ def score_prediction_files(
         predictions: folder of label maps in original image space (``tools/predict.py``).
         region_set, metrics, lesion_rules: as for
         :func:`dgseg.evaluation.scoring.score_label_files`.
+        on_rows: receives each case's record as soon as it is scored.
 
     Returns:
-        (records in case order, (case id, reason) of the cases without a prediction file).
+        (records in case order, (case id, reason) of every case that was not scored: no
+        prediction file, or a file that cannot be read or scored, e.g. wrong shape, affine or
+        label values; the other cases are scored all the same).
     """
     records: list[dict[str, Any]] = []
-    missing: list[tuple[str, str]] = []
+    failed: list[tuple[str, str]] = []
     name = predictions.name or str(predictions)
+
+    def collect(done: list[tuple[str, Any]]) -> None:
+        for tag, row in done:
+            if isinstance(row, CaseFault):
+                failed.append((tag, row.message))
+                continue
+            records.append(row)
+            if on_rows is not None:
+                on_rows([row])
+
     for case_id, label_file, convention in cases:
         pred = predictions / f"{case_id}.nii.gz"
         if not pred.is_file():
-            missing.append((case_id, f"no prediction {pred}"))
+            failed.append((case_id, f"no prediction {pred}"))
             continue
         score = functools.partial(
             score_label_files,
@@ -315,6 +384,8 @@ def score_prediction_files(
             inputs="nifti",
             case_id=case_id,
         )
-        records += [row for _, row in pool.submit(f"case {case_id}", score, pred, label_file)]
-    records += [row for _, row in pool.drain()]
-    return records, missing
+        collect(pool.submit(case_id, guarded, score, pred, label_file))
+    collect(pool.drain())
+    order = {cid: k for k, (cid, _, _) in enumerate(cases)}
+    failed.sort(key=lambda f: order.get(f[0], -1))
+    return records, failed

@@ -77,14 +77,15 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap ``(1 - alpha)`` CI of the mean of ``values`` (resampling cases).
 
-    One case gives a zero-width interval at its value; no case gives ``(nan, nan)``.
+    One case gives a zero-width interval at its value; no case, or ``n_boot = 0`` (no CIs),
+    gives ``(nan, nan)``.
     """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0 (0 = no CIs), got {n_boot}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     v = np.asarray(values, dtype=np.float64).ravel()
-    if v.size == 0:
+    if v.size == 0 or n_boot == 0:
         return (math.nan, math.nan)
     if v.size == 1:
         return (float(v[0]), float(v[0]))
@@ -260,8 +261,12 @@ def table_footer(
         EVAL_RULE,
         f"Split '{split}', cases per cell: {', '.join(map(str, n_cases)) or '0'}; checkpoints per "
         f"row: {', '.join(map(str, n_ckpt)) or '0'} (several: mean±sd over checkpoints). "
-        f"Bootstrap {100 * (1 - summary['alpha']):.0f}% CIs over cases (B={summary['n_boot']}, "
-        f"seed {summary['seed']}) in summary.json.",
+        + (
+            f"Bootstrap {100 * (1 - summary['alpha']):.0f}% CIs over cases "
+            f"(B={summary['n_boot']}, seed {summary['seed']}) in summary.json."
+            if summary["n_boot"]
+            else "No bootstrap CIs (B=0)."
+        ),
     ]
     return lines + list(extra)
 
@@ -442,7 +447,8 @@ def write_report(
     )
     md = ["# Cross-modality evaluation", ""]
     md += [format_table(summary, metric=m, style="markdown", title=titles[m]) for m in metrics]
-    md.append(format_ci_table(summary, metric=metrics[0], title=titles[metrics[0]]))
+    if n_boot:
+        md.append(format_ci_table(summary, metric=metrics[0], title=titles[metrics[0]]))
     md += [f"{f}  " for f in lines]
     out = Path(out)
     write_csv(out / "per_case.csv", list(records))

@@ -37,7 +37,9 @@ from dgseg.constants import MODALITIES, REGIONS
 from dgseg.evaluation.lesion_metrics import LesionRules, get_lesion_rules, lesion_region_metrics
 from dgseg.evaluation.metrics import RegionReference, dice_score, hd95, region_metrics
 from dgseg.transforms.labels import (
+    CONVENTIONS,
     REGION_SETS,
+    check_label_values,
     convert_labels,
     labels_for_region_set,
     labels_to_channels,
@@ -313,18 +315,29 @@ def score_label_files(
     Returns:
         A :func:`case_record` row with ``keys`` first.
     """
-    pred_img, truth_img = nib.load(str(pred_file)), nib.load(str(truth_file))
+    if region_set not in REGION_SETS:
+        raise ValueError(
+            f"unknown region set {region_set!r}; expected one of {sorted(REGION_SETS)}"
+        )
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown label convention {convention!r}")
+    pred_img, pred_stored = _read_label_file(pred_file)
+    truth_img, truth_stored = _read_label_file(truth_file)
     if pred_img.shape != truth_img.shape:
         raise ValueError(
             f"shape {pred_img.shape} of {pred_file} != shape {truth_img.shape} of {truth_file}"
         )
     if not np.allclose(pred_img.affine, truth_img.affine, atol=1e-4):
         raise ValueError(f"affine of {pred_file} differs from that of {truth_file}")
-    pred = np.asarray(pred_img.dataobj).astype(np.uint8)
+    # Values checked as stored: a cast first would read an int16 260 as the uint8 4.
+    own = sorted({0, *(v for vals in REGION_SETS[region_set].values() for v in vals)})
+    pred = check_label_values(pred_stored, own, str(pred_file))
+    source = own if region_set == "brats2024" else sorted(CONVENTIONS[convention])
+    truth_stored = check_label_values(truth_stored, source, str(truth_file))
     spacing = tuple(float(z) for z in truth_img.header.get_zooms()[:3])
     extra: dict[str, Any] = {"metrics": metrics, "lesion_rules": lesion_rules}
     if region_set != "brats2021":
-        truth = labels_for_region_set(np.asanyarray(truth_img.dataobj), convention, region_set)
+        truth = labels_for_region_set(truth_stored, convention, region_set)
         return case_record(
             region_masks(pred, region_set),
             region_masks(truth, region_set),
@@ -333,7 +346,18 @@ def score_label_files(
             **extra,
             **keys,
         )
-    truth = convert_labels(np.asanyarray(truth_img.dataobj), convention)
+    truth = convert_labels(truth_stored, convention)
     return case_record(
         labels_to_channels(pred), labels_to_channels(truth), spacing, **extra, **keys
     )
+
+
+def _read_label_file(path: PathLike) -> tuple[Any, np.ndarray]:
+    """(image, voxels as stored) of a label NIfTI; ValueError naming the file when it cannot be
+    read (missing, truncated, not NIfTI)."""
+    try:
+        img = nib.load(str(path))
+        return img, np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for a corrupt or truncated file
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"{path}: cannot read label map ({type(e).__name__}: {why})") from None

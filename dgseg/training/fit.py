@@ -20,12 +20,15 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dgseg.atomic import atomic_write_text
+from dgseg.cli_checks import ArgumentFault, check_config_values, check_output_dir
 from dgseg.config import Config, apply_overrides, config_diff
 from dgseg.data.dataset import ShardDataset
 from dgseg.data.manifest import load_manifest, split_cases
+from dgseg.data.prepared import check_prepared
 from dgseg.logging_utils import JsonlWriter, log, trim_jsonl
 from dgseg.models import build_model
 from dgseg.presets import PRESETS, format_presets, get_preset
+from dgseg.run_lock import RunLockError, acquire
 from dgseg.training.checkpoint import (
     capture_rng_state,
     check_resume,
@@ -94,6 +97,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.overrides = [f"run.out={args.out}"] + args.overrides
     try:
         args.config = apply_overrides(get_preset(args.preset), args.overrides)
+        check_config_values(args.config)
     except ValueError as e:
         p.error(str(e))
     if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
@@ -204,6 +208,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(cfg.to_json())
         return 0
     run_dir = Path(cfg.run.out) / cfg.run.name
+    try:
+        check_output_dir("run folder (run.out/run.name)", run_dir)
+    except ArgumentFault as e:
+        raise SystemExit(f"error: {e}") from None
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:  # one holder per run: rank 0, for every rank
+        try:
+            lock = acquire(
+                run_dir,
+                what="run folder",
+                take_stale=args.resume,
+                hint="pass --resume to continue that run in it, or delete the folder",
+            )
+        except RunLockError as e:
+            raise SystemExit(f"error: {e}") from None
+        except OSError as e:
+            raise SystemExit(f"error: run folder {run_dir}: {e.strerror or e}") from None
+    try:
+        return _locked_main(args, cfg, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _locked_main(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
+    """:func:`main` once this process holds the run folder."""
     last_path = run_dir / "last.pt"
     ckpt, diff = None, []
     if args.resume and last_path.exists():
@@ -225,8 +255,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "set another run.name) to start again"
         )
 
-    try:  # no data folder or manifest: one line before any process starts work
-        load_manifest(cfg.data.root)
+    try:  # a missing or damaged data folder: one line before any process starts work
+        d = cfg.data
+        check_prepared(d.root, splits=("train", d.val_split), modalities=d.modalities, fold=d.fold)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: data.root: {e}") from None
 
@@ -283,11 +314,18 @@ def _train(
     start_epoch, step, best = 0, 0, -1.0
     log_path = run_dir / "log.jsonl"
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_metric"]
-        rng = ckpt["rng"]
+        try:  # a checkpoint of another network or optimiser: one line, no traceback
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_metric"]
+            rng = ckpt["rng"]
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            why = " ".join(str(e).split())[:300]
+            raise SystemExit(
+                f"error: --resume: {run_dir / 'last.pt'} does not fit this network and "
+                f"optimiser ({type(e).__name__}: {why})"
+            ) from None
         if len(rng) == dist.world_size:
             restore_rng_state(rng[dist.rank])
         else:  # a different process count cannot replay the same random streams
@@ -359,9 +397,15 @@ def _train(
             state = training_state(
                 net, optimizer, scheduler, cfg, epoch=done, step=step, best_metric=best, rng=rng
             )
-            save_checkpoint(run_dir / "last.pt", state)
-            if is_best:
-                save_checkpoint(run_dir / "best.pt", state)
+            try:  # a full disk: the previous last.pt stays whole (atomic), --resume continues
+                save_checkpoint(run_dir / "last.pt", state)
+                if is_best:
+                    save_checkpoint(run_dir / "best.pt", state)
+            except OSError as e:
+                raise SystemExit(
+                    f"error: epoch {done}: writing a checkpoint in {run_dir} failed "
+                    f"({e.strerror or e}); the files there hold the previous epoch"
+                ) from None
             writer.write(epoch_rec)
             msg = (
                 f"epoch {done}/{cfg.optim.epochs} done in {summary['epoch_time_s']:.1f}s: "

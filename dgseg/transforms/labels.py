@@ -18,7 +18,7 @@ Functions accept numpy arrays or torch tensors and return the same kind (on the 
 
 from __future__ import annotations
 
-from typing import TypeVar, Union
+from typing import Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "convert_labels",
     "region_masks",
     "labels_for_region_set",
+    "check_label_values",
 ]
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
@@ -185,3 +186,41 @@ def labels_for_region_set(label: Array, convention: str, region_set: str) -> Arr
     if region_set == "brats2023":
         lab = _lookup(lab, {0: 0, 1: 1, 2: 2, 4: 3}, "brats2021")
     return lab
+
+
+def check_label_values(label: np.ndarray, allowed: Sequence[int], what: str) -> np.ndarray:
+    """``label`` as stored, refused unless every voxel is one of ``allowed`` (no cast first: an
+    int16 260 is not read as a uint8 4).
+
+    Args:
+        label: a label map in the dtype its file stores (integers, or floats holding integers).
+        allowed: the valid label values.
+        what: names the map in the message (its file).
+
+    Returns:
+        ``label`` unchanged.
+
+    Raises:
+        ValueError: non-numeric dtype, NaN / inf, non-integer values, or values outside
+            ``allowed``, naming ``what`` and (up to 8 of) the values.
+    """
+    label = np.asarray(label)
+    allowed = sorted(int(v) for v in allowed)
+    if label.dtype.kind not in "iuf":
+        raise ValueError(f"{what}: label dtype {label.dtype} is not an integer type")
+    if label.dtype.kind == "f":
+        finite = np.isfinite(label)
+        if not finite.all():
+            raise ValueError(
+                f"{what}: {int(label.size - finite.sum())} NaN/inf voxel(s) in the label map"
+            )
+        frac = label[label != np.round(label)]
+        if frac.size:
+            examples = ", ".join(f"{v:g}" for v in np.unique(frac)[:8])
+            raise ValueError(f"{what}: non-integer label values ({examples})")
+    values = np.unique(label)
+    bad = [v for v in values.tolist() if v not in allowed]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise ValueError(f"{what}: label values {shown} are not valid (expected {allowed})")
+    return label
