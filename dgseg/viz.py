@@ -7,7 +7,7 @@
 * :func:`plot_curves` -- loss, Dice, GRL λ and learning rate of a training run's ``log.jsonl``;
 * :func:`plot_domain_losses` -- segmentation and domain losses of several runs on one figure;
 * :func:`plot_study_bars` -- mean Dice per target modality of a seeded ablation
-(``dgseg.evaluation.study``);
+  (``dgseg.evaluation.study``);
 * :func:`save_montage` -- one slice per case and modality of synthetic cases, plus the labels.
 
 No pyplot and no global backend: a ``Figure`` renders itself to PNG bytes, which
@@ -124,6 +124,7 @@ def save_overlay_grid(
 
     Raises:
         ImportError: matplotlib is not installed (message says how to install it).
+        ValueError: ``rows`` is empty.
     """
     fig = _figure(figsize=(7.5, 2.6 * max(len(rows), 1)))
     if not rows:
@@ -187,7 +188,8 @@ def save_overlays(
 
 
 def plot_curves(jsonl: PathLike, png: PathLike) -> Optional[Path]:
-    """Loss / Dice / λ / lr curves from ``log.jsonl`` into ``png``; None without matplotlib."""
+    """Loss / Dice / λ / lr curves from ``log.jsonl`` into ``png``; None without matplotlib or
+    without training records."""
     try:
         fig = _figure(figsize=(13, 3.6))
     except ImportError:
@@ -259,9 +261,8 @@ def plot_study_bars(
     result: Mapping[str, Any], path: PathLike, titles: Optional[Mapping[str, str]] = None
 ) -> Path:
     """Grouped bar chart of a ``dgseg.evaluation.study.aggregate`` result: groups = target
-    modality, bars =
-    presets, height = mean Dice over seeds, error bars = sd over seeds; ``titles`` names the
-    columns. Raises ImportError without matplotlib."""
+    modality, bars = presets, height = mean Dice over seeds, error bars = sd over seeds;
+    ``titles`` names the columns. Raises ImportError without matplotlib."""
     titles = dict(titles or {})
     models = result["summary"]["models"]
     columns = result["columns"]
@@ -357,7 +358,7 @@ def save_montage(
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, facecolor="black")
     data = buf.getvalue()
-    try:  # a 256-colour palette keeps the PNG ~35% smaller; Pillow comes with matplotlib
+    try:  # a 256-colour palette keeps the PNG smaller; Pillow comes with matplotlib
         from PIL import Image
 
         img = Image.open(io.BytesIO(data)).convert("RGB")

@@ -10,11 +10,9 @@ envelope of parabolas (vectorised over lines, Python loops only along the axis: 
 sparse targets). Both give the exact minimum; the envelope's float intersection tests may differ
 from it in the last bit at near-ties with non-integer spacing (never with 1 mm voxels).
 
-Used by the HD95 of :mod:`dgseg.evaluation.metrics` and the lesion-wise distances of
-:mod:`dgseg.evaluation.lesion_metrics`: :func:`squared_edt` gives the squared distance map of a set
-of feature
-voxels, :func:`squared_edt_at` the same values at chosen voxels only (the passes run on the lines
-those voxels need).
+:func:`squared_edt` gives the squared distance map of a set of feature voxels,
+:func:`squared_edt_at` the same values at chosen voxels only (the passes run on the lines those
+voxels need).
 """
 
 from __future__ import annotations
@@ -66,7 +64,7 @@ def _nearest_feature_sq(
     itype = np.int16 if 11 * n < np.iinfo(np.int16).max else np.int64
     idx = np.arange(n, dtype=itype).reshape((n,) + (1,) * (features.ndim - 1))  # along axis 0
     # index of the last feature at or before each position (-10n sentinel when none); running
-    # max plane by plane: numpy's accumulate along a non-last axis is ~50x slower (measured)
+    # max plane by plane, as numpy's accumulate along a non-last axis is far slower
     before = np.where(features, idx, np.array(-10 * n, itype))
     for i in range(1, n):
         np.maximum(before[i : i + 1], before[i - 1 : i], out=before[i : i + 1])
@@ -136,10 +134,10 @@ def _lower_envelope(f: np.ndarray, step: float) -> np.ndarray:
     return out
 
 
-# A banded round costs 1/15 to 1/60 of an envelope pass over the same line (measured on 128³
-# volumes): lines that need more than _BAND_BUDGET further rounds go to the envelope. Every line
-# gets _BAND_WARMUP rounds first (far values of the first pass drop fast near dense targets),
-# except lines still holding inf at d = 2 (long runs without parabolas: sparse targets).
+# A banded round is much cheaper than an envelope pass over the same line, so only lines that
+# need more than _BAND_BUDGET further rounds go to the envelope. Every line gets _BAND_WARMUP
+# rounds first (far values of the first pass drop fast near dense targets), except lines still
+# holding inf at d = 2 (long runs without parabolas: sparse targets).
 _BAND_BUDGET = 12
 _BAND_WARMUP = 5
 

@@ -54,14 +54,11 @@ merges lesions across tissues, which dgseg does not replicate):
   surface voxels); the 2023 code uses DeepMind's ``compute_robust_hausdorff``, which weights
   surface elements by their area, so HD95 values may differ slightly (Dice and counts do not).
 
-Where the issue that requested this module says "maximum bipartite matching, any overlap counts;
-missed lesion → Dice 0, HD95 = maximum distance; false positive counted", it combines the two
-official sets; the combination is available as ``LesionRules(matching="bipartite",
-aggregate="penalized")`` but is not an official rule set, so it is not a preset.
+Bipartite matching with the penalised aggregate (``LesionRules(matching="bipartite",
+aggregate="penalized")``) mixes the two official sets, so it is available but not a preset.
 
-Distances use the exact Euclidean transform of :mod:`dgseg.evaluation.distance_transform` and the
-surface code of :mod:`dgseg.evaluation.metrics`
-(spacing-aware, in mm), on the bounding box of each pair.
+Distances (mm, spacing-aware) use the exact transform of :mod:`dgseg.evaluation.distance_transform`
+and the surface code of :mod:`dgseg.evaluation.metrics`, on the bounding box of each pair.
 """
 
 from __future__ import annotations

@@ -11,15 +11,11 @@ challenge rules for empty masks apply per case and region:
   the larger of the two directions' 95th percentiles (linear interpolation, NumPy's default).
   Both empty → 0, exactly one empty → 373.13 mm (the 240×240×155 diagonal).
 
-The distances come from the exact transform of :mod:`dgseg.evaluation.distance_transform`.
-
-HD95 needs distances only at surface voxels, so
-
-* reference → prediction: the transform of the prediction's surface is restricted to the lines
-  through reference surface voxels (:func:`dgseg.evaluation.distance_transform.squared_edt_at`);
-* prediction → reference: a :class:`SurfaceReference` keeps the reference surface's distance
-  map, so predictions of the same case (each test modality, each checkpoint) only look it up;
-  :class:`RegionReference` does the same for the three regions of a case.
+Distances come from the exact transform of :mod:`dgseg.evaluation.distance_transform`, only
+where HD95 needs them: reference → prediction on the lines through reference surface voxels
+(``squared_edt_at``); prediction → reference by lookup in the reference surface's distance map,
+which a :class:`SurfaceReference` (three regions: :class:`RegionReference`) keeps for every
+prediction of the same case.
 """
 
 from __future__ import annotations

@@ -1,24 +1,18 @@
 """Aggregation of a seeded ablation matrix (presets x seeds) into the write-up's table and tests.
 
-The write-up reports one run per preset; a difference between two presets is then a mix of the
-method and of training noise (initialisation, data order, augmentation draws). This module turns
-the per-case evaluation records of several seeds per preset (``per_case.csv`` of
-``tools/evaluate.py``, one file per run) into:
+With one run per preset, a difference between presets mixes the method with training noise. From
+the ``per_case.csv`` of several seeds per preset (``tools/evaluate.py``) this module builds:
 
-* the write-up's table: rows = presets, columns = T1 / T1CE / T2 / FLAIR, each cell
-  ``Mean - WT | TC | ET`` as mean ± sd over seeds of the per-seed means over test cases
-  (:func:`dgseg.evaluation.report.summarize`, the same code that ``tools/evaluate.py`` uses);
+* the write-up's table (presets x T1 / T1CE / T2 / FLAIR), each cell mean ± sd over seeds of the
+  per-seed means over test cases (:func:`dgseg.evaluation.report.summarize`);
 * per cell a 95 % percentile-bootstrap CI over test cases of the seed-averaged per-case Dice
   (Efron & Tibshirani 1993, ch. 13);
-* a paired comparison of every preset against each baseline (no-aug, spatial-only): per test
-  case the difference of the seed-averaged Dice, matched by case id (both presets are tested on
-  the same cases), and a bootstrap CI of the mean difference that resamples test cases (paired:
-  the same draw for both presets) and, within each preset, seeds (:func:`paired_bootstrap`).
-  A difference is marked when its CI excludes 0.
+* a paired comparison of every preset with each baseline: per test case (matched by id) the
+  difference of the seed-averaged Dice, with a bootstrap CI that resamples cases (the same draw
+  for both presets) and each preset's seeds (:func:`paired_bootstrap`); a CI excluding 0 is
+  marked.
 
-Everything here is a pure function of the records; :func:`write_study` writes markdown, CSV,
-JSON and, with matplotlib, one grouped bar chart (``dgseg.viz.plot_study_bars``).
-``tools/run_experiments.py`` runs the matrix.
+Everything is a pure function of the records; :func:`write_study` writes the files.
 """
 
 from __future__ import annotations

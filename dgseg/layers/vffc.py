@@ -10,10 +10,10 @@ Herculaneum Papyri", ICCV Workshops 2023. Read top to bottom:
   output voxel depends on every input voxel: an image-wide receptive field in one layer.
 - ``SpectralTransform`` (FFC Eq. 3, the global-to-global path): optional 2x average pooling,
   ``h = ReLU(norm(conv1x1(x)))`` with half the output channels, then ``conv1x1(h + FU(h) +
-  LFU(h))``. The local Fourier unit (LFU) takes the first C/4 channels of ``h``, cuts H and W into
-  2x2 patches (order top-left, bottom-left, top-right, bottom-right), stacks them on channels,
-  applies a Fourier unit and tiles the result 2x2 back (D is not split, as in the published 2D
-  unit applied to volumes).
+  LFU(h))``. The local Fourier unit (LFU) takes the first quarter of ``h``'s channels, cuts H and
+  W into 2x2 patches (order top-left, bottom-left, top-right, bottom-right), stacks them on
+  channels, applies a Fourier unit and tiles the result 2x2 back (D is not split, as in the
+  published 2D unit applied to volumes).
 - ``FFC`` (FFC Eq. 1-2): channels split into a local part (first ``1 - ratio``) and a global part
   (last ``ratio``); ``Y_l = conv_l2l(X_l) + conv_g2l(X_g)``, ``Y_g = conv_l2g(X_l) + ST(X_g)``.
 - ``VFFCBlock``: residual block of two ``FFC -> norm -> ReLU`` stages on both branches,

@@ -1,5 +1,5 @@
-"""``build_model``: the one place that turns a ``ModelConfig`` into a network (as nanoGPT's
-``GPT(config)``); the settings and their defaults live in ``dgseg.config.ModelConfig`` alone.
+"""``build_model``: the one place that turns a ``ModelConfig`` into a network; the settings and
+their defaults live in ``dgseg.config.ModelConfig`` alone.
 
 ``arch`` picks the segmenter (SegResNet or 3D U-Net); ``vffc=True`` puts a VFFC in its bottleneck;
 ``grl=True`` wraps it in a ``DomainAdversarialNet`` whose forward returns

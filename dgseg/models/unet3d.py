@@ -1,5 +1,5 @@
 """3D U-Net baseline (Cicek et al. 2016, "3D U-Net: Learning Dense Volumetric Segmentation from
-Sparse Annotation", MICCAI), the seed write-up's first table.
+Sparse Annotation", MICCAI), the write-up's first table.
 
 Each level is a double convolution ``(Conv3x3x3 -> GroupNorm -> ReLU) x 2``; the encoder goes
 down with 2x max pooling, the decoder up with a stride-2 transposed convolution, concatenates

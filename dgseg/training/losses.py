@@ -75,7 +75,7 @@ class SegLoss(nn.Module):
 
     Args:
         bce_weight: weight of the mean BCE term; 0 (default) gives a pure Dice loss, as in
-            the write-up (whose code used MONAI's ``DiceLoss`` with its default smoothing).
+            the write-up.
         squared_pred: forwarded to :func:`dice_loss`.
     """
 

@@ -57,8 +57,8 @@ def _gaussian_kernel(sigma: float) -> list[float]:
 def _blur(vol: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable 3-D Gaussian blur of (N, D, H, W) volumes with replicate padding.
 
-    Each 1-D pass is a sum of shifted slices, k_0 x + Σ_i k_i (x[+i] + x[−i]): ~6x faster on
-    CPU than ``conv3d`` with a (7, 1, 1) kernel, which runs at a fraction of a GFLOP/s.
+    Each 1-D pass is a sum of shifted slices, k_0 x + Σ_i k_i (x[+i] + x[−i]), as ``conv3d``
+    with a (2r+1, 1, 1) kernel is slow on CPU.
     """
     k = _gaussian_kernel(sigma)
     r = len(k) - 1
@@ -145,8 +145,8 @@ def resynthesize_contrast(
         temperature: softness of the intensity-class blend, in units of the mean spacing of
             the class centres (0: hard classes). Equal-count bins cut a large tissue at a
             noise-level threshold; hard, its halves would get unrelated intensities (salt and
-            pepper); at 0.5 nearby centres merge while distinct tissues keep ~90 % of their own
-            class at their centre (0.3 left visible speckle on a phantom, 1.0 washed tissues out).
+            pepper); soft, nearby centres merge while distinct tissues keep mostly their own
+            class.
         boundary_sigma: spatial σ (voxels) of the Gaussian-blurred tumour-class masks (0: hard).
         bias_field: largest std of the log bias field (SynthSeg: 0.7 on a bias-free synthetic
             image; BraTS scans are already bias-corrected, so milder).
@@ -160,9 +160,6 @@ def resynthesize_contrast(
 
     Returns:
         New (C, D, H, W) tensor, z-scored over the brain per channel, background 0.
-        Cost per 128³ one-channel sample (53 % brain), CPU time on one thread of a 2-core AMD EPYC
-        (Zen 3, AVX2, no AVX-512) shared with other jobs: 130-270 ms (best-median of 15 draws;
-        the blur, when drawn, is the largest part).
     """
     check_image(image)
     lo_k, hi_k = n_classes

@@ -73,13 +73,11 @@ def _gin_view(
     h = x.unsqueeze(0)  # (1, C, D, H, W)
     for i in range(n_layers):
         c_in, c_out, k = widths[i], widths[i + 1], draw_kernel_size(kernel_sizes, generator)
-        # The paper draws weights from N(0, 1). In 3D a 3³ kernel has 27·c_in taps, so each layer
-        # would multiply the scale by ~sqrt(27·c_in) ≈ 7 (four layers: ~10³): g_θ(x) would swamp
-        # (1 − α)·x, so α would no longer interpolate, and the N(0, 1) biases would no longer move
-        # the leaky-ReLU kinks into the intensity range. He-normal weights, N(0, gain² / fan-in)
-        # with fan-in c_in·k³ and the leaky-ReLU gain² ≈ 2 where the layer's input was rectified,
-        # keep every layer at the input's scale for any kernel size. With the paper's 2 hidden
-        # channels and 1-tap kernels this is its N(0, 1) (to 1e-4); only larger kernels shrink.
+        # The paper's N(0, 1) weights would scale each 3³ layer by ~sqrt(27·c_in): g_θ(x) would
+        # swamp (1 − α)·x and the N(0, 1) biases would no longer put the leaky-ReLU kinks in the
+        # intensity range. He-normal, N(0, gain² / fan-in) with fan-in c_in·k³ and gain² ≈ 2 after
+        # a rectified input, keeps every layer at the input's scale; with 2 channels and 1-tap
+        # kernels it is the paper's N(0, 1) (to 1e-4).
         gain2 = 2.0 / (1.0 + negative_slope**2) if i > 0 else 1.0
         std = (gain2 / (c_in * k**3)) ** 0.5
         weight = std * torch.randn(
@@ -107,10 +105,6 @@ def gin(
     negative_slope: float = 0.01,
 ) -> torch.Tensor:
     """Global intensity non-linear augmentation of a (C, D, H, W) image (Ouyang et al. Eq. 4).
-
-    CPU time on a 128³ single-channel image, one thread of a 2-core AMD EPYC (Zen 3, AVX2, no
-    AVX-512), torch 2.13: 160–175 ms on average over draws, from 55 ms (all kernels 1³) to
-    230–260 ms (all 3³).
 
     Args:
         image: (C, D, H, W) float tensor, z-scored over the brain, background exactly 0.
@@ -209,9 +203,6 @@ def ipa(
 
     g1, g2 are two independent GIN views (the networks drawn as in ``gin``, before its
     re-z-scoring), m = ``ipa_field`` shared by all channels. Draw order: g1, g2, m.
-
-    CPU time on a 128³ single-channel image, one thread of a 2-core AMD EPYC (Zen 3, AVX2, no
-    AVX-512), torch 2.13: 350–450 ms on average over draws (two GIN networks and a field).
 
     Args:
         image: (C, D, H, W) float tensor, z-scored over the brain, background exactly 0.

@@ -20,13 +20,12 @@ and the result is z-scored again over the brain (background exactly 0).
 * Saliency-balancing fusion (Sec. 3.2): s = min-max(upsample(pool(sqrt(mean_c grad²)))),
   mixed = GLA · s + LLA · (1 − s).
 
-What the authors' "non-monotone" curve really is: a cubic Bezier whose inner control values lie
-between its end values is monotone in t (B'(t) ∝ (1−t)²d0 + 2t(1−t)d1 + t²d2 >= 0 whenever
-d0, d2 >= 0 and d1² <= d0·d2, which holds here), so x(t) and y(t) both rise. Their "inverse" branch
-sorts x but not y, and because their Bernstein basis runs backwards in t, y then falls: the map is
-monotone *decreasing* with end points swapped. We build the same thing as hi + lo − f(x) (equal in
-distribution, inner points being i.i.d. uniform). LLA is non-monotone across classes (each class
-gets its own direction and location), never within a class.
+A cubic Bezier whose inner control values lie between its end values is monotone in t
+(B'(t) ∝ (1−t)²d0 + 2t(1−t)d1 + t²d2 >= 0 whenever d0, d2 >= 0 and d1² <= d0·d2). The authors'
+"inverse" curve sorts x but not y, with a Bernstein basis running backwards in t: the monotone
+*decreasing* map with swapped end points, built here as hi + lo − f(x) (equal in distribution,
+inner points being i.i.d. uniform). LLA is non-monotone across classes (each class gets its own
+direction and location), never within a class.
 """
 
 from __future__ import annotations
@@ -114,8 +113,8 @@ def _group_quantiles(
 
 
 def _subsample(t: torch.Tensor) -> torch.Tensor:
-    """Flattened, evenly strided sample of <= ~2^18 voxels: enough for percentiles, and 8x less
-    work than a 128³ volume. The stride is odd so that it does not alias with power-of-two axes."""
+    """Flattened, evenly strided sample of <= ~2^18 voxels, enough for percentiles. The stride is
+    odd so that it does not alias with power-of-two axes."""
     stride = t.numel() // _SAMPLE_VOXELS | 1  # (V // S) rounded up to odd; 1 for small volumes
     return t.flatten()[::stride]
 
@@ -186,8 +185,6 @@ def global_location_scale(
     Returns:
         New (C, D, H, W) tensor: a non-decreasing map of each channel's intensities (ties only
         where the [0, 1] clip saturates), z-scored over the brain, background 0.
-        Cost per 128³ one-channel sample (53 % brain), CPU time on one thread of a 2-core AMD EPYC
-        (Zen 3, AVX2, no AVX-512) shared with other jobs: 55-70 ms (best-median of 15).
     """
     check_image(image)
     _check_common(scale_std, scale_range, location_std, percentile)
@@ -244,7 +241,7 @@ def _check_label(label: torch.Tensor | None, image: torch.Tensor) -> torch.Tenso
 def _hard_classes(x: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     """Index of the bucket between ``thresholds`` (ascending) for every element of ``x``."""
     cls = torch.zeros(x.shape, dtype=torch.long, device=x.device)
-    for t in thresholds:  # = bucketize(x, thresholds), ~4x faster for a few classes
+    for t in thresholds:  # = bucketize(x, thresholds), faster for a few classes
         cls += x > t
     return cls
 
@@ -265,7 +262,7 @@ def _lla_classes(
     cls = _hard_classes(x0, thresholds)  # (D, H, W)
     if label is not None:
         lab = label.long()
-        # labels 1, 2, 4 -> n, n+1, n+2 by arithmetic (4 >> 2 = 1): cheaper than a 2M-voxel gather
+        # labels 1, 2, 4 -> n, n+1, n+2 by arithmetic (4 >> 2 = 1), no gather
         cls = torch.where(lab > 0, n - 1 + lab - (lab >> 2), cls)
     return torch.where(mask, cls, n + len(_TUMOUR_LABELS)), thresholds
 
@@ -303,8 +300,8 @@ def local_location_scale(
             τ = ``temperature`` × their mean spacing (0: hard classes). Hard intensity classes
             cut a homogeneous tissue at a noise-level threshold and give its two halves unrelated
             maps, i.e. salt-and-pepper; blended, classes close in intensity (one tissue) merge
-            and the map is continuous in intensity (0.3 left visible speckle on a phantom, 1.0
-            washed the tissues out). Tumour classes (labels) stay hard, as in the paper.
+            and the map is continuous in intensity. Tumour classes (labels) stay hard, as in the
+            paper.
         p_invert_healthy: probability that a healthy class's curve is decreasing (authors: 1, their
             background curve is always the inverted one).
         p_invert_tumour: same for each tumour class (authors: 0.5).
@@ -313,9 +310,7 @@ def local_location_scale(
 
     Returns:
         New (C, D, H, W) tensor, z-scored over the brain, background 0. Within a class the map is
-        monotone (one curve); across classes the intensity order is random. Cost per 128³
-        one-channel sample (53 % brain), CPU time on one thread of a 2-core AMD EPYC (Zen 3, AVX2,
-        no AVX-512) shared with other jobs: 150-195 ms with a label, 125-165 ms without.
+        monotone (one curve); across classes the intensity order is random.
     """
     check_image(image)
     _check_common(scale_std, scale_range, location_std, percentile)
@@ -426,11 +421,10 @@ def saliency_map(gradient: torch.Tensor, *, grid: int | tuple[int, int, int] = 3
     """SLAug saliency s in [0, 1] from the loss gradient w.r.t. the input (Sec. 3.2).
 
     s = min-max(upsample(avg_pool(sqrt(mean_c grad²)))) per sample. The authors smooth the
-    ``grid``² map with a quadratic B-spline (a transposed convolution whose kernel spans ~3 cells)
-    before bilinear upsampling; in 3D that kernel has ~(3·128/grid)³ taps, so we upsample the
-    coarse grid trilinearly instead: that is the linear B-spline, continuous, with no overshoot,
-    and nearly the same map at a coarse grid. ``align_corners=False`` puts each pooled value at its
-    cell's centre. A flat map (e.g. a zero gradient) gives s ≡ 1 (GLA kept), as the authors' eps.
+    coarse map with a quadratic B-spline, whose kernel in 3D would have ~(3·128/grid)³ taps; here
+    it is upsampled trilinearly (the linear B-spline: continuous, no overshoot).
+    ``align_corners=False`` puts each pooled value at its cell's centre. A flat map (e.g. a zero
+    gradient) gives s ≡ 1 (GLA kept), as the authors' eps.
 
     Args:
         gradient: (B, C, D, H, W) or (C, D, H, W) input gradient.
@@ -474,8 +468,6 @@ def saliency_mix(
         gla, lla: (B, C, D, H, W) or (C, D, H, W) views of the same sample(s), same shape.
         saliency: input gradient of the same rank and spatial size (any channel count).
         grid: see :func:`saliency_map`.
-
-    Cost: ~35 ms for one 128³ one-channel sample on one CPU thread (2-core AMD EPYC, Zen 3).
     """
     if gla.shape != lla.shape:
         raise ValueError(f"gla {tuple(gla.shape)} and lla {tuple(lla.shape)} differ in shape")

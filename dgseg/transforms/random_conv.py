@@ -72,9 +72,8 @@ def conv3d_same(
         return F.conv3d(x, weight, bias, padding=k // 2)
     if k == 1:  # a channel mix: fastest in the default layout on CPU
         return F.conv3d(x.contiguous(), weight, bias)
-    # oneDNN on CPU prefers channels-last and has no fast path for one input channel: at 128³
-    # with a 3³ kernel on a 2-core AMD EPYC, 1 → 2 channels took 280 ms; with one extra all-zero
-    # input channel (zero weights: same result), channels-last, 53 ms.
+    # oneDNN on CPU prefers channels-last and has no fast path for one input channel, so one
+    # input channel gets an all-zero second one (zero weights: same result).
     if x.shape[1] == 1:
         n, _, *size = x.shape
         xc = torch.empty(
@@ -96,9 +95,6 @@ def random_conv(
     mix: bool = True,
 ) -> torch.Tensor:
     """One random 3D convolution of a (C, D, H, W) image (RandConv, Xu et al. ICLR 2021).
-
-    CPU time on a 128³ single-channel image, one thread of a 2-core AMD EPYC (Zen 3, AVX2, no
-    AVX-512), torch 2.13: 25 ms (k = 1), 85 ms (k = 3), 190–220 ms (k = 5); ~110 ms on average.
 
     Args:
         image: (C, D, H, W) float tensor, z-scored over the brain, background exactly 0.
