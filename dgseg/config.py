@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -398,6 +399,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={value!r} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -434,9 +437,11 @@ def _parse(text: str, tp: Any, key: str) -> Any:
         if tp is int:
             return int(text)
         if tp is float:
-            return float(text)
+            value = float(text)
     except ValueError:
         raise ValueError(f"{key}={text!r} cannot be parsed as {tp.__name__}") from None
+    if tp is float:
+        return _convert(value, tp, key)  # finite
     if tp is str:
         return text.strip("'\"")
     raise ValueError(f"{key}: unsupported field type {tp!r}")
