@@ -7,6 +7,7 @@ run-folder lock (a second job refused, a stale lock taken over by ``--resume``),
 unless ``--overwrite``. The tools run as subprocesses, so that a traceback would show.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -327,3 +328,27 @@ def test_lock_is_exclusive_and_inherited_by_children(tmp_path, monkeypatch):
     assert holder_of(tmp_path / "run")["token"] == lock.token
     lock.release()
     assert holder_of(tmp_path / "run") is None
+
+
+def test_late_write_error_keeps_the_rows_scored(tiny_shards, tmp_path, monkeypatch, capsys):
+    from tool_modules import load_tool
+
+    evaluate = load_tool("evaluate")
+    pred, ids = _predictions(tiny_shards, tmp_path, 3)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_report", disk_full)
+    out = tmp_path / "eval"
+    raw = tiny_shards.parent / "raw"
+    rc = evaluate.main(
+        ["--predictions", str(pred), "--data", str(raw), "--out", str(out), "--max-cases", "3",
+         "--metric-workers", "0", "--quiet"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "No space left" in err[0] and "per_case.jsonl" in err[0]
+    rows = [json.loads(line) for line in (out / "per_case.jsonl").read_text().splitlines()]
+    assert sorted(r["case_id"] for r in rows) == ids
+    assert all(r["dice_mean"] == 1.0 for r in rows)  # perfect predictions, kept

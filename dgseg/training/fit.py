@@ -426,10 +426,20 @@ def _train(
 
 
 def run_cli(argv: Optional[Sequence[str]] = None) -> int:
-    """``tools/train.py``: :func:`main` with a diverging loss as one ``error:`` line, status 3."""
+    """``tools/train.py``: :func:`main` with a diverging loss as one ``error:`` line, status 3, and
+    a file-system fault during the run (a full disk) as one line, status 1."""
     try:
         return main(argv)
     except NonFiniteLossError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    except OSError as e:  # a full disk or a vanished folder mid-run: checkpoints are atomic
+        where = f"{e.filename}: " if e.filename else ""
+        print(
+            f"error: {where}{e.strerror or e}; the run folder keeps the last complete epoch "
+            "(--resume continues from it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
