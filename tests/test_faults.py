@@ -26,6 +26,8 @@ from dgseg.evaluation.scoring import score_label_files
 from dgseg.run_lock import LOCK_NAME, RunLockError, acquire, holder_of
 from dgseg.training import fit
 
+from tool_modules import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -331,7 +333,6 @@ def test_lock_is_exclusive_and_inherited_by_children(tmp_path, monkeypatch):
 
 
 def test_late_write_error_keeps_the_rows_scored(tiny_shards, tmp_path, monkeypatch, capsys):
-    from tool_modules import load_tool
 
     evaluate = load_tool("evaluate")
     pred, ids = _predictions(tiny_shards, tmp_path, 3)
@@ -352,3 +353,35 @@ def test_late_write_error_keeps_the_rows_scored(tiny_shards, tmp_path, monkeypat
     rows = [json.loads(line) for line in (out / "per_case.jsonl").read_text().splitlines()]
     assert sorted(r["case_id"] for r in rows) == ids
     assert all(r["dice_mean"] == 1.0 for r in rows)  # perfect predictions, kept
+
+
+def test_checkpoint_evaluation_keeps_the_cases_it_can_score(
+    tiny_shards, checkpoint, tmp_path, monkeypatch, capsys
+):
+    from dgseg.data.manifest import load_manifest, split_cases
+    from dgseg.evaluation import cross_modality
+
+    evaluate = load_tool("evaluate")
+    ids = [c["id"] for c in split_cases(load_manifest(tiny_shards), "test")]
+    real = cross_modality.predict_volume
+    calls = []
+
+    def flaky(model, image, **kw):  # the second case cannot be predicted
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(model, image, **kw)
+
+    monkeypatch.setattr(cross_modality, "predict_volume", flaky)
+    out = tmp_path / "eval"
+    rc = evaluate.main(
+        ["--checkpoint", str(checkpoint), "--data", str(tiny_shards), "--out", str(out),
+         "--modalities", "t2", "--bootstrap", "0", "--metric-workers", "0", "--device", "cpu",
+         "--quiet"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    failed = [ln for ln in err.splitlines() if ln.startswith("failed ")]
+    assert rc == 1 and len(failed) == 1 and ids[1] in failed[0] and "out of memory" in failed[0]
+    rows = (out / "per_case.csv").read_text().splitlines()[1:]
+    assert sorted({r.split(",")[4] for r in rows}) == sorted(ids[:1] + ids[2:])
+    assert not (out / "run.lock").exists()

@@ -195,8 +195,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
-    if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
-        p.error(f"--nsd-tolerance must be >= 0, got {args.nsd_tolerance}")
+    if args.nsd_tolerance is not None and not 0 <= args.nsd_tolerance < float("inf"):
+        p.error(f"--nsd-tolerance must be a finite number >= 0 (mm), got {args.nsd_tolerance}")
     if args.checkpoint and tuple(REGION_SETS[args.regions]) != tuple(REGION_SETS["brats2021"]):
         p.error(f"--regions {args.regions} needs --predictions: checkpoints predict WT, TC, ET")
     if args.metric_workers is None:
