@@ -385,3 +385,17 @@ def test_checkpoint_evaluation_keeps_the_cases_it_can_score(
     rows = (out / "per_case.csv").read_text().splitlines()[1:]
     assert sorted({r.split(",")[4] for r in rows}) == sorted(ids[:1] + ids[2:])
     assert not (out / "run.lock").exists()
+
+
+def test_lock_of_a_reused_pid_is_stale(tmp_path):
+    lock = acquire(tmp_path / "run", what="run folder")
+    if lock.record["pid_start"] is None:
+        lock.release()
+        pytest.skip("no /proc: process start times unknown")
+    rec = {**lock.record, "pid_start": lock.record["pid_start"] - 3600, "token": "old"}
+    (tmp_path / "run" / LOCK_NAME).write_text(json.dumps(rec))  # our PID, an hour-older holder
+    with pytest.raises(RunLockError, match="stale lock"):
+        acquire(tmp_path / "run", what="run folder")
+    taken = acquire(tmp_path / "run", what="run folder", take_stale=True)
+    assert holder_of(tmp_path / "run")["token"] == taken.token != "old"
+    taken.release()
