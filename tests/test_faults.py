@@ -399,3 +399,14 @@ def test_lock_of_a_reused_pid_is_stale(tmp_path):
     taken = acquire(tmp_path / "run", what="run folder", take_stale=True)
     assert holder_of(tmp_path / "run")["token"] == taken.token != "old"
     taken.release()
+
+
+def test_run_experiments_refuses_a_run_folder_another_job_holds(tiny_shards, tmp_path):
+    out = tmp_path / "study"
+    with acquire(out / "tiny" / "seed0", what="run folder"):
+        proc = run_tool("run_experiments", "--data", tiny_shards, "--out", out,
+                        "--presets", "tiny", "--seeds", "0", "--epochs", "1")  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("failed: tiny seed 0")]
+    assert len(failed) == 1 and f"PID {os.getpid()}" in failed[0], proc.stdout
+    assert not (out / "tiny" / "seed0" / "train.log").exists()  # nothing ran in it
