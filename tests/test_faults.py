@@ -410,3 +410,23 @@ def test_run_experiments_refuses_a_run_folder_another_job_holds(tiny_shards, tmp
     failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("failed: tiny seed 0")]
     assert len(failed) == 1 and f"PID {os.getpid()}" in failed[0], proc.stdout
     assert not (out / "tiny" / "seed0" / "train.log").exists()  # nothing ran in it
+
+
+def test_resume_from_another_networks_state_is_one_line(tiny_shards, tmp_path):
+    from dgseg.config import apply_overrides
+    from dgseg.models import build_model
+    from dgseg.presets import get_preset
+    from dgseg.training.checkpoint import capture_rng_state, save_checkpoint, training_state
+    from dgseg.training.optim import build_optimizer, build_scheduler
+
+    cfg = apply_overrides(get_preset("tiny"), [f"data.root={tiny_shards}"])
+    other = apply_overrides(cfg, ["model.init_filters=4"])  # another network's weights
+    net = build_model(other.data.in_channels, other.model)
+    opt = build_optimizer(net.parameters(), cfg.optim)
+    state = training_state(net, opt, build_scheduler(opt, cfg.optim, 4), cfg, epoch=0, step=0,
+                           best_metric=-1.0, rng=[capture_rng_state()])  # fmt: skip
+    save_checkpoint(tmp_path / "tiny" / "last.pt", state)
+    argv = ["--preset", "tiny", "--data", str(tiny_shards), "--out", str(tmp_path), "--resume"]
+    with pytest.raises(SystemExit, match=r"^error: --resume: .*last.pt does not fit this network"):
+        fit.main([*argv, "--set", "run.amp=none"])
+    assert holder_of(tmp_path / "tiny") is None  # the lock went with the refused run

@@ -32,7 +32,14 @@ processes per rank while the network predicts the next cases: one job per case w
 predictions (every checkpoint, every test input), scored against the case's ground truth prepared
 once; results come back in submission order, so outputs do not depend on the worker count.
 Outputs in ``--out``: per_case.csv, summary.json, table.md, overlays/*.png (with matplotlib,
-``--overlays N`` cases per test modality).
+``--overlays N`` cases per test modality), and per_case.jsonl: every case's rows appended as soon
+as they are scored, so an interruption or a late write error loses no finished case.
+
+Faults: options and paths are checked before the first case (one ``error:`` line, exit 1), and
+another live job holding ``--out`` (or a run folder above it) refuses this one. A case that
+cannot be read, predicted or scored (a prediction file of the wrong shape, affine or label
+values, corrupt, missing) is that case's failure: one ``failed`` line, the other cases scored and
+written, the failures summarised at the end and exit status 1. ``--bootstrap 0``: no CIs.
 
 Metrics (``--metrics``): ``legacy`` (default) = per-case Dice and HD95 with the BraTS 2021 rules;
 ``lesion`` = lesion-wise Dice, HD95 and NSD (``dgseg.evaluation.lesion_metrics``) under

@@ -3,7 +3,11 @@ epoch by epoch, validate, checkpoint, resume (``tools/train.py`` is its command 
 
 Run folder ``<run.out>/<run.name>/``: config.json, last.pt (every epoch), best.pt (best validation
 mean Dice), log.jsonl and, with matplotlib, curves.png. An existing run is continued with
-``--resume`` or never touched. gloo on CPU, NCCL on CUDA; only rank 0 prints and writes.
+``--resume`` or never touched. While it trains, rank 0 holds the folder's ``run.lock``
+(:mod:`dgseg.run_lock`): a second training into it is refused naming the holder, and the stale
+lock of a killed run is taken over by ``--resume``. The data folder is checked (manifest schema,
+every shard read) before any process starts work. gloo on CPU, NCCL on CUDA; only rank 0 prints
+and writes.
 """
 
 from __future__ import annotations
