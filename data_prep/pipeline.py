@@ -596,17 +596,21 @@ def verify_output(output_dir: Path | str) -> list[str]:
     except (OSError, ValueError) as e:  # missing, not JSON, other format or version
         return [str(e)]
     by_shard: dict[str, dict[str, str]] = {}
-    for c in manifest["cases"]:
-        by_shard.setdefault(c["shard"], {})[c["id"]] = c["stored_crc32"]
-    listed = {s["file"] for s in manifest["shards"]}
+    try:
+        for c in manifest["cases"]:
+            by_shard.setdefault(c["shard"], {})[c["id"]] = c["stored_crc32"]
+        shards = [(str(s["file"]), list(s["cases"])) for s in manifest["shards"]]
+    except (KeyError, TypeError) as e:  # hand-edited or damaged: a problem, not a crash
+        return [f"{out / 'manifest.json'}: a case or shard record lacks {e} or is malformed"]
+    listed = {rel for rel, _ in shards}
     for rel in sorted(set(by_shard) - listed):
         errors.append(f"cases point at shard {rel}, which the shard list lacks")
-    for s in manifest["shards"]:
-        expected = by_shard.get(s["file"], {})
-        if sorted(expected) != sorted(s["cases"]):
-            errors.append(f"{s['file']}: shard list and case list disagree")
+    for rel, ids in shards:
+        expected = by_shard.get(rel, {})
+        if sorted(expected) != sorted(ids):
+            errors.append(f"{rel}: shard list and case list disagree")
         try:
-            check_shard(out / s["file"], expected=expected)
+            check_shard(out / rel, expected=expected)
         except ShardInvalid as e:
             errors.append(str(e))
     return errors

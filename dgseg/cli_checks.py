@@ -114,9 +114,7 @@ def check_output_dir(name: str, path: Path | str) -> Path:
         raise ArgumentFault(f"{name} {path}: is an existing file, not a folder")
     base = _nearest_existing(path.absolute())
     if not base.is_dir():
-        raise ArgumentFault(
-            f"{name} {path}: cannot be created, {base} is a file (or a broken link), not a folder"
-        )
+        raise ArgumentFault(f"{name} {path}: cannot be created, {base} is a file, not a folder")
     why = _read_only(base)
     if why:
         where = "" if base == path.absolute() else f" (in {base})"
@@ -129,10 +127,12 @@ def check_output_file(name: str, path: Path | str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ArgumentFault(f"{name} {path}: is an existing folder, not a file")
-    try:
-        check_output_dir(name, path.parent if str(path.parent) else Path("."))
-    except ArgumentFault as e:
-        raise ArgumentFault(str(e).replace(f"{name} {path.parent}", f"{name} {path}", 1)) from None
+    base = _nearest_existing(path.absolute().parent)
+    if not base.is_dir():
+        raise ArgumentFault(f"{name} {path}: cannot be created, {base} is a file, not a folder")
+    why = _read_only(base)
+    if why:
+        raise ArgumentFault(f"{name} {path}: cannot be written (in {base}): {why}")
     return path
 
 

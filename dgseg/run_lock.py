@@ -57,6 +57,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> Optional[float]:
+    """Start time of process ``pid`` in seconds since the epoch (Linux ``/proc``), else None;
+    tells a live holder from an unrelated process that got its PID later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return int(line.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _read_record(path: Path) -> Optional[dict[str, Any]]:
     """The JSON record of a lock file (``{}`` when unreadable), or None when there is none."""
     try:
@@ -93,7 +107,12 @@ def _state(rec: dict[str, Any]) -> str:
         pid = int(rec.get("pid", -1))
     except (TypeError, ValueError):
         pid = -1
-    return "live" if _pid_alive(pid) else "stale"
+    if not _pid_alive(pid):
+        return "stale"
+    start, recorded = _process_start(pid), rec.get("pid_start")
+    if start is not None and isinstance(recorded, (int, float)) and abs(start - recorded) > 2:
+        return "stale"  # the PID now belongs to another process
+    return "live"
 
 
 def describe_holder(rec: dict[str, Any]) -> str:
@@ -187,6 +206,7 @@ def acquire(folder: Path | str, *, what: str, take_stale: bool = False, hint: st
     record = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "pid_start": _process_start(os.getpid()),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(Path(a).name if k == 0 else a for k, a in enumerate(sys.argv))[:300],
         "token": secrets.token_hex(8),
@@ -201,9 +221,15 @@ def acquire(folder: Path | str, *, what: str, take_stale: bool = False, hint: st
         if state == "inherited":
             return RunLock(folder, rec, inherited=True, created=False)
         if state == "live":
+            elsewhere = rec.get("host") != socket.gethostname()
             raise RunLockError(
                 f"{what} {folder} is in use by {describe_holder(rec)}: one folder holds one "
-                f"job; wait for it to finish or choose another folder (lock: {path})"
+                f"job; wait for it to finish or choose another folder (lock: {path}"
+                + (
+                    "; a job of another host: delete the lock if it no longer runs)"
+                    if elsewhere
+                    else ")"
+                )
             )
         if not take_stale:
             raise RunLockError(

@@ -7,6 +7,7 @@ run-folder lock (a second job refused, a stale lock taken over by ``--resume``),
 unless ``--overwrite``. The tools run as subprocesses, so that a traceback would show.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ import pytest
 from dgseg.evaluation.scoring import score_label_files
 from dgseg.run_lock import LOCK_NAME, RunLockError, acquire, holder_of
 from dgseg.training import fit
+
+from tool_modules import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,3 +330,103 @@ def test_lock_is_exclusive_and_inherited_by_children(tmp_path, monkeypatch):
     assert holder_of(tmp_path / "run")["token"] == lock.token
     lock.release()
     assert holder_of(tmp_path / "run") is None
+
+
+def test_late_write_error_keeps_the_rows_scored(tiny_shards, tmp_path, monkeypatch, capsys):
+
+    evaluate = load_tool("evaluate")
+    pred, ids = _predictions(tiny_shards, tmp_path, 3)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_report", disk_full)
+    out = tmp_path / "eval"
+    raw = tiny_shards.parent / "raw"
+    rc = evaluate.main(
+        ["--predictions", str(pred), "--data", str(raw), "--out", str(out), "--max-cases", "3",
+         "--metric-workers", "0", "--quiet"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "No space left" in err[0] and "per_case.jsonl" in err[0]
+    rows = [json.loads(line) for line in (out / "per_case.jsonl").read_text().splitlines()]
+    assert sorted(r["case_id"] for r in rows) == ids
+    assert all(r["dice_mean"] == 1.0 for r in rows)  # perfect predictions, kept
+
+
+def test_checkpoint_evaluation_keeps_the_cases_it_can_score(
+    tiny_shards, checkpoint, tmp_path, monkeypatch, capsys
+):
+    from dgseg.data.manifest import load_manifest, split_cases
+    from dgseg.evaluation import cross_modality
+
+    evaluate = load_tool("evaluate")
+    ids = [c["id"] for c in split_cases(load_manifest(tiny_shards), "test")]
+    real = cross_modality.predict_volume
+    calls = []
+
+    def flaky(model, image, **kw):  # the second case cannot be predicted
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(model, image, **kw)
+
+    monkeypatch.setattr(cross_modality, "predict_volume", flaky)
+    out = tmp_path / "eval"
+    rc = evaluate.main(
+        ["--checkpoint", str(checkpoint), "--data", str(tiny_shards), "--out", str(out),
+         "--modalities", "t2", "--bootstrap", "0", "--metric-workers", "0", "--device", "cpu",
+         "--quiet"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    failed = [ln for ln in err.splitlines() if ln.startswith("failed ")]
+    assert rc == 1 and len(failed) == 1 and ids[1] in failed[0] and "out of memory" in failed[0]
+    rows = (out / "per_case.csv").read_text().splitlines()[1:]
+    assert sorted({r.split(",")[4] for r in rows}) == sorted(ids[:1] + ids[2:])
+    assert not (out / "run.lock").exists()
+
+
+def test_lock_of_a_reused_pid_is_stale(tmp_path):
+    lock = acquire(tmp_path / "run", what="run folder")
+    if lock.record["pid_start"] is None:
+        lock.release()
+        pytest.skip("no /proc: process start times unknown")
+    rec = {**lock.record, "pid_start": lock.record["pid_start"] - 3600, "token": "old"}
+    (tmp_path / "run" / LOCK_NAME).write_text(json.dumps(rec))  # our PID, an hour-older holder
+    with pytest.raises(RunLockError, match="stale lock"):
+        acquire(tmp_path / "run", what="run folder")
+    taken = acquire(tmp_path / "run", what="run folder", take_stale=True)
+    assert holder_of(tmp_path / "run")["token"] == taken.token != "old"
+    taken.release()
+
+
+def test_run_experiments_refuses_a_run_folder_another_job_holds(tiny_shards, tmp_path):
+    out = tmp_path / "study"
+    with acquire(out / "tiny" / "seed0", what="run folder"):
+        proc = run_tool("run_experiments", "--data", tiny_shards, "--out", out,
+                        "--presets", "tiny", "--seeds", "0", "--epochs", "1")  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("failed: tiny seed 0")]
+    assert len(failed) == 1 and f"PID {os.getpid()}" in failed[0], proc.stdout
+    assert not (out / "tiny" / "seed0" / "train.log").exists()  # nothing ran in it
+
+
+def test_resume_from_another_networks_state_is_one_line(tiny_shards, tmp_path):
+    from dgseg.config import apply_overrides
+    from dgseg.models import build_model
+    from dgseg.presets import get_preset
+    from dgseg.training.checkpoint import capture_rng_state, save_checkpoint, training_state
+    from dgseg.training.optim import build_optimizer, build_scheduler
+
+    cfg = apply_overrides(get_preset("tiny"), [f"data.root={tiny_shards}"])
+    other = apply_overrides(cfg, ["model.init_filters=4"])  # another network's weights
+    net = build_model(other.data.in_channels, other.model)
+    opt = build_optimizer(net.parameters(), cfg.optim)
+    state = training_state(net, opt, build_scheduler(opt, cfg.optim, 4), cfg, epoch=0, step=0,
+                           best_metric=-1.0, rng=[capture_rng_state()])  # fmt: skip
+    save_checkpoint(tmp_path / "tiny" / "last.pt", state)
+    argv = ["--preset", "tiny", "--data", str(tiny_shards), "--out", str(tmp_path), "--resume"]
+    with pytest.raises(SystemExit, match=r"^error: --resume: .*last.pt does not fit this network"):
+        fit.main([*argv, "--set", "run.amp=none"])
+    assert holder_of(tmp_path / "tiny") is None  # the lock went with the refused run

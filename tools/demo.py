@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dgseg.cli_checks import ArgumentFault, check_at_least, check_device, check_output_dir
 from dgseg.presets import CPU_RECIPE
 from dgseg.training.distributed import launch_command
 
@@ -163,6 +164,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for item in args.overrides:
         if "=" not in item:
             p.error(f"--set {item!r} must look like section.field=value")
+    try:
+        check_at_least("--seed", args.seed, 0)
+        check_device("--device", args.device)
+        check_output_dir("--out", args.out)
+    except ArgumentFault as e:
+        p.error(str(e))
     return args
 
 

@@ -32,7 +32,14 @@ processes per rank while the network predicts the next cases: one job per case w
 predictions (every checkpoint, every test input), scored against the case's ground truth prepared
 once; results come back in submission order, so outputs do not depend on the worker count.
 Outputs in ``--out``: per_case.csv, summary.json, table.md, overlays/*.png (with matplotlib,
-``--overlays N`` cases per test modality).
+``--overlays N`` cases per test modality), and per_case.jsonl: every case's rows appended as soon
+as they are scored, so an interruption or a late write error loses no finished case.
+
+Faults: options and paths are checked before the first case (one ``error:`` line, exit 1), and
+another live job holding ``--out`` (or a run folder above it) refuses this one. A case that
+cannot be read, predicted or scored (a prediction file of the wrong shape, affine or label
+values, corrupt, missing) is that case's failure: one ``failed`` line, the other cases scored and
+written, the failures summarised at the end and exit status 1. ``--bootstrap 0``: no CIs.
 
 Metrics (``--metrics``): ``case`` (default) = per-case Dice and HD95 with the BraTS 2021 rules;
 ``lesion`` = lesion-wise Dice, HD95 and NSD (``dgseg.evaluation.lesion_metrics``) under
@@ -198,8 +205,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.metrics == "legacy":
         args.metrics = "case"
-    if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
-        p.error(f"--nsd-tolerance must be >= 0, got {args.nsd_tolerance}")
+    if args.nsd_tolerance is not None and not 0 <= args.nsd_tolerance < float("inf"):
+        p.error(f"--nsd-tolerance must be a finite number >= 0 (mm), got {args.nsd_tolerance}")
     if args.checkpoint and tuple(REGION_SETS[args.regions]) != tuple(REGION_SETS["brats2021"]):
         p.error(f"--regions {args.regions} needs --predictions: checkpoints predict WT, TC, ET")
     if args.metric_workers is None:

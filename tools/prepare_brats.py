@@ -36,6 +36,7 @@ from data_prep.synthetic import write_dataset
 from dgseg.atomic import atomic_write_json
 from dgseg.cli_checks import ArgumentFault, check_input_dir, check_input_file, check_output_dir
 from dgseg.constants import DEFAULT_DATA_ROOT
+from dgseg.run_lock import RunLockError, acquire, check_free
 
 SYNTHETIC_CASES = 12
 SYNTHETIC_SHAPE = (80, 80, 52)  # a third of 240x240x155: the whole brain fits in 64^3
@@ -216,14 +217,26 @@ def main(argv=None) -> int:
     except ArgumentFault as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:  # one preparation per output folder (a stale lock of a killed one is taken over)
+        check_free(output, what="--output")
+        lock = acquire(output, what="--output", take_stale=True)
+    except (RunLockError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    try:
+        return _prepare(args, output, size)
+    finally:
+        lock.release()
+
+
+def _prepare(args: argparse.Namespace, output: Path, size: int | None) -> int:
+    """:func:`main` once this process holds ``output``."""
     if args.input is None:
-        output = args.output or Path("data/synthetic")
         source = synthetic_source(
             output / "synthetic_source", args.synthetic_cases, quiet=args.quiet
         )
         size = SYNTHETIC_SIZE if args.size is None else size
     else:
-        output = args.output or Path(DEFAULT_DATA_ROOT)
         source = args.input
         size = 128 if args.size is None else size
         if not source.is_dir():

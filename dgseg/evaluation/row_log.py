@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class RowLog:
         if fresh:
             self.path.write_bytes(b"")
         self.count = 0
+        self.failed = False
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
         data = "".join(
@@ -48,12 +50,24 @@ class RowLog:
         ).encode()
         if not data:
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if self.failed:
+            return
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:  # the scoring goes on: the tables at the end may still be written
+            self.failed = True
+            print(
+                f"warning: {self.path}: {e.strerror or e}; rows are no longer written as "
+                "they are scored",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         self.count += data.count(b"\n")
 
 

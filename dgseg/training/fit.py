@@ -3,7 +3,11 @@ epoch by epoch, validate, checkpoint, resume (``tools/train.py`` is its command 
 
 Run folder ``<run.out>/<run.name>/``: config.json, last.pt (every epoch), best.pt (best validation
 mean Dice), log.jsonl and, with matplotlib, curves.png. An existing run is continued with
-``--resume`` or never touched. gloo on CPU, NCCL on CUDA; only rank 0 prints and writes.
+``--resume`` or never touched. While it trains, rank 0 holds the folder's ``run.lock``
+(:mod:`dgseg.run_lock`): a second training into it is refused naming the holder, and the stale
+lock of a killed run is taken over by ``--resume``. The data folder is checked (manifest schema,
+every shard read) before any process starts work. gloo on CPU, NCCL on CUDA; only rank 0 prints
+and writes.
 """
 
 from __future__ import annotations
@@ -432,10 +436,20 @@ def _train(
 
 
 def run_cli(argv: Optional[Sequence[str]] = None) -> int:
-    """``tools/train.py``: :func:`main` with a diverging loss as one ``error:`` line, status 3."""
+    """``tools/train.py``: :func:`main` with a diverging loss as one ``error:`` line, status 3, and
+    a file-system fault during the run (a full disk) as one line, status 1."""
     try:
         return main(argv)
     except NonFiniteLossError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    except OSError as e:  # a full disk or a vanished folder mid-run: checkpoints are atomic
+        where = f"{e.filename}: " if e.filename else ""
+        print(
+            f"error: {where}{e.strerror or e}; the run folder keeps the last complete epoch "
+            "(--resume continues from it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
