@@ -26,11 +26,11 @@ def probe(monkeypatch, tmp_path):
     monkeypatch.setenv("DGSEG_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("DGSEG_LAYOUT_PROBE", raising=False)
     layout_probe.clear_memo()
-    state = {"calls": 0, "times": {"contiguous": 0.2, "channels-last": 0.1}}
+    state = {"calls": 0, "times": {"contiguous": [0.2, 0.2, 0.2], "channels-last": [0.1, 0.1, 0.1]}}
 
     def fake_measure(cfg, amp, spatial):
         state["calls"] += 1
-        return dict(state["times"])
+        return {k: list(v) for k, v in state["times"].items()}
 
     monkeypatch.setattr(layout_probe, "_measure", fake_measure)
     yield state
@@ -42,19 +42,24 @@ def _tiny_cfg(*extra: str) -> Config:
 
 
 @pytest.mark.parametrize(
-    "times, expected",
+    "times, expected, ratio",
     [
-        ({"contiguous": 0.2, "channels-last": 0.1}, True),
-        ({"contiguous": 0.1, "channels-last": 0.3}, False),
+        ({"contiguous": [0.2, 0.4, 0.3], "channels-last": [0.1, 0.3, 0.6]}, True, "0.75"),
+        ({"contiguous": [0.1, 0.1, 0.2], "channels-last": [0.3, 0.05, 0.3]}, False, "1.50"),
+        # a burst of load in one round does not decide: round 2 is faster channels-last
+        ({"contiguous": [0.1, 0.9, 0.1], "channels-last": [0.2, 0.2, 0.2]}, False, "2.00"),
     ],
 )
-def test_auto_takes_the_faster_layout_and_says_so(probe, times, expected):
+def test_auto_takes_the_faster_layout_and_says_so(probe, times, expected, ratio):
     probe["times"] = times
     chosen, why = channels_last_choice(_tiny_cfg(), CPU, SHAPE)
     assert chosen is expected and probe["calls"] == 1
-    ms = {k: f"{v * 1e3:.0f} ms" for k, v in times.items()}
+    med = {k: f"{sorted(v)[1] * 1e3:.0f} ms" for k, v in times.items()}  # medians of 3
     assert "measured" in why and "16x16x16" in why and "fp32" in why
-    assert f"contiguous {ms['contiguous']}" in why and f"channels-last {ms['channels-last']}" in why
+    assert (
+        f"contiguous {med['contiguous']}" in why and f"channels-last {med['channels-last']}" in why
+    )
+    assert f"(channels-last/contiguous {ratio})" in why
 
 
 def test_the_answer_is_cached_on_disk_and_in_memory(probe, tmp_path):
@@ -67,7 +72,7 @@ def test_the_answer_is_cached_on_disk_and_in_memory(probe, tmp_path):
     chosen, why = channels_last_choice(cfg, CPU, SHAPE)
     assert probe["calls"] == 1 and chosen is first[0] and why.startswith("auto: cached")
     entry = next(iter(json.loads((tmp_path / layout_probe.CACHE_NAME).read_text()).values()))
-    assert entry["times_s"] == probe["times"] and entry["shape"] == list(SHAPE)
+    assert entry["rounds_s"] == probe["times"] and entry["shape"] == list(SHAPE)
     # Another shape, precision or network is another measurement.
     channels_last_choice(cfg, CPU, (24, 24, 24))
     channels_last_choice(_tiny_cfg("model.init_filters=8"), CPU, SHAPE)
@@ -96,10 +101,11 @@ def test_overrides_and_the_off_switches_skip_the_probe(probe, monkeypatch):
 def test_timing_is_interleaved_and_keeps_each_fastest_round():
     order: list[str] = []
     ticks = iter([0.0, 5.0, 5.0, 6.0, 6.0, 8.0, 8.0, 10.0, 10.0, 13.0, 13.0, 14.0])
-    steps = {name: (lambda n=name: order.append(n)) for name in ("a", "b")}
-    best = layout_probe.time_layouts(steps, rounds=3, clock=lambda: next(ticks))
-    assert order == ["a", "b"] * 4  # one warm-up each, then three alternating rounds
-    assert best == {"a": 2.0, "b": 1.0}  # a: 5, 2, 3; b: 1, 2, 1
+    steps = {name: (lambda n=name: order.append(n)) for name in ("contiguous", "channels-last")}
+    times = layout_probe.time_layouts(steps, rounds=3, clock=lambda: next(ticks))
+    assert order == ["contiguous", "channels-last"] * 4  # a warm-up each, then 3 alternating rounds
+    assert times == {"contiguous": [5.0, 2.0, 3.0], "channels-last": [1.0, 2.0, 1.0]}
+    assert layout_probe.channels_last_ratio(times) == pytest.approx(1 / 3)  # of 0.2, 1, 1/3
 
 
 def test_a_real_probe_times_both_layouts(monkeypatch, tmp_path):
@@ -112,10 +118,11 @@ def test_a_real_probe_times_both_layouts(monkeypatch, tmp_path):
     with torch.no_grad():  # as validation asks
         chosen, why = channels_last_choice(cfg, CPU, (8, 8, 8))
     assert torch.equal(torch.random.get_rng_state(), state)  # the run's random stream is kept
-    times = next(iter(json.loads((tmp_path / layout_probe.CACHE_NAME).read_text()).values()))
-    assert all(t > 0 for t in times["times_s"].values())
-    faster = min(times["times_s"], key=times["times_s"].get)
-    assert chosen is (faster == "channels-last") and "measured" in why
+    entry = next(iter(json.loads((tmp_path / layout_probe.CACHE_NAME).read_text()).values()))
+    rounds = entry["rounds_s"]
+    assert all(len(r) == 5 and min(r) > 0 for r in rounds.values())
+    ratios = sorted(a / b for a, b in zip(rounds["channels-last"], rounds["contiguous"]))
+    assert chosen is (ratios[2] < 1) and "measured" in why
     layout_probe.clear_memo()
 
 
@@ -191,5 +198,5 @@ def test_training_prints_the_measured_choice(probe, tiny_shards, tmp_path, capsy
     text = capsys.readouterr().out
     line = next(t for t in text.splitlines() if "memory format:" in t)
     assert "channels-last (auto: measured fp32 fwd+bwd at 16x16x16" in line
-    assert "contiguous 200 ms, channels-last 100 ms" in line
+    assert "contiguous 200 ms, channels-last 100 ms (channels-last/contiguous 0.50)" in line
     assert probe["calls"] == 1  # training and validation share the answer

@@ -22,10 +22,11 @@ Sections:
 
 ``--peer monai`` adds MONAI's SegResNet (same widths, GroupNorm, input; MONAI imported only here)
 timed interleaved with dgseg's SegResNet: MONAI fp32, dgseg with PyTorch's plain kernels, and
-dgseg's default (resolved ``amp``, the layout "auto" takes, dgseg's kernel paths). Where bf16 is
-the resolved precision (native bf16) it adds MONAI bf16, dgseg fp32 with its own defaults and
-dgseg bf16 in the other layout. Ratios are to MONAI fp32 and to MONAI bf16, of the medians and
-per round. ``--sections`` may be empty (``--sections --peer monai``).
+dgseg's default (resolved ``amp``, the layout "auto" takes, dgseg's kernel paths and optimizer).
+Where bf16 is the resolved precision (native bf16) it adds MONAI bf16, dgseg fp32 with its own
+defaults, dgseg's default with MONAI's optimizer (PyTorch's AdamW) and dgseg bf16 in the other
+layout. Ratios are to MONAI fp32 and to MONAI bf16, of the medians and per round.
+``--sections`` may be empty (``--sections --peer monai``).
 """
 
 from __future__ import annotations
@@ -385,7 +386,8 @@ def bench_peer(args, device: torch.device) -> list[dict]:
     }
     if bf16:
         # The fair comparison on a CPU with native bf16: MONAI in bf16 too; and dgseg in fp32
-        # (its kernel paths, its fp32 layout) and in the bf16 layout "auto" did not take.
+        # (its kernel paths, its fp32 layout), with PyTorch's default AdamW (the network's share
+        # of the difference) and in the bf16 layout "auto" did not take.
         variants["monai_bf16"] = (
             _peer_step(monai_net(), device, x, y, amp=True, channels_last=False, native=True),
             "bf16",
@@ -397,6 +399,11 @@ def bench_peer(args, device: torch.device) -> list[dict]:
             ),
             "fp32",
             fmt(cl32),
+        )
+        variants["dgseg_default_torch_adamw"] = (  # the network alone: MONAI's optimizer
+            _peer_step(dgseg_net(), device, x, y, amp=True, channels_last=cl, native=False),
+            "bf16",
+            fmt(cl),
         )
         variants["dgseg_bf16_other_layout"] = (
             _peer_step(

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Conv3d", "conv3d", "conv_path", "native_conv3d"]
+__all__ = ["Conv3d", "conv3d", "conv_path", "kernel_paths_enabled", "native_conv3d"]
 
 _ROUTING = contextvars.ContextVar("dgseg_conv_routing", default=True)
 _SLOW_CONV_LIMIT = 20480  # PyTorch's N*C*D*H threshold below which batch-1 fp32 is slow_conv3d
@@ -40,12 +40,18 @@ _SLOW_CONV_LIMIT = 20480  # PyTorch's N*C*D*H threshold below which batch-1 fp32
 
 @contextlib.contextmanager
 def native_conv3d() -> Iterator[None]:
-    """Within this context every :func:`conv3d` is a plain ``F.conv3d`` (for comparisons)."""
+    """Within this context every :func:`conv3d` is a plain ``F.conv3d``, and the upsampling of
+    ``dgseg.layers.upsample`` a plain ``F.interpolate`` (PyTorch's kernels, for comparisons)."""
     token = _ROUTING.set(False)
     try:
         yield
     finally:
         _ROUTING.reset(token)
+
+
+def kernel_paths_enabled() -> bool:
+    """False inside :func:`native_conv3d`."""
+    return _ROUTING.get()
 
 
 def _compiling() -> bool:

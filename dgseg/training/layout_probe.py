@@ -4,9 +4,10 @@ Which layout is faster depends on the CPU, the precision and the map size: chann
 in float32 on AVX2 CPUs at 16 x 64³ (oneDNN's brgemm kernels, dgseg's GroupNorm + ReLU node),
 while in bf16 on CPUs with native bf16 contiguous can win. So instead of a fixed rule, the first
 run on a machine times forward + backward of its own segmenter at its own input shape in both
-layouts (interleaved rounds under the run's autocast, the fastest round of each counting, as the
-least disturbed by other processes), and caches the answer as JSON under the user's cache folder,
-keyed by CPU, torch version and threads, precision, network settings and shape. Later runs read it.
+layouts (interleaved rounds under the run's autocast; the median over rounds of the per-round
+ratio decides, since both steps of a round see about the same load from other processes), and
+caches the timings as JSON under the user's cache folder, keyed by CPU, torch version and threads,
+precision, network settings and shape. Later runs read them.
 
 ``DGSEG_LAYOUT_PROBE=0`` or ``run.layout_probe=false`` fall back to the size rule of
 :func:`dgseg.training.precision.resolve_channels_last`; so do CUDA devices and runs of several
@@ -20,9 +21,10 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -37,12 +39,13 @@ __all__ = [
     "choose_channels_last",
     "clear_memo",
     "probe_enabled",
+    "channels_last_ratio",
     "time_layouts",
 ]
 
 CACHE_NAME = "layout_probe.json"
 LAYOUTS = ("contiguous", "channels-last")
-_ROUNDS = 3  # timed rounds per layout, after one untimed warm-up step each
+_ROUNDS = 5  # timed rounds per layout, after one untimed warm-up step each
 _MEMO: Dict[str, Tuple[bool, str]] = {}  # key -> answer: the engine asks on every step
 
 
@@ -124,20 +127,26 @@ def time_layouts(
     *,
     rounds: int = _ROUNDS,
     clock: Callable[[], float] = time.perf_counter,
-) -> Dict[str, float]:
-    """Seconds of the fastest of ``rounds`` interleaved calls of each step (one warm-up each)."""
+) -> Dict[str, List[float]]:
+    """Seconds of each step in ``rounds`` interleaved rounds (after one warm-up call each)."""
     for step in steps.values():
         step()
-    best = {name: float("inf") for name in steps}
+    times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             t0 = clock()
             step()
-            best[name] = min(best[name], clock() - t0)
-    return best
+            times[name].append(clock() - t0)
+    return times
 
 
-def _measure(cfg: Config, amp: str, spatial: Sequence[int]) -> Dict[str, float]:
+def channels_last_ratio(times: Dict[str, List[float]]) -> float:
+    """Median over rounds of channels-last / contiguous seconds (< 1: channels-last faster)."""
+    pairs = zip(times["channels-last"], times["contiguous"])
+    return statistics.median(cl / max(cont, 1e-12) for cl, cont in pairs)
+
+
+def _measure(cfg: Config, amp: str, spatial: Sequence[int]) -> Dict[str, List[float]]:
     # Validation may ask first, under no_grad; the run's random streams stay untouched.
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -148,11 +157,21 @@ def _measure(cfg: Config, amp: str, spatial: Sequence[int]) -> Dict[str, float]:
         return time_layouts(steps)
 
 
-def _describe(times: Dict[str, float], amp: str, spatial: Sequence[int], how: str) -> str:
+def _describe(times: Dict[str, List[float]], amp: str, spatial: Sequence[int], how: str) -> str:
     shape = "x".join(str(int(s)) for s in spatial)
     prec = "bf16" if amp == "bf16" else "fp32"
-    ms = ", ".join(f"{name} {times[name] * 1e3:.0f} ms" for name in LAYOUTS)
-    return f"auto: {how} {prec} fwd+bwd at {shape}: {ms}"
+    ms = ", ".join(f"{name} {statistics.median(times[name]) * 1e3:.0f} ms" for name in LAYOUTS)
+    ratio = channels_last_ratio(times)
+    return f"auto: {how} {prec} fwd+bwd at {shape}: {ms} (channels-last/contiguous {ratio:.2f})"
+
+
+def _valid(times: object) -> bool:
+    if not isinstance(times, dict) or set(times) != set(LAYOUTS):
+        return False
+    runs = [times[name] for name in LAYOUTS]
+    return all(
+        isinstance(r, list) and r and all(isinstance(t, (int, float)) for t in r) for r in runs
+    )
 
 
 def _several_processes() -> bool:
@@ -183,13 +202,13 @@ def choose_channels_last(
         return _MEMO[key]
     path = cache_path()
     entry = _read_cache(path).get(key)
-    if isinstance(entry, dict) and set(entry.get("times_s", {})) == set(LAYOUTS):
-        times, how = entry["times_s"], f"cached ({path.name})"
+    if isinstance(entry, dict) and _valid(entry.get("rounds_s")):
+        times, how = entry["rounds_s"], f"cached ({path.name})"
     else:
         times, how = _measure(cfg, amp, spatial), "measured"
         data = _read_cache(path)  # again: another run may have added an entry meanwhile
         data[key] = {
-            "times_s": times,
+            "rounds_s": times,
             "precision": amp,
             "shape": [int(s) for s in spatial],
             "cpu": _cpu_name(),
@@ -200,7 +219,7 @@ def choose_channels_last(
             atomic_write_json(path, data)
         except OSError:  # a read-only home: the answer still holds for this process
             how = "measured (not cached)"
-    chosen = min(LAYOUTS, key=lambda name: times[name]) == "channels-last"
+    chosen = channels_last_ratio(times) < 1.0
     answer = (chosen, _describe(times, amp, spatial, how))
     _MEMO[key] = answer
     return answer
