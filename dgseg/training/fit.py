@@ -23,6 +23,7 @@ from dgseg.atomic import atomic_write_text
 from dgseg.config import Config, apply_overrides, config_diff
 from dgseg.data.dataset import ShardDataset
 from dgseg.data.manifest import load_manifest, split_cases
+from dgseg.inference.source_stats import SOURCE_STATS_KEY, compute_source_stats
 from dgseg.logging_utils import JsonlWriter, log, trim_jsonl
 from dgseg.models import build_model as build_network
 from dgseg.presets import PRESETS, format_presets, get_preset
@@ -284,6 +285,7 @@ def _train(
 
     start_epoch, step, best = 0, 0, -1.0
     log_path = run_dir / "log.jsonl"
+    d, source_stats = cfg.data, None
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -361,6 +363,9 @@ def _train(
             state = training_state(
                 net, optimizer, scheduler, cfg, epoch=done, step=step, best_metric=best, rng=rng
             )
+            if source_stats is None:  # test-time adaptation's prior and quantiles, once
+                source_stats = compute_source_stats(d.root, d.modalities, fold=d.fold)
+            state[SOURCE_STATS_KEY] = source_stats
             save_checkpoint(run_dir / "last.pt", state)
             if is_best:
                 save_checkpoint(run_dir / "best.pt", state)
