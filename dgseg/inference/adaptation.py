@@ -8,11 +8,12 @@ No label is read. Methods (``--adapt``):
 
 * ``tent`` (Wang et al., ICLR 2021; DequanWang/tent): minimise the mean binary entropy
   H(p) = −p log p − (1−p) log(1−p) of the sigmoid outputs with Adam, only the affine weight and
-  bias of the normalisation layers trainable (GroupNorm here). Deviations: per-voxel binary
-  entropy of the three sigmoid channels instead of the softmax entropy, averaged over the brain
-  (input ≠ 0) rather than every voxel; episodic (reset every case), several steps per case; the
-  prediction is made after the last update (TENT returns the output of the last adapting pass);
-  BatchNorm layers, if any, keep their running statistics (TENT re-estimates them per batch).
+  bias of the normalisation layers trainable (GroupNorm here); episodic, reset for every case
+  (by default one step, as TENT's episodic mode). Deviations: per-voxel binary entropy of the
+  three sigmoid channels instead of the softmax entropy, averaged over the brain (input ≠ 0)
+  rather than every voxel; the prediction is made after the last update (TENT returns the
+  output of the last adapting pass); BatchNorm layers, if any, keep their running statistics
+  (TENT re-estimates them per batch).
 * ``prior`` (GM-Guided DG's class-prior-informed adaptation, ``PseudoLabelAgent``): with the
   training prior π per region (``dgseg.inference.source_stats``) smoothed as q = (1−α)π + α/2,
   each step averages the logits of the volume and of its flip along the last axis (L1
@@ -65,9 +66,10 @@ __all__ = [
 ]
 
 ADAPT_METHODS = ("none", "tent", "prior", "match", "match+tent", "match+prior")
-# Defaults per network update method: TENT's Adam at 1e-3 (its CIFAR setting); the authors'
-# BraTS T2->T1 script for prior (2 steps, AdamW lr 1e-2, alpha 0.5, consistency 1).
-_DEFAULTS = {"tent": (10, 1e-3), "prior": (2, 1e-2)}
+# Defaults per network update method: episodic TENT (one Adam step at 1e-3 per batch, reset
+# after it: its CIFAR setting); the authors' BraTS T2->T1 script for prior (2 steps, AdamW lr
+# 1e-2, alpha 0.5, consistency 1).
+_DEFAULTS = {"tent": (1, 1e-3), "prior": (2, 1e-2)}
 _NORMS = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 # model, network input (1, C', D, H, W) -> probabilities (1, 3, D, H, W)
