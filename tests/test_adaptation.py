@@ -214,3 +214,18 @@ def test_adaptation_needing_stats_names_the_tool(tiny_run, tiny_shards, tmp_path
     assert _evaluate(old, tiny_shards, tmp_path / "m", "--adapt", "match") == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and "tools/add_source_stats.py" in err
+
+
+def test_predict_path_applies_and_names_the_adaptation(tiny_run):
+    from dgseg.inference.predict_case import load_predictor
+
+    cpu = torch.device("cpu")
+    plain, channels, what = load_predictor(tiny_run, cpu, modality="t1")
+    assert channels == ("t1",) and what.endswith("test-time adaptation: none")
+    matched, _, what = load_predictor(tiny_run, cpu, modality="t1", adapt=AdaptSettings("match"))
+    assert "intensity matching" in what
+    x = _case(7, (20, 20, 20)) * 3 + 1  # far from the source quantiles
+    x[x == 1] = 0
+    stats = load_checkpoint(tiny_run)[SOURCE_STATS_KEY]
+    want = plain(match_quantiles(x, stats["quantiles"], stats["quantile_levels"]))
+    assert torch.equal(matched(x), want)
