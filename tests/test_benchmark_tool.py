@@ -49,3 +49,21 @@ def test_peer_section_times_monai_and_dgseg_interleaved(tmp_path, monkeypatch):
 
 def result_is_bf16(results: list) -> bool:
     return any(r.get("variant") == "dgseg_default" and r["precision"] == "bf16" for r in results)
+
+
+def test_adapt_section_times_every_adaptation(tmp_path):
+    from dgseg.inference.adaptation import ADAPT_METHODS
+
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--sections", "adapt", "--adapt-size", "24", "--repeats", "1"]
+    assert load_tool("benchmark").main([*argv, "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["results"] if r["section"] == "adapt"]
+    assert rows[0]["method"] == "gradient_map"
+    for repr_ in ("intensity", "gradient"):
+        got = [r["method"] for r in rows if r.get("input_repr") == repr_]
+        assert got == list(ADAPT_METHODS)
+    for r in rows:
+        assert "error" not in r and r["threads"] == 1 and r["voxels"] == 24**3
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+    steps = {r["method"]: r["steps"] for r in rows if r.get("input_repr") == "gradient"}
+    assert steps["none"] == steps["match"] == 0 and steps["tent"] >= 1 and steps["prior"] >= 1

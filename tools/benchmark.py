@@ -19,6 +19,8 @@ Sections:
   scaling    DDP with 1 vs 2 CPU processes (gloo), same global batch
   lesion     lesion-wise Dice/HD95/NSD of a synthetic 240x240x155 case, 3 regions, 1 thread
              (goal <= 2 s per case and rule set), beside the per-case metrics
+  adapt      seconds per case of each test-time adaptation (--adapt of tools/evaluate.py) and
+             of the gradient map, CPU, 1 thread, fp32, CPU-recipe SegResNet, --adapt-size³
 
 ``--peer monai`` adds MONAI's SegResNet (same widths, GroupNorm, input; MONAI imported only here)
 timed interleaved with dgseg's SegResNet: MONAI fp32, dgseg with PyTorch's plain kernels, and
@@ -61,18 +63,21 @@ from dgseg.cli_checks import ArgumentFault, check_at_least, check_output_file
 from dgseg.config import Config, OptimConfig, apply_overrides
 from dgseg.evaluation.lesion_metrics import LESION_RULES, lesion_region_metrics
 from dgseg.evaluation.metrics import region_metrics
-from dgseg.inference.sliding_window import sliding_window_inference
+from dgseg.inference.adaptation import ADAPT_METHODS, AdaptSettings, CasePredictor
+from dgseg.inference.sliding_window import predict_volume, sliding_window_inference
 from dgseg.layers import dann_lambda
 from dgseg.layers.conv import native_conv3d
 from dgseg.models import SegResNet, build_model
+from dgseg.presets import CPU_RECIPE
 from dgseg.training.engine import channels_last_choice
 from dgseg.training.losses import SegLoss
 from dgseg.training.optim import build_optimizer, fused_supported
 from dgseg.training.precision import AMP_CHOICES, cpu_has_native_bf16, describe, resolve_amp
 from dgseg.transforms.bezier import apply_lut, bezier_lut
+from dgseg.transforms.gradient_map import gradient_map
 from dgseg.transforms.sdg import INTENSITY_AUGS, intensity_augment
 
-SECTIONS = ("train", "vffc", "bezier", "sdg", "data", "inference", "scaling", "lesion")
+SECTIONS = ("train", "vffc", "bezier", "sdg", "data", "inference", "scaling", "lesion", "adapt")
 
 # (label, build_model keywords): the three networks of the write-up's tables.
 MODELS = {
@@ -536,11 +541,9 @@ class _FreshDraws:
         return intensity_augment(self.name, self.image, self.label, g)
 
 
-def bench_sdg(args, device: torch.device) -> list[dict]:
-    # A training sample as the shards hold it: a synthetic case's T2 through the preprocessing
-    # (brain box, z-score, crop/pad to --sdg-size³; the brain ~40 % of it), with its label
-    # (location-scale and re-synthesis read it).
-    n = args.sdg_size
+def _t2_sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample as the shards hold it: a synthetic case's T2 through the preprocessing (brain
+    box, z-score, crop/pad to n³; the brain ~40 % of it): image (1, n, n, n), label (n, n, n)."""
     images, seg = make_case(tuple(round(n * f) for f in (1.375, 1.375, 1.125)), seed=0)
     raw = LoadedCase(
         case_id="bench",
@@ -552,8 +555,12 @@ def bench_sdg(args, device: torch.device) -> list[dict]:
         modalities=("t2",),
     )
     prepared = preprocess_case(raw, n)
-    image_cpu = torch.from_numpy(prepared.images)  # (1, n, n, n)
-    label_cpu = torch.from_numpy(prepared.label)
+    return torch.from_numpy(prepared.images), torch.from_numpy(prepared.label)
+
+
+def bench_sdg(args, device: torch.device) -> list[dict]:
+    # location-scale and re-synthesis read the label too
+    image_cpu, label_cpu = _t2_sample(args.sdg_size)
     rows = []
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
     for dev in devices:
@@ -581,6 +588,61 @@ def bench_sdg(args, device: torch.device) -> list[dict]:
                 f"{args.repeats} draws)"
             )
     return rows
+
+
+# ----------------------------------------------------------------------------- adapt
+def bench_adapt(args, device: torch.device) -> list[dict]:
+    """Seconds per case of each test-time adaptation (dgseg.inference.adaptation) on CPU, one
+    thread, fp32: the CPU-recipe SegResNet (8 filters, one block per level, untrained) on a
+    --adapt-size³ synthetic T2, whole volume in one window; the gradient map alone beside it.
+    The source statistics are the case's own (the timing does not depend on their values)."""
+    threads, reps = torch.get_num_threads(), min(args.repeats, 3)
+    torch.set_num_threads(1)
+    try:
+        image, label = _t2_sample(args.adapt_size)
+        x = image[None]  # (1, 1, n, n, n)
+        brain = image[0] != 0
+        levels = torch.linspace(0, 1, 101, dtype=torch.float64)
+        stats = {
+            "region_prior": [float((label[brain] > 0).double().mean())] * 3,
+            "quantile_levels": levels.tolist(),
+            "quantiles": [torch.quantile(image[0][brain].double(), levels).tolist()],
+        }
+        rows = []
+        t = time_fn(lambda: gradient_map(image), torch.device("cpu"), warmup=1, repeats=reps)
+        rows.append({"section": "adapt", "method": "gradient_map", "steps": 0, **_secs(t, x)})
+        print(f"  adapt gradient map {t['median_s']:.2f} s")
+        for repr_ in ("intensity", "gradient"):
+            cfg = apply_overrides(
+                Config(), [*CPU_RECIPE, f"data.input_repr={repr_}", "run.amp=none"]
+            )
+            net = build_model(cfg.data.in_channels, cfg.model).eval()
+            predict = partial(predict_volume, roi_size=None)
+            for method in ADAPT_METHODS:
+                settings = AdaptSettings(method)
+                case = CasePredictor(net, cfg.data, settings, stats)
+                run = partial(case, x, predict)
+                t = time_fn(run, torch.device("cpu"), warmup=1, repeats=reps)
+                steps = settings.resolved()[0]
+                rows.append(
+                    {"section": "adapt", "input_repr": repr_, "method": method, "steps": steps}
+                    | _secs(t, x)
+                )
+                print(f"  adapt {repr_:9s} {method:11s} {t['median_s']:6.2f} s per case")
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _secs(t: dict, x: torch.Tensor) -> dict:
+    return {
+        "device": "cpu",
+        "threads": 1,
+        "voxels": x[0, 0].numel(),
+        "median_s": t["median_s"],
+        "min_s": t["min_s"],
+        "max_s": t["max_s"],
+    }
 
 
 # ----------------------------------------------------------------------------- data
@@ -786,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (default: PyTorch's, one per core)",
     )
     p.add_argument("--sdg-size", type=int, default=128, help="sample side of the sdg section")
+    p.add_argument("--adapt-size", type=int, default=128, help="volume side of the adapt section")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS))
@@ -864,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
         ("inference", lambda: bench_inference(args, device)),
         ("scaling", lambda: bench_scaling(args)),
         ("lesion", lambda: bench_lesion(args)),
+        ("adapt", lambda: bench_adapt(args, device)),
     ):
         if name in sections:
             if name == "scaling" and device.type == "cuda":

@@ -21,6 +21,8 @@ checkpoints. Bootstrap 95% CIs over cases (seeded) go to summary.json and table.
 Usage::
 
     python tools/evaluate.py --checkpoint runs/segresnet_t2_noaug/best.pt --data data/prepared
+    # per-case test-time adaptation (restarted from the trained weights for every case):
+    python tools/evaluate.py --checkpoint runs/x/last.pt --data data/prepared --adapt prior
     torchrun --nproc_per_node=4 tools/evaluate.py --checkpoint runs/*/best.pt \\
         --data data/prepared --tta --out runs/eval
     # NIfTI predictions from tools/predict.py against the raw segmentations, in original space:
@@ -87,6 +89,7 @@ from dgseg.evaluation.lesion_metrics import LESION_RULES, LesionRules, get_lesio
 from dgseg.evaluation.report import COLUMN_TITLES, write_report
 from dgseg.evaluation.row_log import ROW_LOG_NAME, RowLog
 from dgseg.evaluation.scoring import METRIC_SETS, input_specs
+from dgseg.inference.adaptation import adapt_settings, add_adapt_arguments, load_case_predictor
 from dgseg.logging_utils import Progress
 from dgseg.run_lock import RunLockError, acquire, check_free
 from dgseg.training.checkpoint import load_segmenter
@@ -201,6 +204,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default="brats2021",
         help="label groups of --predictions files (checkpoints: WT, TC, ET channels)",
     )
+    add_adapt_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.metrics == "legacy":
@@ -336,17 +340,22 @@ def write_fault(args: argparse.Namespace, e: OSError, n_rows: int) -> str:
 
 
 def load_plans(args: argparse.Namespace, device: torch.device) -> tuple[list[Plan], str]:
-    """One :class:`Plan` per ``--checkpoint`` and the footer text naming each model's window."""
+    """One :class:`Plan` per ``--checkpoint`` and the footer text naming each model's window.
+
+    With ``--adapt`` other than none, every row label ends in `` +<method>``."""
     plans: list[Plan] = []
     rois: dict[str, Any] = {}
+    adapt = adapt_settings(args)
     for k, path in enumerate(args.checkpoint):
         model, cfg = load_segmenter(path, device)
         label = args.labels[k] if args.labels else cfg.run.name
+        if adapt.method != "none":
+            label = f"{label} +{adapt.method}"
         roi = args.roi or cfg.eval_roi
         rois.setdefault(label, roi or "whole volume")
-        plans.append(
-            Plan(path, label, model, roi, input_specs(tuple(cfg.data.modalities), args.modalities))
-        )
+        specs = input_specs(tuple(cfg.data.modalities), args.modalities)
+        case_fn = load_case_predictor(path, model, cfg.data, adapt)
+        plans.append(Plan(path, label, model, roi, specs, case_fn))
     return plans, ", ".join(f"{k} {v}" for k, v in rois.items())
 
 
@@ -475,6 +484,7 @@ def write_checkpoint_outputs(
         f"{args.blend} blending, threshold {args.threshold}, TTA "
         f"{'8 flips' if args.tta else 'off'}; {dist.world_size} process(es).",
         scored_extent(load_manifest(args.data), args.split)["text"],
+        f"Test-time adaptation: {adapt_settings(args).describe()}.",
     ]
     try:
         text = write_outputs(records, args, extra)

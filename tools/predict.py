@@ -51,6 +51,7 @@ from data_prep.loading import CaseError, load_raw_case
 from data_prep.preprocess import preprocess_case
 from dgseg.cli_checks import ArgumentFault, check_device, check_output_dir, check_probability
 from dgseg.constants import MODALITIES
+from dgseg.inference.adaptation import adapt_settings, add_adapt_arguments
 from dgseg.inference.predict_case import ProbFn, load_predictor, predict_to_file
 from dgseg.logging_utils import Progress
 from dgseg.run_lock import RunLockError, acquire, check_free
@@ -108,6 +109,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="bf16 autocast for the network (blending stays float32); auto: bf16 "
         "where the device has native bf16, else fp32",
     )
+    add_adapt_arguments(p)
     args = p.parse_args(argv)
     if args.size != "full":
         try:
@@ -241,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
             overlap=args.overlap,
             tta=args.tta,
             autocast_dtype=autocast,
+            adapt=adapt_settings(args),
         )
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -76,6 +76,9 @@ class Plan(NamedTuple):
     model: torch.nn.Module
     roi: Optional[int]
     specs: dict[tuple[str, ...], list[str]]
+    # stored volume -> probabilities: input representation and test-time adaptation
+    # (dgseg.inference.adaptation.CasePredictor); None: the volume is the network input
+    case_fn: Optional[Callable[..., torch.Tensor]] = None
 
 
 class CaseFault(NamedTuple):
@@ -268,9 +271,8 @@ def evaluate_cases(
             for plan in plans:
                 if inputs not in plan.specs:
                     continue
-                prob = predict_volume(
-                    plan.model,
-                    image,
+                predict = functools.partial(
+                    predict_volume,
                     roi_size=plan.roi,
                     overlap=s.overlap,
                     tta=s.tta,
@@ -278,6 +280,10 @@ def evaluate_cases(
                     blend=s.blend,
                     autocast_dtype=s.autocast_dtype,
                 )
+                if plan.case_fn is None:
+                    prob = predict(plan.model, image)
+                else:
+                    prob = plan.case_fn(image, predict)
                 pred3 = (prob[0] > s.threshold).cpu().numpy()  # (3, D, H, W) bool
                 keys = {
                     "model": plan.label,

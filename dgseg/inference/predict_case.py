@@ -14,6 +14,7 @@ default the model's own training modalities; a modality ``m`` feeds m to every i
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -24,6 +25,7 @@ import torch
 from dgseg.constants import MODALITIES
 from dgseg.data.window import restore_to_original
 from dgseg.evaluation.scoring import input_channels
+from dgseg.inference.adaptation import NO_ADAPT, AdaptSettings, load_case_predictor
 from dgseg.inference.nifti import write_nifti
 from dgseg.inference.sliding_window import predict_volume
 from dgseg.training.checkpoint import load_segmenter
@@ -83,10 +85,13 @@ def load_predictor(
     overlap: float = 0.5,
     tta: bool = False,
     autocast_dtype: Optional[torch.dtype] = None,
+    adapt: AdaptSettings = NO_ADAPT,
 ) -> tuple[ProbFn, tuple[str, ...], str]:
     """Probability function, input channel modalities and a description of the model.
 
     ``roi`` None: the checkpoint's ``Config.eval_roi`` (None there too: one covering window).
+    The probability function applies the checkpoint's input representation and ``adapt``
+    (``dgseg.inference.adaptation.CasePredictor``) to the stored-space image.
 
     Raises:
         FileNotFoundError, ValueError: one line naming the checkpoint or the channel problem.
@@ -96,18 +101,16 @@ def load_predictor(
     channels = choose_channels(train, modality, single_file=single_file)
     model = model.to(device)
     roi = roi or cfg.eval_roi  # None: one covering window
+    case_fn = load_case_predictor(checkpoint, model, cfg.data, adapt)
+    predict = functools.partial(
+        predict_volume, roi_size=roi, overlap=overlap, tta=tta, autocast_dtype=autocast_dtype
+    )
 
     def prob_fn(x: torch.Tensor) -> torch.Tensor:
-        return predict_volume(
-            model,
-            x.to(device),
-            roi_size=roi,
-            overlap=overlap,
-            tta=tta,
-            autocast_dtype=autocast_dtype,
-        )
+        return case_fn(x.to(device), predict)
 
-    return prob_fn, channels, f"{cfg.run.name} ({'+'.join(train)}), inputs {'+'.join(channels)}"
+    what = f"{cfg.run.name} ({'+'.join(train)}), inputs {'+'.join(channels)}"
+    return prob_fn, channels, f"{what}, test-time adaptation: {adapt.describe()}"
 
 
 def stored_labels(image: np.ndarray, prob_fn: ProbFn, *, threshold: float = 0.5) -> np.ndarray:

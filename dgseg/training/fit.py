@@ -29,6 +29,7 @@ from dgseg.config import Config, apply_overrides, config_diff
 from dgseg.data.dataset import ShardDataset
 from dgseg.data.manifest import load_manifest, split_cases
 from dgseg.data.prepared import check_prepared
+from dgseg.inference.source_stats import SOURCE_STATS_KEY, compute_source_stats
 from dgseg.logging_utils import JsonlWriter, log, trim_jsonl
 from dgseg.models import build_model
 from dgseg.presets import PRESETS, format_presets, get_preset
@@ -317,6 +318,7 @@ def _train(
 
     start_epoch, step, best = 0, 0, -1.0
     log_path = run_dir / "log.jsonl"
+    d, source_stats = cfg.data, None
     if ckpt is not None:
         try:  # a checkpoint of another network or optimiser: one line, no traceback
             net.load_state_dict(ckpt["model"])
@@ -401,6 +403,9 @@ def _train(
             state = training_state(
                 net, optimizer, scheduler, cfg, epoch=done, step=step, best_metric=best, rng=rng
             )
+            if source_stats is None:  # test-time adaptation's prior and quantiles, once
+                source_stats = compute_source_stats(d.root, d.modalities, fold=d.fold)
+            state[SOURCE_STATS_KEY] = source_stats
             try:  # a full disk: the previous last.pt stays whole (atomic), --resume continues
                 save_checkpoint(run_dir / "last.pt", state)
                 if is_best:
