@@ -11,7 +11,7 @@ Format ``dgseg-shards`` version 1 (written by ``data_prep.pipeline``)::
 
 ``split`` is "train", "val", "test" (patient level, seeded, or from a split file) or
 "unlabelled". Optional per case: ``fold`` (cross-validation fold, ``--folds K`` or fold indices in
-the split file); manifests without folds load as before. ``params.size`` is the stored cube of
+the split file). ``params.size`` is the stored cube of
 train cases ("full": every case its brain box); ``params.eval_size`` ("full" or the same int,
 absent in older manifests, where every case is stored at ``size``) says how val and test cases
 were stored.

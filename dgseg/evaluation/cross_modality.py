@@ -101,7 +101,7 @@ def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def default_metric_workers() -> int:
     """Worker processes for metrics when not set: the CPUs this process may use, shared by the
     processes torchrun started on this node, minus one for the process that predicts; at most 8
-    (measured: 8 workers keep up with one H100/H200 on poor, noisy predictions of 128³ cases)."""
+    (enough to keep up with one GPU predicting 128³ cases)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -14,8 +14,8 @@ inverse std r_g over the ``M = (C/G)·D·H·W`` values of group g), ``z = γ_c·
     dx = r_g·γ_c·dz − (r_g²·Q_g / M)·x + (r_g / M)·(r_g·Q_g·μ_g − P_g),
 
 two reductions and one fused multiply-add pass over the volume, in the input's memory layout.
-The small per-channel algebra runs in float64. :func:`group_norm_relu` uses it where it measured
-faster (large channels-last CPU maps, no autocast) and ``relu(norm(x))`` elsewhere.
+The small per-channel algebra runs in float64. :func:`group_norm_relu` uses it where it is faster
+(large channels-last CPU maps, no autocast) and ``relu(norm(x))`` elsewhere.
 """
 
 from __future__ import annotations
@@ -83,9 +83,8 @@ _FUSED_MIN_NUMEL = 1 << 20  # below ~1M values the extra small ops cost more tha
 def group_norm_relu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """``relu(norm(x))`` for an affine ``nn.GroupNorm``.
 
-    One autograd node for large channels-last CPU maps (measured 0.63x of PyTorch's GroupNorm +
-    ReLU at 16 x 64³ channels-last, 1 thread); PyTorch's kernels elsewhere, where they are
-    faster (contiguous layout: 13 vs 17 ms), with the ReLU in place on the fresh GN output.
+    One autograd node for large channels-last CPU maps; PyTorch's kernels elsewhere, where they
+    are faster (the contiguous layout), with the ReLU in place on the fresh GN output.
     """
     compiler = getattr(torch, "compiler", None)
     compiling = compiler is not None and compiler.is_compiling()  # the compiler fuses it itself

@@ -4,18 +4,18 @@
 
 bf16 autocast halves the memory traffic of every convolution, but only where the hardware does
 bf16 arithmetic natively: CUDA GPUs that support it, and CPUs with AMX or AVX-512-BF16. On other
-CPUs oneDNN *emulates* bf16 convolutions (convert, compute in fp32, convert back) and a SegResNet
-training step at 64³ was measured ~10x slower than fp32 (2-core AMD EPYC, AVX2 only, torch 2.13).
-"auto" therefore picks bf16 only where it is native; "bf16" and "none" force either.
+CPUs oneDNN *emulates* bf16 convolutions (convert, compute in fp32, convert back), many times
+slower than fp32. "auto" therefore picks bf16 only where it is native; "bf16" and "none" force
+either.
 
 Every tool resolves the request once with :func:`resolve_amp` and prints :func:`describe`'s line.
 
 ``run.channels_last`` = None ("auto") | True | False. On the CPU, channels-last (NDHWC) tensors
 let oneDNN run its brgemm convolutions without reordering and make dgseg's GroupNorm + ReLU node
-pay off (``dgseg.layers``): a SegResNet F16 step at 64³ measured 0.62x of the contiguous one
-(1 thread, 2-core AVX2 EPYC), while at 32³ with 8 filters channels-last was ~10 % slower. So
-this size rule picks it on the CPU when the first-level feature map (channels x voxels) holds at
-least :data:`CHANNELS_LAST_MIN_VALUES` values; on CUDA it stays off (measured slower with cuDNN).
+pay off (``dgseg.layers``) on large feature maps, while on small ones the reorders cost more than
+they save. The size rule picks it on the CPU when the first-level feature map (channels x voxels)
+holds at least :data:`CHANNELS_LAST_MIN_VALUES` values; on CUDA it stays off (cuDNN is faster
+contiguous).
 Training and validation decide "auto" on the CPU by timing both layouts instead
 (``dgseg.training.layout_probe``) and fall back on this rule where the probe is off.
 """
@@ -119,7 +119,7 @@ def resolve_channels_last(
     if requested is not None:
         return bool(requested), "requested"
     if torch.device(device).type != "cpu":
-        return False, "auto: contiguous off the CPU (channels-last measured slower with cuDNN)"
+        return False, "auto: contiguous off the CPU (cuDNN is faster contiguous)"
     values = channels
     for s in spatial:
         values *= int(s)
