@@ -368,7 +368,7 @@ def prepare(
     chunks: str | int | None = None,
     label_compression: str = STORAGE_DEFAULTS["label_compression"],
     verify: bool = False,
-    strict: bool = False,
+    allow_skipped: bool = False,
     progress: bool = True,
     split_file: Path | str | None = None,
     folds: int | None = None,
@@ -386,7 +386,8 @@ def prepare(
             ``chunks=None``: the default layout when uncompressed, one chunk per volume when
             filtered (HDF5 filters need chunks).
         verify: deep-check re-used shards and re-read everything against the manifest at the end.
-        strict: exit code 1 when any case was skipped.
+        allow_skipped: exit code 0 even when cases were skipped (by default a skipped case is a
+            failure of the batch: the others are prepared, the exit code is 1).
         progress: progress line on stderr.
         split_file: JSON or CSV ``case id -> train | val | test | fold index`` replacing the
             seeded split (:func:`data_prep.splits.read_split_file`); checked against the input
@@ -398,7 +399,7 @@ def prepare(
 
     Returns:
         a :class:`PrepareResult`; ``exit_code`` 1 when nothing was prepared, a shard could not be
-        written, verification failed, or (``strict``) any case was skipped.
+        written, verification failed, or any case was skipped (unless ``allow_skipped``).
     """
     t0 = time.monotonic()
     if size is not None and (int(size) != size or size < 1):
@@ -547,7 +548,7 @@ def prepare(
     if verify:
         res.verify_errors = verify_output(out)
     failed_write = bool(failures)
-    if not records or res.verify_errors or failed_write or (strict and skipped):
+    if not records or res.verify_errors or failed_write or (skipped and not allow_skipped):
         res.exit_code = 1
     res.seconds = time.monotonic() - t0
     return res

@@ -181,14 +181,20 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, monkeypatch):
         assert reason in res.skipped[name], (name, res.skipped[name])
         assert "\n" not in res.skipped[name]
     assert json.loads((tmp_path / "out" / "skipped.json").read_text()) == res.skipped
-    assert res.exit_code == 0
+    assert res.exit_code == 1  # a skipped case fails the batch; the good ones are kept
     for name in expect:
         assert name in res.summary()
-    # --strict turns any skip into failure; a re-run resumes from the shards (no re-reading)
+    # allow_skipped accepts the skips; a re-run resumes from the shards (no re-reading)
     res2 = prepare(
-        raw, tmp_path / "out", size=16, workers=1, cases_per_shard=4, strict=True, progress=False
+        raw,
+        tmp_path / "out",
+        size=16,
+        workers=1,
+        cases_per_shard=4,
+        allow_skipped=True,
+        progress=False,
     )
-    assert res2.exit_code == 1 and res2.shards_built == [] and res2.skipped == res.skipped
+    assert res2.exit_code == 0 and res2.shards_built == [] and res2.skipped == res.skipped
 
 
 def test_nothing_prepared_exits_nonzero(tmp_path):
@@ -196,6 +202,21 @@ def test_nothing_prepared_exits_nonzero(tmp_path):
     (tmp_path / "raw" / "BraTS2021_00000" / "BraTS2021_00000_t2.nii.gz").unlink()
     res = prepare(tmp_path / "raw", tmp_path / "out", size=16, progress=False)
     assert res.prepared == [] and res.exit_code == 1
+
+
+def test_cli_skipped_case_fails_the_batch_and_keeps_the_rest(tmp_path):
+    write_dataset(tmp_path / "raw", 3, shape=(24, 24, 20), seed=0)
+    (tmp_path / "raw" / "BraTS2021_00001" / "BraTS2021_00001_t1.nii.gz").unlink()
+    cmd = [sys.executable, str(REPO / "tools" / "prepare_brats.py"), "--input"]
+    cmd += [str(tmp_path / "raw"), "--output", str(tmp_path / "out"), "--size", "16"]
+    cmd += ["--workers", "1", "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "prepared 2 case(s)" in res.stdout and "BraTS2021_00001" in res.stdout
+    cases = json.loads((tmp_path / "out" / "manifest.json").read_text())["cases"]
+    assert sorted(c["id"] for c in cases) == ["BraTS2021_00000", "BraTS2021_00002"]
+    again = subprocess.run(cmd + ["--allow-skipped"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 shard(s) built" in again.stdout, again.stdout
 
 
 def test_unlabelled_set(tmp_path):

@@ -2,15 +2,15 @@
 
     python tools/prepare_brats.py --input DIR --output DIR [--size 128|full] [--workers N]
         [--seed S] [--split 0.7 0.1 0.2] [--split-file FILE] [--folds K]
-        [--cases-per-shard 8] [--eval-size full|same] [--verify] [--strict]
+        [--cases-per-shard 8] [--eval-size full|same] [--verify] [--allow-skipped]
 
 The layout is detected (BraTS 2020/2021, BraTS 2023 GLI, MSD Task01 4D, unlabelled sets) and
 labels are mapped to the BraTS 2021 values. Train cases are stored at ``--size``; val and test
 cases as their whole brain box (``--eval-size full``), so evaluation scores the whole brain
 (``--eval-size same``: every case at ``--size``, as before). Bad cases are skipped with a one-line
-reason in ``OUTPUT/skipped.json`` and in the summary; the exit code is 1 only when nothing was
-prepared, a shard could not be written, ``--verify`` found a problem, or ``--strict`` and a case
-was skipped.
+reason in ``OUTPUT/skipped.json`` and in the summary; every good case is still prepared. The
+exit code is 1 when a case was skipped (``--allow-skipped``: 0, for a dataset with known bad
+cases), nothing was prepared, a shard could not be written, or ``--verify`` found a problem.
 Re-running the same command resumes: finished shards are checked and kept.
 
 ``--split-file FILE`` (JSON ``{case_id: "train"|"val"|"test"|fold}`` or CSV ``case_id,split``)
@@ -163,7 +163,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="checksum re-used shards and re-read every shard against the manifest",
     )
-    p.add_argument("--strict", action="store_true", help="exit 1 when any case is skipped")
+    p.add_argument(
+        "--allow-skipped",
+        action="store_true",
+        help="exit 0 when cases were skipped (default: 1; the good cases are prepared either way)",
+    )
+    # the default since skips fail the batch; kept so that existing scripts still run
+    p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument(
         "--synthetic-cases",
@@ -254,7 +260,7 @@ def _prepare(args: argparse.Namespace, output: Path, size: int | None) -> int:
             compression=args.compression,
             chunks=args.chunks,
             verify=args.verify,
-            strict=args.strict,
+            allow_skipped=args.allow_skipped,
             progress=not args.quiet,
             split_file=args.split_file,
             folds=args.folds,
