@@ -230,7 +230,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--workers",
                 min(2, os.cpu_count() or 1),
                 "--quiet",
-                "--strict",
             ],
             env,
         )
