@@ -171,9 +171,8 @@ def test_compiled_contiguous_step_gives_the_eager_loss():
 
 def test_default_network_equals_monai_segresnet_with_the_same_weights():
     monai_nets = pytest.importorskip("monai.networks.nets")
-    from tool_modules import load_tool
+    from dgseg.models import from_monai_state_dict as to_dgseg
 
-    to_dgseg = load_tool("benchmark").monai_to_dgseg_state
     torch.manual_seed(0)
     ref = monai_nets.SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3)
     net = SegResNet(1, 3, init_filters=8)

@@ -1,11 +1,16 @@
 """SegResNet, 3D U-Net, the domain-adversarial wrapper and build_model."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 
 from dgseg.layers import VFFC
 from dgseg.models import DomainAdversarialNet, SegResNet, UNet3D, build_model
+
+DATA = Path(__file__).parent / "data"
 
 
 def n_params(module: nn.Module) -> int:
@@ -291,3 +296,15 @@ def test_vffc_norm_list_matches_what_the_config_accepts():
         else:
             assert norm in NORMS
             VFFC(16, norm=norm)
+
+
+def test_monai_segresnet_keys_map_onto_dgseg_parameters_one_to_one():
+    """MONAI 1.6.1's SegResNet parameter names (recorded in tests/data, so MONAI is not needed)
+    land on dgseg's SegResNet's, one to one, with no name left over on either side."""
+    from dgseg.models import from_monai_state_dict
+
+    recorded = json.loads((DATA / "monai_segresnet_f8_keys.json").read_text())["keys"]
+    net = SegResNet(1, 3, init_filters=8)
+    mapped = list(from_monai_state_dict({k: None for k in recorded}))
+    assert len(set(mapped)) == len(recorded) == 83
+    assert sorted(mapped) == sorted(net.state_dict())

@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import socket
 import statistics
 import sys
@@ -67,7 +66,7 @@ from dgseg.inference.adaptation import ADAPT_METHODS, AdaptSettings, CasePredict
 from dgseg.inference.sliding_window import predict_volume, sliding_window_inference
 from dgseg.layers import dann_lambda
 from dgseg.layers.conv import native_conv3d
-from dgseg.models import SegResNet, build_model
+from dgseg.models import SegResNet, build_model, from_monai_state_dict
 from dgseg.presets import CPU_RECIPE
 from dgseg.training.engine import channels_last_choice
 from dgseg.training.losses import SegLoss
@@ -277,19 +276,6 @@ def bench_vffc(train_rows: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- peer (MONAI)
-def monai_to_dgseg_state(state: dict) -> dict:
-    """MONAI SegResNet state-dict keys -> dgseg SegResNet keys (same tensors, same order)."""
-
-    out = {}
-    for key, value in state.items():
-        k = key.replace("convInit.conv.", "conv_init.")
-        k = re.sub(r"\.(conv[12])\.conv\.", r".\1.", k)  # ResBlock convs
-        k = re.sub(r"^up_samples\.(\d+)\.0\.conv\.", r"up_samples.\1.conv.", k)
-        k = k.replace("conv_final.0.", "final.norm.").replace("conv_final.2.conv.", "final.conv.")
-        out[k] = value
-    return out
-
-
 def _peer_step(
     net: torch.nn.Module,
     device: torch.device,
@@ -351,7 +337,7 @@ def bench_peer(args, device: torch.device) -> list[dict]:
 
     def dgseg_net() -> torch.nn.Module:  # MONAI's initial weights: the same function
         net = SegResNet(1, 3, init_filters=16)
-        net.load_state_dict(monai_to_dgseg_state(monai_net().state_dict()))
+        net.load_state_dict(from_monai_state_dict(monai_net().state_dict()))
         return net
 
     # Same network: identical outputs from identical weights (float32 rounding aside).
