@@ -5,8 +5,8 @@ aten/src/ATen/native/Convolution.cpp): a float32 convolution goes to oneDNN only
 > 1, the kernel is larger than 3, there are groups, or ``N·C·D·H > 20480``; otherwise it runs
 ``slow_conv3d``, an im2col + GEMM that, at batch 1, is one thread copying a 27·C-row column
 matrix. At batch 1 that is every SegResNet level below the first two (e.g. 64 channels at 16³ or
-128 at 8³) and, at 32³ patches, all of them. Measured on a 2-core AVX2 EPYC (1 thread, forward +
-backward): 64 ch at 16³ 117 → 56 ms, 8 ch at 32³ 85 → 23 ms through oneDNN.
+128 at 8³) and, at 32³ patches, all of them; oneDNN runs those shapes several times faster
+(per-convolution timings: benchmarks/README.rst).
 
 :func:`conv3d` therefore routes, on the CPU in float32 (no autocast):
 
