@@ -42,13 +42,13 @@ __all__ = [
     "RunConfig",
     "Config",
     "apply_overrides",
+    "add_set_argument",
     "config_diff",
     "valid_keys",
 ]
 
 # Choice lists live with the code that acts on them (dgseg.layers.vffc, dgseg.training.optim, ...);
-# the
-# architectures with ModelConfig, which dgseg.models.build_model turns into a network.
+# the architectures with ModelConfig, which dgseg.models.build_model turns into a network.
 ARCHS = ("segresnet", "unet3d")
 
 
@@ -445,6 +445,14 @@ def _parse(text: str, tp: Any, key: str) -> Any:
     if tp is str:
         return text.strip("'\"")
     raise ValueError(f"{key}: unsupported field type {tp!r}")
+
+
+def add_set_argument(parser: Any, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option of the tools (into ``args.overrides``), whose
+    items :func:`apply_overrides` applies."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dgseg.cli_checks import ArgumentFault, check_at_least, check_device, check_output_dir
+from dgseg.config import add_set_argument
 from dgseg.presets import CPU_RECIPE
 from dgseg.training.distributed import launch_command
 
@@ -150,14 +151,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun)")
     p.add_argument("--seed", type=int, default=0, help="data, split and training seed")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra tools/train.py override for every preset (repeatable)",
-    )
+    add_set_argument(p, "extra tools/train.py override for every preset (repeatable)")
     args = p.parse_args(argv)
     if args.nproc < 1:
         p.error(f"--nproc must be >= 1, got {args.nproc}")

@@ -51,7 +51,7 @@ import torch
 
 from dgseg.atomic import atomic_write_json
 from dgseg.cli_checks import check_at_least, check_config_values, check_output_dir
-from dgseg.config import Config, apply_overrides
+from dgseg.config import Config, add_set_argument, apply_overrides
 from dgseg.data.manifest import load_manifest, scored_extent
 from dgseg.data.prepared import check_prepared
 from dgseg.evaluation.scoring import EVAL_RULE
@@ -131,14 +131,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="training processes per run (torchrun when > 1)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="matrix folder")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override passed to every run (repeatable)",
-    )
+    add_set_argument(p, "config override passed to every run (repeatable)")
     p.add_argument(
         "--scale",
         choices=sorted(SCALES),

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dgseg.atomic import atomic_write_text
 from dgseg.cli_checks import ArgumentFault, check_config_values, check_output_dir
-from dgseg.config import Config, apply_overrides, config_diff
+from dgseg.config import Config, add_set_argument, apply_overrides, config_diff
 from dgseg.data.dataset import ShardDataset
 from dgseg.data.manifest import load_manifest, split_cases
 from dgseg.data.prepared import check_prepared
@@ -73,13 +73,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--data", help="shard folder from tools/prepare_brats.py (= data.root)")
     p.add_argument("--out", help="parent of the run folder (= run.out)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set optim.epochs=50 --set model.vffc=true "
+    add_set_argument(
+        p,
+        "override a config field, e.g. --set optim.epochs=50 --set model.vffc=true "
         "(repeatable; tuples as 1,2,2,4; None as none)",
     )
     p.add_argument("--resume", action="store_true", help="continue from <run>/last.pt if present")
