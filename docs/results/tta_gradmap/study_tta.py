@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
 from dgseg.atomic import atomic_write_text  # noqa: E402
+from dgseg.config import add_set_argument  # noqa: E402
 from dgseg.evaluation.report import summarize  # noqa: E402
 from dgseg.evaluation.study import compare, read_records, write_study  # noqa: E402
 
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--jobs", type=int, default=2, help="processes side by side (1 thread each)")
+    add_set_argument(p, "config item passed to every training (run_experiments --set)")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--report", type=Path, help="folder for the tables and the copied run files")
     p.add_argument("--aggregate-only", action="store_true")
@@ -87,7 +89,9 @@ def timed(cmd: list[str], log: Path) -> tuple[int, float]:
 def train(args, preset: str, seed: int) -> tuple[str, float]:
     cmd = [sys.executable, str(REPO / "tools" / "run_experiments.py"), "--data", str(args.data)]
     cmd += ["--out", str(args.out), "--scale", "cpu", "--presets", preset, "--seeds", str(seed)]
-    cmd += ["--bootstrap", "200"]  # its own table only; the study aggregates below
+    cmd += ["--bootstrap", "200"]
+    for item in args.overrides:
+        cmd += ["--set", item]  # its own table only; the study aggregates below
     rc, wall = timed(cmd, args.out / "logs" / f"train_{preset}_seed{seed}.log")
     done = (run_folder(args, preset, seed) / "done.json").exists()
     print(f"[train] {preset} seed{seed}: rc {rc}, {wall / 60:.1f} min", flush=True)
@@ -146,6 +150,11 @@ def aggregate(args) -> None:
     }
     report = args.report or args.out / "study"
     footer = [
+        *(
+            [f"--set items of every training: {' '.join(args.overrides)}."]
+            if args.overrides
+            else []
+        ),
         "Rows: `<preset>` without adaptation, `<preset> +<method>` with tools/evaluate.py "
         "--adapt <method> at its default steps and learning rate, restarted from the trained "
         "weights for every case and modality.",
