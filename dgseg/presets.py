@@ -18,7 +18,7 @@ __all__ = [
     "PRESETS",
     "PRESET_ABOUT",
     "CPU_RECIPE",
-    "SDG_RECOMMENDED",
+    "SDG_POOL",
     "get_preset",
     "format_presets",
 ]
@@ -43,9 +43,10 @@ WRITEUP_DOMAINS = ("none", "bezier_increasing", "bezier_decreasing")
 # ... one per subset of patients, as the write-up deals them.
 _BEZIER_PARTITION = dict(intensity_augs=WRITEUP_DOMAINS, domain_assignment="patient", **_SPATIAL)
 _ADVERSARIAL = dict(step="adversarial")
-# The augmentations of the recommended preset `segresnet_t2_sdg` (one drawn per sample).
-SDG_RECOMMENDED = ("location_scale", "resynthesis")
-_SDG_BEZIER = (*SDG_RECOMMENDED, "bezier")
+# The SDG pool (one drawn per sample), and the pool with the write-up's Bezier curve, which the
+# recommended preset `segresnet_t2_sdg` trains on, with the gradient-map input.
+SDG_POOL = ("location_scale", "resynthesis")
+_SDG_BEZIER = (*SDG_POOL, "bezier")
 
 
 class _Preset(NamedTuple):
@@ -141,31 +142,31 @@ _ALL = (
     ),
     _sdg("segresnet_t2_resynth", "SDG: per-tissue contrast re-synthesis", ("resynthesis",)),
     _sdg(
-        "segresnet_t2_sdg",
-        "recommended: location-scale or re-synthesis drawn per sample",
-        SDG_RECOMMENDED,
+        "segresnet_t2_sdg_intensity",
+        "SDG pool: location-scale or re-synthesis drawn per sample (the intensity input)",
+        SDG_POOL,
     ),
     _sdg(
         "segresnet_t2_sdg_grl",
-        "recommended pool + GRL domain head (domain = the drawn augmentation)",
-        SDG_RECOMMENDED,
-        model=dict(grl=True, num_domains=len(SDG_RECOMMENDED)),
+        "SDG pool + GRL domain head (domain = the drawn augmentation)",
+        SDG_POOL,
+        model=dict(grl=True, num_domains=len(SDG_POOL)),
         loss=_ADVERSARIAL,
     ),
     _sdg(
         "segresnet_t2_sdg_vffc",
-        "recommended pool + VFFC bottleneck",
-        SDG_RECOMMENDED,
+        "SDG pool + VFFC bottleneck",
+        SDG_POOL,
         model=dict(vffc=True),
     ),
     _sdg(
         "segresnet_t2_sdg_bezier",
-        "recommended pool + the write-up's Bezier curve as a third draw",
+        "SDG pool + the write-up's Bezier curve as a third draw",
         _SDG_BEZIER,
     ),
     _sdg(
         "segresnet_t2_sdg_bezier_vffc",
-        "recommended pool + Bezier + VFFC bottleneck",
+        "SDG pool + Bezier + VFFC bottleneck",
         _SDG_BEZIER,
         model=dict(vffc=True),
     ),
@@ -203,6 +204,14 @@ _ALL = (
     _sdg(
         "segresnet_t2_sdg_gradmap",
         "pool with Bezier (location-scale / re-synthesis / Bezier), gradient-map input",
+        _SDG_BEZIER,
+        data=dict(input_repr="gradient"),
+    ),
+    # The recommended preset: the configuration of the SDG study that reaches every unseen
+    # sequence (docs/results/tta_gradmap); the same settings as segresnet_t2_sdg_gradmap.
+    _sdg(
+        "segresnet_t2_sdg",
+        "recommended: gradient-map input + pool with Bezier (= segresnet_t2_sdg_gradmap)",
         _SDG_BEZIER,
         data=dict(input_repr="gradient"),
     ),

@@ -195,9 +195,9 @@ def test_intensity_augs_are_checked_and_label_the_domains():
     assert cfg.data.intensity_augs == ("none", "gin") and cfg.model.grl
     sdg = [p for p in PRESETS if p.startswith("segresnet_t2_")]
     sdg = [p for p in sdg if set(PRESETS[p].data.intensity_augs) - set(WRITEUP_DOMAINS)]
-    # six transforms, sdg, sdg_grl, sdg_vffc, sdg_bezier(_vffc), sdg_iso, the two consistency ones,
-    # sdg_gradmap
-    assert len(sdg) == 15
+    # six transforms, sdg_intensity, sdg_grl, sdg_vffc, sdg_bezier(_vffc), sdg_iso, the two
+    # consistency ones, sdg_gradmap and sdg (the recommended: sdg_gradmap's settings)
+    assert len(sdg) == 16
     for name in sdg:
         preset = PRESETS[name]
         assert preset.data.intensity_augs and preset.data.modalities == ("t2",)

@@ -1,5 +1,6 @@
 """The gradient-map input: hand computations, invariances, and its use in the dataset and config."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -122,6 +123,10 @@ def test_config_channels_and_presets():
     assert DataConfig(input_repr="gradient", gradient_sigmas=(0.5, 1.0)).in_channels == 2
     assert get_preset("segresnet_t2_gradmap").data.in_channels == 1
     assert get_preset("segresnet_t2_sdg_gradmap").data.input_repr == "gradient"
+    # the recommended preset is the gradient-map pool, under its own run name
+    rec, gm = get_preset("segresnet_t2_sdg"), get_preset("segresnet_t2_sdg_gradmap")
+    assert dataclasses.replace(rec, run=gm.run) == gm and rec.run.name == "segresnet_t2_sdg"
+    assert get_preset("segresnet_t2_sdg_intensity").data.input_repr == "intensity"
     cfg = apply_overrides(get_preset("segresnet_t2_noaug"), ["data.input_repr=both"])
     assert cfg.data.in_channels == 2
     with pytest.raises(ValueError, match="data.input_repr"):

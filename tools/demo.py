@@ -10,7 +10,8 @@ failing stage stops the demo with the command and its exit status:
 3. ``train``  tools/train.py for each of :data:`PRESETS` on T2 only, with the small-network
    overrides of :func:`train_overrides` (the source-only baseline, the write-up's method: three
    Bezier domains, VFFC bottleneck, domain classifier behind a gradient-reversal layer, and the
-   recommended single-source DG preset: location-scale or contrast re-synthesis per sample);
+   recommended single-source DG preset: the gradient-map input with location-scale, contrast
+   re-synthesis or a Bezier curve drawn per sample);
 4. ``eval``   tools/evaluate.py on the test split with each of T1, T1CE, T2 and FLAIR as input:
    the cross-modality table, ``table.md``, ``summary.json``, ``per_case.csv``, overlay PNGs.
 
