@@ -3,9 +3,9 @@
 Examples::
 
     python tools/make_synthetic_brats.py --output data/synthetic --n-cases 20 --workers 2
-    python tools/make_synthetic_brats.py --output /tmp/tiny --n-cases 3 --shape 40 40 40 \\
+    python tools/make_synthetic_brats.py --output data/tiny --n-cases 3 --shape 40 40 40 \\
         --layout brats2023
-    python tools/make_synthetic_brats.py --output /tmp/syn --n-cases 4 \\
+    python tools/make_synthetic_brats.py --output data/syn --n-cases 4 \\
         --montage docs/synthetic_montage.png
 
 Case ``i`` depends only on ``(--seed, i)``: ``--workers`` and ``--start-index`` (to add cases to
