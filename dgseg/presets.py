@@ -207,8 +207,8 @@ _ALL = (
         _SDG_BEZIER,
         data=dict(input_repr="gradient"),
     ),
-    # The recommended preset: the configuration of the SDG study that reaches every unseen
-    # sequence (docs/results/tta_gradmap); the same settings as segresnet_t2_sdg_gradmap.
+    # The recommended preset, chosen by docs/results/tta_gradmap: segresnet_t2_sdg_gradmap's
+    # settings under the name users start from.
     _sdg(
         "segresnet_t2_sdg",
         "recommended: gradient-map input + pool with Bezier (= segresnet_t2_sdg_gradmap)",

@@ -33,9 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
-from dgseg.atomic import atomic_write_text  # noqa: E402
 from dgseg.config import add_set_argument  # noqa: E402
-from dgseg.evaluation.report import summarize  # noqa: E402
+from dgseg.evaluation.report import summarize, write_csv  # noqa: E402
 from dgseg.evaluation.study import compare, read_records, write_study  # noqa: E402
 
 PRESETS = (
@@ -188,15 +187,11 @@ def copy_run_files(args, methods) -> None:
 
 
 def write_times(args, times: list[tuple[str, str, str, float]]) -> None:
+    """Append this call's jobs to <out>/times.csv (the rows of earlier calls kept)."""
     path = args.out / "times.csv"
-    old = []
-    if path.exists():
-        with open(path, newline="") as f:
-            old = [tuple(r) for r in csv.reader(f)][1:]
-    rows = ["job,run,status,seconds"]
-    rows += [",".join(map(str, r)) for r in old]
-    rows += [f"{j},{r},{s},{w:.1f}" for j, r, s, w in times]
-    atomic_write_text(path, "\n".join(rows) + "\n")
+    rows = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
+    rows += [{"job": j, "run": r, "status": st, "seconds": f"{w:.1f}"} for j, r, st, w in times]
+    write_csv(path, rows)
 
 
 def main(argv=None) -> int:
